@@ -1,0 +1,104 @@
+"""The ``cloud`` joblib backend: a sibling of joblib's ``LokyBackend`` whose workers are
+processes on other machines.
+
+joblib builds and configures backends freely (once per ``Parallel`` call), so everything
+here is cheap: the cluster is looked up in a registry and connected only the first time
+it is needed, and ``terminate`` leaves it running for the next call.
+"""
+
+from __future__ import annotations
+
+from concurrent.futures import Future
+from typing import Any
+
+from joblib.parallel import AutoBatchingMixin, ParallelBackendBase
+
+from .cluster import Cluster, Job, describe_batch
+from .config import CloudConfig, resolve_config
+from .errors import TaskPicklingError
+from .nested import HostThreadingBackend
+from .providers import get_cluster
+from .serialization import dumps_batch, register_local_modules
+
+
+class CloudBackend(AutoBatchingMixin, ParallelBackendBase):
+    """Run joblib batches on a cluster of hosts (``local``, ``ssh`` or ``aws``)."""
+
+    supports_retrieve_callback = True  # generators, unordered generators, timeout=
+    supports_inner_max_num_threads = True
+    supports_sharedmem = False
+    uses_threads = False
+    default_n_jobs = -1
+    # A remote round trip costs more than a local pipe: aim for batches long enough to
+    # hide it, but short enough that a lost host does not throw much work away.
+    MIN_IDEAL_BATCH_DURATION = 0.2
+    MAX_IDEAL_BATCH_DURATION = 2.0
+
+    def __init__(self, nesting_level: int | None = None,
+                 inner_max_num_threads: int | None = None, **settings: Any) -> None:
+        super().__init__(nesting_level=nesting_level,
+                         inner_max_num_threads=inner_max_num_threads)
+        self.config: CloudConfig = resolve_config(**settings)
+        self._cluster: Cluster | None = None
+
+    @property
+    def cluster(self) -> Cluster:
+        """Connected on first use, then reused by every call with the same settings."""
+        if self._cluster is None or not self._cluster.alive_hosts or self._cluster.closed:
+            self._cluster = get_cluster(self.config)
+        return self._cluster
+
+    def effective_n_jobs(self, n_jobs: int | None) -> int:
+        if n_jobs == 0:
+            raise ValueError("n_jobs == 0 in Parallel has no meaning")
+        total = self.cluster.n_workers
+        if n_jobs is None:
+            return total
+        if n_jobs < 0:
+            return max(total + 1 + n_jobs, 1)
+        return n_jobs
+
+    def configure(self, n_jobs: int = 1, parallel: Any = None, prefer: Any = None,
+                  require: Any = None, **_memmapping_kwargs: Any) -> int:
+        # joblib passes loky's memmapping options (max_nbytes, mmap_mode, ...); large
+        # arguments are handled by the per-host cache instead.
+        self.parallel = parallel
+        return self.effective_n_jobs(n_jobs)
+
+    def start_call(self) -> None:
+        register_local_modules()
+        self.cluster.new_call()
+
+    def submit(self, func: Any, callback: Any = None) -> Future:
+        cluster = self.cluster
+        label = describe_batch(func)
+        try:
+            payload, refs = dumps_batch(func, cluster.store)
+        except Exception as exc:  # noqa: BLE001 - becomes this batch's outcome
+            future: Future = Future()
+            future.set_exception(TaskPicklingError(
+                f"could not pickle {label} to send it to the cluster: "
+                f"{type(exc).__name__}: {exc}"))
+            future.exception().__cause__ = exc
+        else:
+            job = Job(payload, frozenset(refs), label, owner=self,
+                      threads=self.inner_max_num_threads)
+            future = cluster.submit(job)
+        if callback is not None:
+            future.add_done_callback(callback)
+        return future
+
+    def retrieve_result_callback(self, future: Future) -> Any:
+        return future.result()
+
+    def abort_everything(self, ensure_ready: bool = True) -> None:
+        """Kill this backend's remote tasks; the cluster itself stays up and usable."""
+        if self._cluster is not None:
+            self._cluster.abort(owner=self)
+
+    def terminate(self) -> None:
+        # Cluster lifetime is not tied to one Parallel call (see the module docstring).
+        self.reset_batch_stats()
+
+    def get_nested_backend(self) -> tuple[HostThreadingBackend, None]:
+        return HostThreadingBackend(nesting_level=(self.nesting_level or 0) + 1), None

@@ -1,0 +1,48 @@
+"""``joblib-cloud`` command line: cluster commands and job commands.
+
+Subcommands live in their own modules, each with a ``register(subparsers)`` function:
+``cli_cluster`` (up, status, down, instances) and ``cli_jobs`` (run, jobs, logs, cancel).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from . import __version__
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="joblib-cloud",
+        description="Run joblib / scikit-learn n_jobs code on cloud machines.")
+    parser.add_argument("--version", action="version", version=f"joblib-cloud {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log what happens")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    from . import cli_cluster, cli_jobs
+
+    cli_cluster.register(sub)
+    cli_jobs.register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="joblib-cloud: %(message)s")
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    try:
+        return int(args.func(args) or 0)
+    except (ValueError, RuntimeError) as exc:
+        print(f"joblib-cloud: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

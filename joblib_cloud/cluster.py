@@ -1,0 +1,506 @@
+"""A handle on N connected hosts: schedules batches on them and survives losing some.
+
+Threads per host: a *sender* (the only writer to its stream: uploads, batches, control
+frames, pings — one writer keeps frames in order) and a *reader* (results, output,
+heartbeats).  One *monitor* per cluster declares a host lost after ``heartbeat_timeout``
+of silence.  Hosts pull work from one shared queue when they have a free slot, so a
+fast host takes more and a lost host's batches simply go back to the front of the queue.
+
+Invariant: every submitted batch's future ends in a result or an exception.
+"""
+
+from __future__ import annotations
+
+import collections
+import itertools
+import logging
+import pickle
+import sys
+import threading
+import time
+import warnings
+from collections.abc import Callable
+from concurrent.futures import Future, InvalidStateError
+from dataclasses import dataclass, field
+from typing import Any
+
+from .config import CloudConfig
+from .errors import (
+    AbortedError,
+    ClusterLostError,
+    EnvironmentMismatchError,
+    HostConnectError,
+    HostLostError,
+    RemoteTaskError,
+    RemoteTraceback,
+    ResultTooLargeError,
+    TerminatedWorkerError,
+)
+from .protocol import PROTOCOL_VERSION, FrameReader, Kind, encode
+from .serialization import ObjectStore
+from .transport import AgentStream, SSHConnection, agent_preamble
+from .worker import host_versions
+
+log = logging.getLogger("joblib_cloud")
+
+#: A batch whose host was lost is re-run at most this many times.
+MAX_TRIES = 3
+UPLOAD_CHUNK = 4 * 2**20
+_job_ids = itertools.count(1)
+
+
+@dataclass(eq=False)
+class Job:
+    payload: bytes
+    refs: frozenset[str]
+    label: str
+    owner: object
+    threads: int | None = None
+    future: Future = field(default_factory=Future)
+    id: int = field(default_factory=lambda: next(_job_ids))
+    tries: int = 0
+    aborted: bool = False
+
+
+def _resolve(job: Job, result: Any = None, exc: BaseException | None = None) -> None:
+    try:
+        if exc is not None:
+            job.future.set_exception(exc)
+        else:
+            job.future.set_result(result)
+    except InvalidStateError:
+        pass  # already failed by an abort or a lost cluster
+
+
+def remote_exception(meta: dict[str, Any], data: bytes, host: str, label: str
+                     ) -> BaseException:
+    """Rebuild a task's exception with its type, and the remote traceback as its cause."""
+    exc: BaseException | None = None
+    if data:
+        try:
+            exc = pickle.loads(data)
+        except Exception as err:  # e.g. its class exists only on the host
+            meta.setdefault("unpicklable", f"{type(err).__name__}: {err}")
+    if meta.get("missing_module"):
+        module = meta["missing_module"]
+        exc = ModuleNotFoundError(
+            f"{label} needs module {module!r}, which host {host} cannot import. Install it "
+            f"there (packages=['{module}'] on aws, or pip install on your own hosts); "
+            "modules in your working directory are sent automatically.", name=module)
+    elif exc is None:
+        exc = RemoteTaskError(
+            f"{meta.get('exc_type')}: {meta.get('message')} (raised on host {host} in "
+            f"{label}; the exception could not be sent back as itself: "
+            f"{meta.get('unpicklable')})")
+    exc.__cause__ = RemoteTraceback(
+        f'\n"""\nTraceback on host {host}, {label}:\n{meta.get("traceback", "")}"""')
+    return exc
+
+
+def check_versions(host: str, remote: dict[str, str | None]) -> None:
+    """Refuse a host whose Python minor or cloudpickle differs; warn on other packages."""
+    local = host_versions()
+    py_l, py_r = local["python"], remote.get("python") or "?"
+    if py_l.split(".")[:2] != py_r.split(".")[:2]:
+        raise EnvironmentMismatchError(
+            f"host {host} runs Python {py_r} but this client runs Python {py_l}: pickled "
+            "tasks do not cross Python minor versions. Point python= at a Python "
+            f"{'.'.join(py_l.split('.')[:2])} interpreter on the host.")
+    if local["cloudpickle"] != remote.get("cloudpickle"):
+        raise EnvironmentMismatchError(
+            f"host {host} has cloudpickle {remote.get('cloudpickle')} but this client has "
+            f"cloudpickle {local['cloudpickle']}: install cloudpickle=={local['cloudpickle']} "
+            "on the host (packages=[...] on aws).")
+    for name, version in local.items():
+        if name in ("python", "cloudpickle") or version is None:
+            continue
+        if remote.get(name) != version:
+            warnings.warn(
+                f"host {host} has {name} {remote.get(name) or '(not installed)'} but this "
+                f"client has {name} {version}; results may differ or tasks may fail.",
+                RuntimeWarning, stacklevel=2)
+
+
+class HostSession:
+    """One host's agent, as seen from the client."""
+
+    def __init__(self, cluster: Cluster, name: str,
+                 open_stream: Callable[[Callable[[bytes], None]], AgentStream],
+                 connection: SSHConnection | None = None) -> None:
+        self.cluster = cluster
+        self.name = name
+        self.connection = connection
+        self.alive = False
+        self.lost_reason = ""
+        self.inflight: dict[int, Job] = {}
+        self.outbox: collections.deque[tuple[Kind, dict[str, Any]]] = collections.deque()
+        self.cache: collections.OrderedDict[str, int] = collections.OrderedDict()
+        self.cache_bytes = 0
+        self.bytes_uploaded = 0
+        self.last_recv = time.monotonic()
+        self.last_send = time.monotonic()
+        self.workers = 0
+        self.cpu_count = 0
+        self.hello: dict[str, Any] = {}
+        self._line_buffers: dict[str, bytes] = {}
+        self._stderr_tail = b""
+        self._reader = FrameReader(self._recv)
+        self.stream = open_stream(self.on_agent_stderr)
+
+    # -- start ---------------------------------------------------------------------
+    def on_agent_stderr(self, data: bytes) -> None:
+        """The channel's own stderr: shell errors, or the agent's dying words."""
+        self._stderr_tail = (self._stderr_tail + data)[-4000:]
+        if self.alive:
+            self._print("stderr", data)
+
+    def _recv(self, n: int) -> bytes:
+        data = self.stream.recv(n)
+        self.last_recv = time.monotonic()
+        return data
+
+    def handshake(self, config: CloudConfig) -> None:
+        try:
+            self.stream.sendall(agent_preamble())
+            self._reader.skip_to_magic()
+            kind, hello, _ = self._reader.read()
+        except (EOFError, OSError) as exc:
+            time.sleep(0.3)  # let the stderr pump collect the reason
+            detail = self._stderr_tail.decode(errors="replace").strip() or str(exc)
+            raise HostConnectError(
+                f"the joblib-cloud agent on {self.name} did not start with python="
+                f"{config.python or 'python3'!r}: {detail}. It needs Python with joblib, "
+                "loky and cloudpickle installed (set python= to the right interpreter).") from None
+        if kind != Kind.HELLO or hello.get("protocol") != PROTOCOL_VERSION:
+            raise HostConnectError(f"host {self.name} speaks another protocol: {hello!r}")
+        self.hello = hello
+        check_versions(self.name, hello["versions"])
+        self.cpu_count = int(hello["cpu_count"])
+        self._send(Kind.CONFIG, {"workers": config.workers_per_host,
+                                 "max_result_size": config.max_result_size,
+                                 "heartbeat_timeout": config.heartbeat_timeout})
+        kind, status, _ = self._reader.read()
+        if kind != Kind.STATUS or not status.get("ready"):
+            raise HostConnectError(f"host {self.name} did not get ready: {status!r}")
+        self.workers = int(status["workers"])
+        self.alive = True
+        self.last_recv = time.monotonic()
+        for target, kind_name in ((self._send_loop, "send"), (self._read_loop, "read")):
+            threading.Thread(target=target, daemon=True,
+                             name=f"joblib-cloud-{kind_name}-{self.name}").start()
+
+    @property
+    def capacity(self) -> int:
+        """Batches in flight: two per worker, so a worker never waits for the wire."""
+        return 2 * self.workers
+
+    # -- sending -------------------------------------------------------------------
+    def _send(self, kind: Kind, meta: dict[str, Any] | None = None,
+              data: bytes | memoryview = b"") -> None:
+        for part in encode(kind, meta, data):
+            if len(part):
+                self.stream.sendall(part)
+        self.last_send = time.monotonic()
+
+    def _send_loop(self) -> None:
+        cluster = self.cluster
+        ping_every = max(cluster.config.heartbeat_timeout / 5, 0.2)
+        while True:
+            item: tuple[str, Any]
+            with cluster.cond:
+                while True:
+                    if not self.alive:
+                        return
+                    if self.outbox:
+                        item = ("control", self.outbox.popleft())
+                        break
+                    if cluster.pending and len(self.inflight) < self.capacity:
+                        job = cluster.pending.popleft()
+                        self.inflight[job.id] = job
+                        item = ("job", job)
+                        break
+                    wait = ping_every - (time.monotonic() - self.last_send)
+                    if wait <= 0:
+                        item = ("ping", None)
+                        break
+                    cluster.cond.wait(wait)
+            try:
+                if item[0] == "control":
+                    self._send(*item[1])
+                elif item[0] == "job":
+                    self._send_job(item[1])
+                else:
+                    self._send(Kind.PING)
+            except Exception as exc:  # noqa: BLE001 - the stream is gone
+                cluster.host_lost(self, f"sending failed: {type(exc).__name__}: {exc}")
+                return
+
+    def _send_job(self, job: Job) -> None:
+        for digest in job.refs:
+            if digest in self.cache:
+                self.cache.move_to_end(digest)
+            else:
+                self._upload(digest, job)
+        self._send(Kind.BATCH, {"id": job.id, "threads": job.threads}, job.payload)
+
+    def _upload(self, digest: str, job: Job) -> None:
+        stored = self.cluster.store.get(digest)
+        self._make_room(stored.nbytes, job)
+        offset = 0
+        for chunk in stored.chunks(UPLOAD_CHUNK):
+            offset += len(chunk)
+            self._send(Kind.PUT, {"digest": digest, "offset": offset - len(chunk),
+                                  "last": offset == stored.nbytes}, chunk)
+        self.cache[digest] = stored.nbytes
+        self.cache_bytes += stored.nbytes
+        self.bytes_uploaded += stored.nbytes
+
+    def _make_room(self, nbytes: int, job: Job) -> None:
+        """Evict least recently used objects that no queued batch on this host needs."""
+        limit = self.cluster.config.cache_size
+        if self.cache_bytes + nbytes <= limit:
+            return
+        with self.cluster.cond:
+            needed = set(job.refs).union(*(j.refs for j in self.inflight.values()))
+        victims = []
+        for digest, size in self.cache.items():
+            if self.cache_bytes + nbytes <= limit:
+                break
+            if digest not in needed:
+                victims.append(digest)
+                self.cache_bytes -= size
+        for digest in victims:
+            del self.cache[digest]
+        if victims:
+            self._send(Kind.EVICT, {"digests": victims})
+
+    # -- receiving -------------------------------------------------------------------
+    def _read_loop(self) -> None:
+        try:
+            while True:
+                kind, meta, data = self._reader.read()
+                if kind == Kind.RESULT:
+                    self._on_result(meta, data)
+                elif kind == Kind.OUTPUT:
+                    self._print(meta["stream"], data)
+                elif kind == Kind.STATUS and meta.get("warning"):
+                    log.warning("host %s: %s", self.name, meta["warning"])
+        except Exception as exc:  # noqa: BLE001 - any failure here means the host is gone
+            reason = "connection closed" if isinstance(exc, EOFError) else \
+                f"{type(exc).__name__}: {exc}"
+            tail = self._stderr_tail.decode(errors="replace").strip()
+            self.cluster.host_lost(self, reason + (f" (agent said: {tail[-500:]})"
+                                                   if tail else ""))
+
+    def _on_result(self, meta: dict[str, Any], data: bytes) -> None:
+        cluster = self.cluster
+        with cluster.cond:
+            job = self.inflight.pop(meta["id"], None)
+            cluster.cond.notify_all()
+        if job is None:
+            return
+        status = meta["status"]
+        if status == "cancelled":
+            if job.aborted:
+                _resolve(job, exc=AbortedError(f"{job.label} was cancelled"))
+            else:  # collateral of another caller's abort on this host: run it again
+                cluster.requeue([job])
+            return
+        if job.aborted:
+            return
+        if status == "ok":
+            try:
+                _resolve(job, pickle.loads(data))
+            except Exception as exc:  # noqa: BLE001
+                _resolve(job, exc=RemoteTaskError(
+                    f"the result of {job.label} from host {self.name} could not be "
+                    f"unpickled here: {type(exc).__name__}: {exc}"))
+        elif status == "error":
+            _resolve(job, exc=remote_exception(meta, data, self.name, job.label))
+        elif status == "crashed":
+            _resolve(job, exc=TerminatedWorkerError(
+                f"a worker process on host {self.name} died while running {job.label} "
+                f"({meta.get('message')}). The likely causes are a segmentation fault, "
+                "os._exit, or the out-of-memory killer (try fewer workers_per_host or a "
+                "larger instance); the host has started fresh workers."))
+        elif status == "too_large":
+            _resolve(job, exc=ResultTooLargeError(
+                f"the result of {job.label} on host {self.name} is {meta['size']:,} bytes "
+                f"pickled, over max_result_size={meta['limit']:,}. Return something "
+                "smaller (e.g. write large outputs to storage and return their path), or "
+                "raise max_result_size."))
+        else:  # pragma: no cover - protocol bug
+            _resolve(job, exc=RemoteTaskError(f"unknown result status {status!r}"))
+
+    def _print(self, stream: str, data: bytes) -> None:
+        text = self._line_buffers.get(stream, b"") + data
+        *lines, rest = text.split(b"\n")
+        self._line_buffers[stream] = rest
+        if lines:
+            target = sys.stdout if stream == "stdout" else sys.stderr
+            prefix = f"[{self.name}] "
+            target.write("".join(prefix + line.decode(errors="replace") + "\n"
+                                 for line in lines))
+            target.flush()
+
+    def close(self) -> None:
+        for closer in (self.stream.close, self.connection.close if self.connection else None):
+            if closer is not None:
+                try:
+                    closer()
+                except Exception:  # noqa: BLE001 - closing a dead stream may fail
+                    pass
+
+
+class Cluster:
+    """Connected hosts plus the queue of batches waiting for a free slot."""
+
+    def __init__(self, config: CloudConfig) -> None:
+        self.config = config
+        self.cond = threading.Condition()
+        self.pending: collections.deque[Job] = collections.deque()
+        self.hosts: list[HostSession] = []
+        self.store = ObjectStore(config.cache_threshold)
+        self.closed = False
+        self.provider_handle: Any = None
+
+    # -- lifecycle ---------------------------------------------------------------
+    def attach(self, hosts: list[HostSession]) -> None:
+        self.hosts = hosts
+        threading.Thread(target=self._monitor, daemon=True,
+                         name=f"joblib-cloud-monitor-{self.config.cluster}").start()
+
+    def close(self) -> None:
+        with self.cond:
+            self.closed = True
+            hosts = list(self.hosts)
+            jobs = list(self.pending) + [j for h in hosts for j in h.inflight.values()]
+            self.pending.clear()
+            for host in hosts:
+                host.outbox.append((Kind.BYE, {}))
+            self.cond.notify_all()
+        deadline = time.monotonic() + 2
+        for host in hosts:
+            while host.alive and host.outbox and time.monotonic() < deadline:
+                time.sleep(0.01)
+            host.alive = False
+            host.close()
+        for job in jobs:
+            _resolve(job, exc=AbortedError(f"{job.label}: the cluster was closed"))
+        with self.cond:
+            self.cond.notify_all()
+
+    @property
+    def alive_hosts(self) -> list[HostSession]:
+        return [h for h in self.hosts if h.alive]
+
+    @property
+    def n_workers(self) -> int:
+        return sum(h.workers for h in self.alive_hosts)
+
+    # -- work ----------------------------------------------------------------------
+    def submit(self, job: Job) -> Future:
+        with self.cond:
+            if not self.alive_hosts:
+                _resolve(job, exc=self._lost_error())
+                return job.future
+            self.pending.append(job)
+            self.cond.notify_all()
+        return job.future
+
+    def requeue(self, jobs: list[Job]) -> None:
+        with self.cond:
+            for job in reversed(jobs):
+                self.pending.appendleft(job)
+            self.cond.notify_all()
+
+    def abort(self, owner: object) -> None:
+        """Cancel ``owner``'s batches: queued ones at once, running ones on their hosts."""
+        with self.cond:
+            dropped = [j for j in self.pending if j.owner is owner]
+            self.pending = collections.deque(j for j in self.pending if j.owner is not owner)
+            for host in self.alive_hosts:
+                mine = [j for j in host.inflight.values() if j.owner is owner]
+                for job in mine:
+                    job.aborted = True
+                if mine:
+                    host.outbox.append((Kind.ABORT, {}))
+                dropped.extend(mine)
+            self.cond.notify_all()
+        for job in dropped:
+            _resolve(job, exc=AbortedError(f"{job.label} was cancelled"))
+
+    def live_refs(self) -> set[str]:
+        with self.cond:
+            jobs = list(self.pending) + [j for h in self.hosts for j in h.inflight.values()]
+        return set().union(*(j.refs for j in jobs))
+
+    def new_call(self) -> None:
+        self.store.new_call()
+        self.store.forget_unused(self.live_refs())
+
+    # -- failures ------------------------------------------------------------------
+    def _lost_error(self) -> ClusterLostError:
+        detail = "; ".join(f"{h.name}: {h.lost_reason or 'closed'}" for h in self.hosts)
+        return ClusterLostError(
+            f"no host of cluster {self.config.cluster!r} is left ({detail}). "
+            "The remaining work could not run; start the call again to reconnect.")
+
+    def host_lost(self, host: HostSession, reason: str) -> None:
+        with self.cond:
+            if not host.alive:
+                return
+            host.alive = False
+            host.lost_reason = reason
+            jobs = sorted(host.inflight.values(), key=lambda j: j.id)
+            host.inflight.clear()
+            survivors = self.alive_hosts
+            retry, failed = [], []
+            for job in jobs:
+                if job.aborted or job.future.done():
+                    continue
+                job.tries += 1
+                (retry if survivors and job.tries < MAX_TRIES else failed).append(job)
+            for job in reversed(retry):
+                self.pending.appendleft(job)
+            if not survivors:
+                failed.extend(self.pending)
+                self.pending.clear()
+            self.cond.notify_all()
+        if not self.closed:
+            log.warning("host %s lost: %s; %d batch(es) re-queued on %d remaining host(s)",
+                        host.name, reason, len(retry), len(survivors))
+        host.close()
+        if failed:
+            error: Exception = self._lost_error() if not survivors else HostLostError(
+                f"host {host.name} was lost ({reason}) and this batch already failed on "
+                f"{MAX_TRIES} hosts")
+            for job in failed:
+                _resolve(job, exc=error)
+
+    def _monitor(self) -> None:
+        timeout = self.config.heartbeat_timeout
+        while not self.closed:
+            time.sleep(min(1.0, timeout / 4))
+            now = time.monotonic()
+            for host in self.alive_hosts:
+                silent = now - host.last_recv
+                if silent > timeout:
+                    self.host_lost(host, f"no heartbeat for {silent:.1f}s (the host or its "
+                                         "network stalled)")
+
+
+def describe_batch(batch: Any) -> str:
+    """``batch of 3 x fit_and_score`` — how errors name a batch."""
+    items = getattr(batch, "items", None)
+    if not items:
+        return f"task {_callable_name(batch)}"
+    names = sorted({_callable_name(item[0]) for item in items})
+    what = names[0] if len(names) == 1 else ", ".join(names[:3])
+    return f"batch of {len(items)} x {what}" if len(items) > 1 else f"task {what}"
+
+
+def _callable_name(func: Any) -> str:
+    inner = getattr(func, "function", None) or getattr(func, "func", None) or func
+    return getattr(inner, "__qualname__", None) or type(inner).__name__
+

@@ -1,0 +1,273 @@
+"""Settings: keyword > ``JOBLIB_CLOUD_*`` environment > config file > default.
+
+Every setting has one name used in all three places (``n`` ↔ ``JOBLIB_CLOUD_N`` ↔ ``n = 4``
+in ``~/.joblib-cloud/config.toml``).  Values are validated here, once, so that a bad
+value fails with a ``ValueError`` naming the setting and where it came from instead of
+surfacing later as an SSH or EC2 error.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+import sys
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - exercised on 3.10 only
+    import tomli as tomllib
+
+ENV_PREFIX = "JOBLIB_CLOUD_"
+PROVIDERS = ("aws", "ssh", "local")
+
+
+def home_dir() -> Path:
+    """Local state directory (keys, known hosts, cluster records): mode 0700."""
+    path = Path(os.environ.get("JOBLIB_CLOUD_HOME") or Path.home() / ".joblib-cloud")
+    path.mkdir(parents=True, exist_ok=True, mode=0o700)
+    return path
+
+
+def _to_bool(value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in ("1", "true", "yes", "on"):
+        return True
+    if text in ("0", "false", "no", "off", ""):
+        return False
+    raise ValueError(f"expected true/false, got {value!r}")
+
+
+def _to_int(value: Any) -> int:
+    if isinstance(value, bool):
+        raise ValueError(f"expected an integer, got {value!r}")
+    if isinstance(value, int):
+        return value
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return int(str(value).strip())
+
+
+def _to_float(value: Any) -> float:
+    if isinstance(value, bool):
+        raise ValueError(f"expected a number, got {value!r}")
+    return float(value)
+
+
+_SIZE_UNITS = {"": 1, "b": 1, "k": 2**10, "kb": 2**10, "m": 2**20, "mb": 2**20,
+               "g": 2**30, "gb": 2**30, "t": 2**40, "tb": 2**40}
+
+
+def _to_size(value: Any) -> int:
+    """Bytes from ``1048576``, ``"1M"`` or ``"2 GB"``."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return int(value)
+    match = re.fullmatch(r"\s*([0-9.]+)\s*([a-zA-Z]*)\s*", str(value))
+    if not match or match.group(2).lower() not in _SIZE_UNITS:
+        raise ValueError(f"expected a size such as 1048576, '1M' or '2GB', got {value!r}")
+    return int(float(match.group(1)) * _SIZE_UNITS[match.group(2).lower()])
+
+
+def _to_list(value: Any) -> list[str]:
+    if isinstance(value, str):
+        return [item.strip() for item in value.split(",") if item.strip()]
+    if isinstance(value, (list, tuple)):
+        return [str(item).strip() for item in value]
+    raise ValueError(f"expected a list or a comma-separated string, got {value!r}")
+
+
+def _to_opt_str(value: Any) -> str | None:
+    if value is None:
+        return None
+    text = str(value).strip()
+    return text or None
+
+
+@dataclasses.dataclass(frozen=True)
+class Setting:
+    name: str
+    default: Any
+    parse: Callable[[Any], Any]
+    help: str
+
+    @property
+    def env(self) -> str:
+        return ENV_PREFIX + self.name.upper()
+
+
+SETTINGS: tuple[Setting, ...] = (
+    Setting("provider", "aws", str, "aws (default), ssh or local"),
+    Setting("instance", "C4", str, "C<n>/M<n>/R<n> alias or a literal EC2 type"),
+    Setting("n", 1, _to_int, "number of machines (hosts)"),
+    Setting("hosts", [], _to_list, "user@addr:port list for the ssh provider"),
+    Setting("cluster", "default", str, "cluster name: reuse key and tag value"),
+    Setting("region", None, _to_opt_str, "EC2 region (then AWS_REGION, AWS_DEFAULT_REGION)"),
+    Setting("spot", False, _to_bool, "spot instances, falling back to on-demand"),
+    Setting("idle_timeout", 600.0, _to_float, "seconds a host stays up with no work, no client"),
+    Setting("max_lifetime", 12 * 3600.0, _to_float, "seconds after which a VM always stops"),
+    Setting("workers_per_host", None, lambda v: None if v is None else _to_int(v),
+            "worker processes per host (default: its CPU count)"),
+    Setting("python", None, _to_opt_str,
+            "interpreter on the host (default: python3; this one for local)"),
+    Setting("ssh_key", None, _to_opt_str, "private key for ssh hosts"),
+    Setting("known_hosts", None, _to_opt_str,
+            "known-hosts file for ssh hosts (default ~/.ssh/known_hosts)"),
+    Setting("connect_timeout", 60.0, _to_float,
+            "seconds to keep retrying a host that does not accept SSH yet"),
+    Setting("heartbeat_timeout", 30.0, _to_float,
+            "seconds of silence after which a host counts as lost"),
+    Setting("cache_threshold", 2**20, _to_size,
+            "arguments at least this large are cached on each host by content"),
+    Setting("cache_size", 8 * 2**30, _to_size, "bytes of cached arguments per host (LRU)"),
+    Setting("max_result_size", 512 * 2**20, _to_size,
+            "largest pickled batch result a host sends back"),
+    Setting("verbose", False, _to_bool, "progress lines even when not on a terminal"),
+    Setting("image_id", None, _to_opt_str, "EC2 AMI id (default: current Amazon Linux)"),
+    Setting("packages", [], _to_list, "extra pip packages to install on the hosts"),
+    Setting("requirements", None, _to_opt_str, "requirements file to install on the hosts"),
+    Setting("ingress_cidr", None, _to_opt_str, "CIDR allowed to reach port 22 on EC2 hosts"),
+    Setting("image", None, _to_opt_str, "Docker image the agent runs in on each VM"),
+    Setting("user", None, _to_opt_str, "SSH user on EC2 hosts (default from the image)"),
+    Setting("shutdown_command", "sudo shutdown -h now", str,
+            "what the on-VM kill switch runs"),
+)
+SETTINGS_BY_NAME = {s.name: s for s in SETTINGS}
+
+
+def config_file_path() -> Path:
+    explicit = os.environ.get(ENV_PREFIX + "CONFIG")
+    return Path(explicit) if explicit else home_dir() / "config.toml"
+
+
+def _read_config_file(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        return {}
+    try:
+        with path.open("rb") as fh:
+            data = tomllib.load(fh)
+    except tomllib.TOMLDecodeError as exc:
+        raise ValueError(f"config file {path} is not valid TOML: {exc}") from None
+    unknown = sorted(set(data) - set(SETTINGS_BY_NAME))
+    if unknown:
+        raise ValueError(
+            f"config file {path}: unknown setting(s) {', '.join(unknown)}; "
+            f"valid settings: {', '.join(SETTINGS_BY_NAME)}"
+        )
+    return data
+
+
+@dataclasses.dataclass(frozen=True)
+class CloudConfig:
+    """Resolved, validated settings.  Build with :func:`resolve_config`."""
+
+    provider: str
+    instance: str
+    n: int
+    hosts: tuple[str, ...]
+    cluster: str
+    region: str | None
+    spot: bool
+    idle_timeout: float
+    max_lifetime: float
+    workers_per_host: int | None
+    python: str | None
+    ssh_key: str | None
+    known_hosts: str | None
+    connect_timeout: float
+    heartbeat_timeout: float
+    cache_threshold: int
+    cache_size: int
+    max_result_size: int
+    verbose: bool
+    image_id: str | None
+    packages: tuple[str, ...]
+    requirements: str | None
+    ingress_cidr: str | None
+    image: str | None
+    user: str | None
+    shutdown_command: str
+
+    def replace(self, **changes: Any) -> CloudConfig:
+        return resolve_config(**{**dataclasses.asdict(self), **changes}, _environ={},
+                              _file={})
+
+
+def resolve_config(
+    _environ: Mapping[str, str] | None = None,
+    _file: Mapping[str, Any] | None = None,
+    **kwargs: Any,
+) -> CloudConfig:
+    """Merge keyword arguments, environment and config file; validate everything."""
+    unknown = sorted(set(kwargs) - set(SETTINGS_BY_NAME))
+    if unknown:
+        raise TypeError(
+            f"unknown joblib-cloud setting(s): {', '.join(unknown)}. "
+            f"Valid settings: {', '.join(SETTINGS_BY_NAME)}"
+        )
+    environ = os.environ if _environ is None else _environ
+    file_values = _read_config_file(config_file_path()) if _file is None else _file
+    values: dict[str, Any] = {}
+    for setting in SETTINGS:
+        if kwargs.get(setting.name) is not None:
+            raw, origin = kwargs[setting.name], f"keyword {setting.name}="
+        elif environ.get(setting.env, "").strip() != "":
+            raw, origin = environ[setting.env], f"environment variable {setting.env}"
+        elif setting.name in file_values:
+            raw, origin = file_values[setting.name], f"config file setting {setting.name}"
+        else:
+            values[setting.name] = setting.default
+            continue
+        try:
+            values[setting.name] = setting.parse(raw)
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"invalid value {raw!r} for {origin}: {exc}") from None
+        values.setdefault("_origin", {})[setting.name] = origin
+    origins: dict[str, str] = values.pop("_origin", {})
+    if values["region"] is None:
+        values["region"] = environ.get("AWS_REGION") or environ.get("AWS_DEFAULT_REGION")
+    _validate(values, origins)
+    values["hosts"] = tuple(values["hosts"])
+    values["packages"] = tuple(values["packages"])
+    return CloudConfig(**values)
+
+
+def _validate(values: dict[str, Any], origins: dict[str, str]) -> None:
+    def fail(name: str, message: str) -> None:
+        origin = origins.get(name, f"setting {name}")
+        raise ValueError(f"invalid value {values[name]!r} for {origin}: {message}")
+
+    values["provider"] = values["provider"].strip().lower()
+    if values["provider"] not in PROVIDERS:
+        fail("provider", f"unknown provider; choose one of {', '.join(PROVIDERS)}")
+    if values["n"] < 1:
+        fail("n", "the number of machines must be at least 1")
+    if values["workers_per_host"] is not None and values["workers_per_host"] < 1:
+        fail("workers_per_host", "must be at least 1 (or unset for one per CPU)")
+    for name in ("idle_timeout", "max_lifetime", "connect_timeout", "heartbeat_timeout"):
+        if values[name] <= 0:
+            fail(name, "must be a positive number of seconds")
+    for name in ("cache_threshold", "cache_size", "max_result_size"):
+        if values[name] <= 0:
+            fail(name, "must be a positive size")
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}", values["cluster"]):
+        fail("cluster", "use 1-63 letters, digits, '.', '_' or '-', starting with a letter "
+                        "or digit")
+    if values["provider"] == "ssh":
+        if not values["hosts"]:
+            raise ValueError(
+                "provider 'ssh' needs hosts: pass hosts=['user@addr:port', ...] or set "
+                "JOBLIB_CLOUD_HOSTS=user@addr:port,user@addr2:port"
+            )
+        from .hosts import parse_host
+
+        for host in values["hosts"]:
+            try:
+                parse_host(host)
+            except ValueError as exc:
+                origin = origins.get("hosts", "setting hosts")
+                raise ValueError(f"invalid value {host!r} in {origin}: {exc}") from None

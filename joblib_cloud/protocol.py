@@ -1,0 +1,101 @@
+"""The framed message protocol spoken between the client and a host's agent.
+
+One frame = 13-byte header (kind, meta length, data length) + ``meta`` (a small pickled
+dict) + ``data`` (raw bytes: a cloudpickled batch, a result, an upload chunk, output).
+Keeping the bulk bytes out of the meta pickle means a 200 MB upload is never copied into
+a pickle on either side.  The same code runs on both ends, over an SSH channel or a pipe.
+"""
+
+from __future__ import annotations
+
+import enum
+import pickle
+import struct
+from collections.abc import Callable
+from typing import Any
+
+HEADER = struct.Struct("!BIQ")
+#: Largest frame we accept: protects against reading garbage as a length.
+MAX_FRAME = 1 << 40
+#: Sent by the agent before any frame, so that noise from a login shell (motd, rc files)
+#: before it is skipped rather than parsed as a header.
+AGENT_MAGIC = b"\x00JOBLIB-CLOUD-AGENT\x00"
+PROTOCOL_VERSION = 1
+
+
+class Kind(enum.IntEnum):
+    HELLO = 1  # agent -> client: versions, cores, workers
+    CONFIG = 2  # client -> agent: workers, limits, client versions
+    BATCH = 3  # client -> agent: run a cloudpickled batch
+    RESULT = 4  # agent -> client: outcome of a batch
+    PUT = 5  # client -> agent: one chunk of a cached object
+    EVICT = 6  # client -> agent: drop cached objects
+    ABORT = 7  # client -> agent: kill running work, cancel queued work
+    PING = 8
+    PONG = 9
+    OUTPUT = 10  # agent -> client: what tasks printed
+    BYE = 11  # client -> agent: exit now
+    STATUS = 12  # agent -> client: free-form progress or warnings
+
+
+def encode(kind: Kind, meta: dict[str, Any] | None = None, data: bytes | memoryview = b""
+           ) -> list[bytes | memoryview]:
+    """Frame parts, ready for a vectored or sequential write (data is not copied)."""
+    meta_bytes = pickle.dumps(meta or {}, protocol=pickle.HIGHEST_PROTOCOL)
+    return [HEADER.pack(int(kind), len(meta_bytes), len(data)), meta_bytes, data]
+
+
+class ProtocolError(ConnectionError):
+    pass
+
+
+class FrameReader:
+    """Reads frames from a ``recv(n) -> bytes`` callable (``b''`` means end of stream)."""
+
+    def __init__(self, recv: Callable[[int], bytes]) -> None:
+        self._recv = recv
+        self._buf = bytearray()
+
+    def _take(self, n: int) -> bytes | bytearray:
+        buf = self._buf
+        if len(buf) >= n:
+            out = bytes(buf[:n])
+            del buf[:n]
+            return out
+        # Large or partial: grow a fresh buffer so the read-ahead buffer stays small.
+        out = bytearray(buf)
+        buf.clear()
+        while len(out) < n:
+            chunk = self._recv(max(n - len(out), 1 << 16))
+            if not chunk:
+                raise EOFError("connection closed")
+            out += chunk
+        if len(out) > n:
+            buf += memoryview(out)[n:]
+            del out[n:]
+        return out
+
+    def skip_to_magic(self, limit: int = 1 << 20) -> bytes:
+        """Discard bytes up to and including AGENT_MAGIC; return what was discarded."""
+        while True:
+            idx = self._buf.find(AGENT_MAGIC)
+            if idx >= 0:
+                junk = bytes(self._buf[:idx])
+                del self._buf[: idx + len(AGENT_MAGIC)]
+                return junk
+            if len(self._buf) > limit:
+                raise ProtocolError(
+                    "the agent did not start: its output was "
+                    f"{bytes(self._buf[:400])!r}..."
+                )
+            chunk = self._recv(1 << 16)
+            if not chunk:
+                raise EOFError(bytes(self._buf).decode(errors="replace"))
+            self._buf += chunk
+
+    def read(self) -> tuple[Kind, dict[str, Any], bytes]:
+        kind, meta_len, data_len = HEADER.unpack(self._take(HEADER.size))
+        if meta_len > MAX_FRAME or data_len > MAX_FRAME:
+            raise ProtocolError(f"corrupt frame header (meta {meta_len}, data {data_len})")
+        meta = pickle.loads(self._take(meta_len)) if meta_len else {}
+        return Kind(kind), meta, self._take(data_len)

@@ -1,0 +1,147 @@
+"""Turn a config into connected hosts: ``local`` subprocesses, ``ssh`` hosts, ``aws`` VMs.
+
+All three end the same way: an agent stream per host, handed to a :class:`Cluster`.
+Clusters are kept in a registry keyed by what defines the fleet, so consecutive ``with
+parallel_backend('cloud')`` blocks and GridSearchCV's several ``Parallel`` calls reuse the
+same connections and agents.  Lifetime: until the interpreter exits (``atexit``); the VMs
+themselves stop on their own idle timer or with ``joblib-cloud down``.
+"""
+
+from __future__ import annotations
+
+import atexit
+import sys
+import threading
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+
+from .cluster import Cluster, HostSession
+from .config import CloudConfig
+from .errors import HostConnectError
+from .hosts import HostSpec, parse_host
+from .progress import Progress
+from .transport import LocalAgent, SSHAgent, SSHConnection
+
+_registry: dict[tuple, Cluster] = {}
+_registry_lock = threading.Lock()
+
+FLEET_FIELDS = ("provider", "cluster", "hosts", "n", "instance", "region", "python",
+                "workers_per_host", "image_id", "image", "user", "ssh_key", "known_hosts",
+                "spot")
+
+
+def fleet_key(config: CloudConfig) -> tuple:
+    return tuple(getattr(config, name) for name in FLEET_FIELDS)
+
+
+def get_cluster(config: CloudConfig) -> Cluster:
+    """The connected cluster for ``config``: reused when alive, connected otherwise."""
+    key = fleet_key(config)
+    with _registry_lock:
+        cluster = _registry.get(key)
+        if cluster is not None and cluster.alive_hosts and not cluster.closed:
+            return cluster
+        cluster = connect(config)
+        _registry[key] = cluster
+        return cluster
+
+
+def close_all() -> None:
+    with _registry_lock:
+        clusters = list(_registry.values())
+        _registry.clear()
+    for cluster in clusters:
+        cluster.close()
+
+
+atexit.register(close_all)
+
+
+def connect(config: CloudConfig, progress: Progress | None = None) -> Cluster:
+    progress = progress or Progress(config.verbose)
+    cluster = Cluster(config)
+    if config.provider == "local":
+        python = config.python or sys.executable
+        openers = [(f"local-{i}", _local_opener(cluster, f"local-{i}", python))
+                   for i in range(config.n)]
+    elif config.provider == "ssh":
+        specs = [parse_host(h) for h in config.hosts]
+        openers = [(s.name, _ssh_opener(cluster, s, config.ssh_key, config.known_hosts,
+                                        retry_auth=False)) for s in specs]
+    else:
+        from .provisioner import ensure_cluster
+
+        handle = ensure_cluster(config, progress)
+        cluster.provider_handle = handle
+        openers = [(s.name, _ssh_opener(cluster, s, handle.ssh_key, handle.known_hosts,
+                                        retry_auth=True)) for s in handle.specs]
+    hosts = _open_all(openers, config, progress)
+    cluster.attach(hosts)
+    progress.done(f"{len(hosts)}/{len(openers)} hosts connected, {cluster.n_workers} workers")
+    return cluster
+
+
+Opener = Callable[[CloudConfig], HostSession]
+
+
+def _local_opener(cluster: Cluster, name: str, python: str) -> Opener:
+    def open_(config: CloudConfig) -> HostSession:
+        return HostSession(cluster, name, lambda on_stderr: LocalAgent(name, python, on_stderr))
+
+    return open_
+
+
+def _ssh_opener(cluster: Cluster, spec: HostSpec, key: str | None, known_hosts: str | None,
+                retry_auth: bool) -> Opener:
+    def open_(config: CloudConfig) -> HostSession:
+        connection = SSHConnection(spec, key_path=key, known_hosts=known_hosts,
+                                   connect_timeout=config.connect_timeout,
+                                   retry_auth=retry_auth)
+        python = config.python or "python3"
+        try:
+            return HostSession(cluster, spec.name,
+                               lambda on_stderr: SSHAgent(connection, python, on_stderr),
+                               connection)
+        except BaseException:
+            connection.close()
+            raise
+
+    return open_
+
+
+def _open_all(openers: list[tuple[str, Opener]], config: CloudConfig, progress: Progress
+              ) -> list[HostSession]:
+    """Connect and handshake every host in parallel; all or nothing."""
+    done: list[HostSession] = []
+    errors: list[tuple[str, BaseException]] = []
+    lock = threading.Lock()
+
+    def one(name: str, opener: Opener) -> None:
+        try:
+            session = opener(config)
+            try:
+                session.handshake(config)
+            except BaseException:
+                session.close()
+                raise
+        except BaseException as exc:  # noqa: BLE001 - collected and re-raised below
+            with lock:
+                errors.append((name, exc))
+            return
+        with lock:
+            done.append(session)
+            progress.update(f"{len(done)}/{len(openers)} hosts connected")
+
+    with ThreadPoolExecutor(max_workers=min(len(openers), 32)) as pool:
+        for name, opener in openers:
+            pool.submit(one, name, opener)
+    if errors:
+        for session in done:
+            session.close()
+        first = errors[0][1]
+        if len(errors) == 1:
+            raise first
+        message = "; ".join(f"{name}: {exc}" for name, exc in errors)
+        raise HostConnectError(f"{len(errors)} hosts failed to connect: {message}") from first
+    order = {name: i for i, (name, _) in enumerate(openers)}
+    return sorted(done, key=lambda s: order[s.name])

@@ -1,0 +1,331 @@
+"""Byte streams to host agents: a local subprocess, or a channel of one SSH connection.
+
+Mirrors paramiko's own split: :class:`SSHConnection` is one verified, authenticated
+``Transport`` per host, kept for the cluster's lifetime; each agent, job or upload is a
+``Channel`` over it.  The agent code itself is shipped on every start (a ~100 kB zip of
+this package through the channel), so the host always runs the client's exact version.
+"""
+
+from __future__ import annotations
+
+import base64
+import functools
+import hashlib
+import io
+import logging
+import os
+import shlex
+import socket
+import subprocess
+import threading
+import time
+import zipfile
+from collections.abc import Callable
+from pathlib import Path
+
+import paramiko
+
+from .errors import HostConnectError, HostKeyError
+from .hosts import HostSpec
+
+log = logging.getLogger("joblib_cloud")
+
+#: Count of SSH connections opened by this process (tests assert reuse with it).
+connections_opened = 0
+_count_lock = threading.Lock()
+
+#: Tuned by measurement (bench/ssh_throughput.py): a large window keeps a loopback or
+#: long-haul link busy; AES-GCM is the fastest cipher paramiko and OpenSSH share.
+WINDOW_SIZE = 64 * 2**20
+MAX_PACKET_SIZE = 2**15
+PREFERRED_CIPHERS = ("aes128-gcm@openssh.com", "aes256-gcm@openssh.com", "aes128-ctr",
+                     "aes256-ctr")
+
+# Reads the agent zip from fd 0 (length-prefixed), stores it by hash, imports it.  Raw
+# os.read (not sys.stdin) so no byte of the protocol that follows is swallowed by a buffer.
+BOOTSTRAP = r"""
+import os, sys, hashlib
+def rd(n):
+    b = b''
+    while len(b) < n:
+        c = os.read(0, n - len(b))
+        if not c:
+            sys.exit('joblib-cloud agent: stdin closed during start')
+        b += c
+    return b
+z = rd(int.from_bytes(rd(8), 'big'))
+h = os.environ.get('JOBLIB_CLOUD_HOME') or os.path.expanduser('~/.joblib-cloud')
+d = os.path.join(h, 'agent')
+os.makedirs(d, mode=0o700, exist_ok=True)
+p = os.path.join(d, hashlib.sha256(z).hexdigest()[:16] + '.zip')
+if not os.path.exists(p):
+    t = p + '.%d' % os.getpid()
+    with open(t, 'wb') as f:
+        f.write(z)
+    os.replace(t, p)
+sys.path.insert(0, p)
+from joblib_cloud.worker import main
+main()
+""".strip()
+
+
+@functools.lru_cache(maxsize=1)
+def agent_zip() -> bytes:
+    """This package's source as a zip: what the host imports the agent from."""
+    root = Path(__file__).resolve().parent
+    out = io.BytesIO()
+    with zipfile.ZipFile(out, "w", zipfile.ZIP_DEFLATED) as zf:
+        for path in sorted(root.rglob("*.py")):
+            info = zipfile.ZipInfo(f"joblib_cloud/{path.relative_to(root).as_posix()}",
+                                   date_time=(2020, 1, 1, 0, 0, 0))
+            info.compress_type = zipfile.ZIP_DEFLATED
+            zf.writestr(info, path.read_bytes())
+    return out.getvalue()
+
+
+def agent_preamble() -> bytes:
+    blob = agent_zip()
+    return len(blob).to_bytes(8, "big") + blob
+
+
+def agent_command(python: str) -> str:
+    """Shell command that starts the agent (``python`` may itself be a command line)."""
+    return f"exec {python} -u -c {shlex.quote(BOOTSTRAP)}"
+
+
+class AgentStream:
+    """A bidirectional byte stream to one agent, plus its stderr."""
+
+    name: str
+
+    def sendall(self, data: bytes | memoryview) -> None:
+        raise NotImplementedError
+
+    def recv(self, n: int) -> bytes:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+
+class LocalAgent(AgentStream):
+    """The ``local`` provider's host: an agent subprocess, talking over pipes."""
+
+    def __init__(self, name: str, python: str, on_stderr: Callable[[bytes], None],
+                 env: dict[str, str] | None = None) -> None:
+        self.name = name
+        self.proc = subprocess.Popen(
+            ["/bin/sh", "-c", agent_command(python)], stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, bufsize=0,
+            env={**os.environ, **(env or {})}, start_new_session=True)
+        self._stdin_fd = self.proc.stdin.fileno()
+        self._stdout_fd = self.proc.stdout.fileno()
+        threading.Thread(target=_pump_stderr, args=(self.proc.stderr.read, on_stderr),
+                         daemon=True, name=f"stderr-{name}").start()
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def sendall(self, data: bytes | memoryview) -> None:
+        view = memoryview(data).cast("B")
+        while view:
+            view = view[os.write(self._stdin_fd, view):]
+
+    def recv(self, n: int) -> bytes:
+        return os.read(self._stdout_fd, n)
+
+    def close(self) -> None:
+        for pipe in (self.proc.stdin, self.proc.stdout):
+            try:
+                pipe.close()
+            except OSError:
+                pass
+        try:
+            self.proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+
+def _pump_stderr(read: Callable[[int], bytes], sink: Callable[[bytes], None]) -> None:
+    while True:
+        try:
+            data = read(1 << 16)
+        except (TimeoutError, OSError, ValueError, EOFError):
+            return
+        if not data:
+            return
+        sink(data)
+
+
+def fingerprint(key: paramiko.PKey) -> str:
+    digest = hashlib.sha256(key.asbytes()).digest()
+    return "SHA256:" + base64.b64encode(digest).decode().rstrip("=")
+
+
+def load_private_key(path: str) -> paramiko.PKey:
+    try:
+        return paramiko.PKey.from_path(os.path.expanduser(path))
+    except FileNotFoundError:
+        raise HostConnectError(f"SSH key {path} does not exist: set ssh_key= (or "
+                               "JOBLIB_CLOUD_SSH_KEY) to your private key file") from None
+    except (paramiko.SSHException, ValueError) as exc:
+        raise HostConnectError(f"cannot read SSH key {path}: {exc}") from None
+
+
+def _default_keys() -> list[paramiko.PKey]:
+    keys: list[paramiko.PKey] = list(paramiko.Agent().get_keys())
+    for name in ("id_ed25519", "id_ecdsa", "id_rsa"):
+        path = Path.home() / ".ssh" / name
+        if path.exists():
+            try:
+                keys.append(paramiko.PKey.from_path(path))
+            except Exception:  # encrypted or unsupported: ssh-agent may still have it
+                continue
+    return keys
+
+
+class SSHConnection:
+    """One verified, authenticated SSH connection to a host, reused for everything."""
+
+    def __init__(self, spec: HostSpec, *, key_path: str | None, known_hosts: str | None,
+                 connect_timeout: float, retry_auth: bool = False) -> None:
+        self.spec = spec
+        self.key_path = key_path
+        self.known_hosts = known_hosts or str(Path.home() / ".ssh" / "known_hosts")
+        self.transport = self._connect_with_retry(connect_timeout, retry_auth)
+
+    # -- connection -------------------------------------------------------------
+    def _connect_with_retry(self, cap: float, retry_auth: bool) -> paramiko.Transport:
+        start = time.monotonic()
+        delay, attempts, last = 0.25, 0, None
+        while True:
+            attempts += 1
+            try:
+                return self._connect_once(max(min(cap - (time.monotonic() - start), 20), 2))
+            except HostKeyError:
+                raise
+            except paramiko.AuthenticationException as exc:
+                if not retry_auth:
+                    raise HostConnectError(
+                        f"host {self.spec.name} refused our SSH key "
+                        f"({self.key_path or 'default keys and ssh-agent'}): {exc}. "
+                        "Check the user name and that the key is in the host's "
+                        "~/.ssh/authorized_keys.") from None
+                last = exc  # during boot, cloud-init may not have installed the key yet
+            except (OSError, EOFError, paramiko.SSHException) as exc:
+                last = exc
+            elapsed = time.monotonic() - start
+            if elapsed + delay > cap:
+                raise HostConnectError(
+                    f"host {self.spec.name} unreachable after {elapsed:.1f}s "
+                    f"({attempts} attempts); last error: {type(last).__name__}: {last}. "
+                    f"Check that it is up and that port {self.spec.port} is reachable, or "
+                    "raise connect_timeout.") from None
+            log.debug("ssh %s not ready (%s); retrying in %.1fs", self.spec.name, last, delay)
+            time.sleep(delay)
+            delay = min(delay * 1.6, 5.0)
+
+    def _connect_once(self, timeout: float) -> paramiko.Transport:
+        global connections_opened
+        sock = socket.create_connection((self.spec.address, self.spec.port), timeout=timeout)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        transport = paramiko.Transport(sock, default_window_size=WINDOW_SIZE,
+                                       default_max_packet_size=MAX_PACKET_SIZE)
+        with _count_lock:
+            connections_opened += 1
+        try:
+            options = transport.get_security_options()
+            options.ciphers = tuple(c for c in PREFERRED_CIPHERS if c in options.ciphers) + \
+                tuple(c for c in options.ciphers if c not in PREFERRED_CIPHERS)
+            transport.banner_timeout = timeout
+            transport.start_client(timeout=timeout)
+            self._verify_host_key(transport.get_remote_server_key())
+            self._authenticate(transport)
+            transport.set_keepalive(15)
+            sock.settimeout(None)
+            return transport
+        except BaseException:
+            transport.close()
+            raise
+
+    def _verify_host_key(self, key: paramiko.PKey) -> None:
+        name = self.spec.known_hosts_name
+        known: list[paramiko.PKey] = []
+        if self.spec.host_key:
+            kind, b64 = self.spec.host_key.split()[:2]
+            known.append(paramiko.PKey.from_type_string(kind, base64.b64decode(b64)))
+        if os.path.exists(self.known_hosts):
+            entries = paramiko.HostKeys(self.known_hosts).lookup(name)
+            if entries:
+                known.extend(entries.values())
+        if any(k.get_name() == key.get_name() and k.asbytes() == key.asbytes() for k in known):
+            return
+        if known:
+            expected = ", ".join(fingerprint(k) for k in known)
+            raise HostKeyError(
+                f"HOST KEY MISMATCH for {self.spec.name}: it presented {key.get_name()} "
+                f"{fingerprint(key)}, but {self.known_hosts} expects {expected}. Someone may "
+                "be intercepting the connection, or the host was re-created. If you trust "
+                "the new key, remove the old entry with "
+                f"`ssh-keygen -R '{name}' -f {self.known_hosts}` and add the new one.")
+        raise HostKeyError(
+            f"unknown host key for {self.spec.name}: {key.get_name()} {fingerprint(key)} is "
+            f"not in {self.known_hosts}. Verify the fingerprint with the host's owner, then "
+            f"add it, e.g. `ssh-keyscan -p {self.spec.port} {self.spec.address} >> "
+            f"{self.known_hosts}` (joblib-cloud never accepts unknown keys automatically).")
+
+    def _authenticate(self, transport: paramiko.Transport) -> None:
+        keys = [load_private_key(self.key_path)] if self.key_path else _default_keys()
+        if not keys:
+            raise HostConnectError(
+                f"no SSH key to log in to {self.spec.name}: set ssh_key= (or "
+                "JOBLIB_CLOUD_SSH_KEY) to a private key file")
+        last: Exception | None = None
+        for key in keys:
+            try:
+                transport.auth_publickey(self.spec.user, key)
+                return
+            except paramiko.AuthenticationException as exc:
+                last = exc
+        raise last or paramiko.AuthenticationException("no key accepted")
+
+    # -- channels ----------------------------------------------------------------
+    @property
+    def alive(self) -> bool:
+        return self.transport.is_active()
+
+    def exec(self, command: str, env: dict[str, str] | None = None) -> paramiko.Channel:
+        channel = self.transport.open_session(window_size=WINDOW_SIZE,
+                                              max_packet_size=MAX_PACKET_SIZE)
+        if env:
+            # sshd only accepts AcceptEnv'd variables, so pass them inline instead.
+            command = " ".join(f"{k}={shlex.quote(v)}" for k, v in env.items()) + " " + command
+        channel.exec_command(command)
+        return channel
+
+    def close(self) -> None:
+        self.transport.close()
+
+
+class SSHAgent(AgentStream):
+    """An agent started over an :class:`SSHConnection` (one exec channel)."""
+
+    def __init__(self, connection: SSHConnection, python: str,
+                 on_stderr: Callable[[bytes], None]) -> None:
+        self.name = connection.spec.name
+        self.connection = connection
+        self.channel = connection.exec(agent_command(python))
+        threading.Thread(target=_pump_stderr, args=(self.channel.recv_stderr, on_stderr),
+                         daemon=True, name=f"stderr-{self.name}").start()
+
+    def sendall(self, data: bytes | memoryview) -> None:
+        self.channel.sendall(data)
+
+    def recv(self, n: int) -> bytes:
+        return self.channel.recv(n)
+
+    def close(self) -> None:
+        self.channel.close()
+

@@ -1,0 +1,305 @@
+"""The host agent: ``python -m joblib_cloud.worker``.
+
+It speaks the framed protocol on its stdin/stdout (an SSH channel, or a pipe for the
+``local`` provider) and never listens on a network port.  Batches run on a loky process
+pool (loky detects crashed workers and replaces them); the agent's own jobs are the
+protocol, the per-host cache of large arguments, forwarding what tasks print, heartbeats
+both ways, and stopping everything when the client goes away.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import os
+import platform
+import select
+import shutil
+import signal
+import sys
+import threading
+import time
+from concurrent.futures import Future
+from pathlib import Path
+from typing import Any
+
+from .protocol import AGENT_MAGIC, PROTOCOL_VERSION, FrameReader, Kind, encode
+from .task_runner import CORES_PER_WORKER_ENV, run_batch, warm_up
+
+THREAD_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS",
+               "BLIS_NUM_THREADS", "VECLIB_MAXIMUM_THREADS", "NUMEXPR_NUM_THREADS")
+REPORTED_PACKAGES = ("joblib", "cloudpickle", "numpy", "scipy", "scikit-learn", "loky",
+                     "pandas")
+#: The on-VM kill switch reads this file's mtime: "a client was here, or work ran".
+ACTIVITY_FILE = "activity"
+
+
+def agent_home() -> Path:
+    home = Path(os.environ.get("JOBLIB_CLOUD_HOME") or Path.home() / ".joblib-cloud")
+    home.mkdir(parents=True, exist_ok=True, mode=0o700)
+    return home
+
+
+def host_versions() -> dict[str, str | None]:
+    versions: dict[str, str | None] = {"python": platform.python_version()}
+    for name in REPORTED_PACKAGES:
+        try:
+            versions[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            versions[name] = None
+    return versions
+
+
+def _cpu_count() -> int:
+    try:
+        import loky
+
+        return loky.cpu_count()
+    except Exception:
+        return os.cpu_count() or 1
+
+
+class Agent:
+    def __init__(self, in_fd: int, out_fd: int) -> None:
+        self.in_fd = in_fd
+        self.out_fd = out_fd
+        self.send_lock = threading.Lock()
+        self.last_recv = time.monotonic()
+        self.inflight: dict[int, Future] = {}
+        self.inflight_lock = threading.Lock()
+        self.executor: Any = None
+        self.home = agent_home()
+        self.cache_dir = self.home / "cache" / str(os.getpid())
+        self.uploads: dict[str, Any] = {}
+        self.stopping = threading.Event()
+        self.heartbeat_timeout = 30.0
+
+    # ------------------------------------------------------------------ sending
+    def send(self, kind: Kind, meta: dict[str, Any] | None = None,
+             data: bytes | memoryview = b"") -> None:
+        parts = encode(kind, meta, data)
+        with self.send_lock:
+            for part in parts:
+                view = memoryview(part)
+                while view:
+                    written = os.write(self.out_fd, view)
+                    view = view[written:]
+
+    def _recv(self, n: int) -> bytes:
+        while True:
+            ready, _, _ = select.select([self.in_fd], [], [], 1.0)
+            if ready:
+                data = os.read(self.in_fd, n)
+                self.last_recv = time.monotonic()
+                return data
+            if time.monotonic() - self.last_recv > self.heartbeat_timeout:
+                raise TimeoutError(f"no word from the client for {self.heartbeat_timeout:.0f}s")
+
+    # ------------------------------------------------------------------ workers
+    def _new_executor(self) -> None:
+        import loky
+
+        env = {var: str(self.cores_per_worker) for var in THREAD_VARS}
+        env[CORES_PER_WORKER_ENV] = str(self.cores_per_worker)
+        self.executor = loky.ProcessPoolExecutor(max_workers=self.workers, env=env)
+        for _ in range(self.workers):
+            self.executor.submit(warm_up)
+
+    def _kill_executor(self) -> None:
+        executor, self.executor = self.executor, None
+        if executor is not None:
+            executor.shutdown(wait=False, kill_workers=True)
+
+    def _submit(self, batch_id: int, payload: bytes, meta: dict[str, Any]) -> None:
+        for _ in range(2):
+            if self.executor is None:
+                self._new_executor()
+            try:
+                future = self.executor.submit(run_batch, payload, str(self.cache_dir),
+                                              self.max_result_size, meta.get("threads"))
+                break
+            except Exception:  # broken pool after a worker crash: start a fresh one
+                self._kill_executor()
+        else:  # pragma: no cover - two fresh pools in a row failed
+            self.send(Kind.RESULT, {"id": batch_id, "status": "crashed",
+                                    "message": "could not start worker processes"})
+            return
+        with self.inflight_lock:
+            self.inflight[batch_id] = future
+        future.add_done_callback(lambda f, i=batch_id: self._finished(i, f))
+
+    def _finished(self, batch_id: int, future: Future) -> None:
+        with self.inflight_lock:
+            if self.inflight.pop(batch_id, None) is not future:
+                return  # cancelled by an abort: already reported
+        if future.cancelled():
+            self.send(Kind.RESULT, {"id": batch_id, "status": "cancelled"})
+            return
+        exc = future.exception()
+        if exc is not None:
+            # The process running it died (loky's TerminatedWorkerError) or the pool broke.
+            self.send(Kind.RESULT, {"id": batch_id, "status": "crashed",
+                                    "message": f"{type(exc).__name__}: {exc}"})
+            return
+        status, meta, data = future.result()
+        meta["id"] = batch_id
+        self.send(Kind.RESULT, meta, data)
+
+    def abort(self) -> None:
+        """Kill every running task and report each in-flight batch as cancelled."""
+        with self.inflight_lock:
+            cancelled = list(self.inflight)
+            self.inflight.clear()
+        self._kill_executor()
+        for batch_id in cancelled:
+            self.send(Kind.RESULT, {"id": batch_id, "status": "cancelled"})
+
+    # ------------------------------------------------------------------ cache
+    def put(self, meta: dict[str, Any], data: bytes) -> None:
+        digest = meta["digest"]
+        final = self.cache_dir / digest
+        if meta["offset"] == 0:
+            self.uploads[digest] = open(self.cache_dir / f".{digest}.part", "wb")  # noqa: SIM115
+        fh = self.uploads[digest]
+        fh.write(data)
+        if meta["last"]:
+            fh.close()
+            os.replace(fh.name, final)
+            del self.uploads[digest]
+
+    def evict(self, digests: list[str]) -> None:
+        for digest in digests:
+            try:
+                (self.cache_dir / digest).unlink()
+            except FileNotFoundError:
+                pass
+
+    # ------------------------------------------------------------------ loops
+    def _forward_output(self, fd: int, stream: str) -> None:
+        while True:
+            try:
+                data = os.read(fd, 1 << 16)
+            except OSError:
+                return
+            if not data:
+                return
+            try:
+                self.send(Kind.OUTPUT, {"stream": stream}, data)
+            except OSError:
+                return
+
+    def _heartbeat(self, interval: float) -> None:
+        activity = self.home / ACTIVITY_FILE
+        while not self.stopping.wait(interval):
+            try:
+                self.send(Kind.PING, {"busy": len(self.inflight)})
+                activity.touch()
+            except OSError:
+                return
+
+    def run(self) -> None:
+        self.cache_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        _remove_stale_caches(self.cache_dir.parent)
+        reader = FrameReader(self._recv)
+        os.write(self.out_fd, AGENT_MAGIC)
+        cores = _cpu_count()
+        self.send(Kind.HELLO, {"protocol": PROTOCOL_VERSION, "versions": host_versions(),
+                               "cpu_count": cores, "pid": os.getpid(),
+                               "hostname": platform.node(), "home": str(self.home)})
+        kind, config, _ = reader.read()
+        if kind != Kind.CONFIG:
+            raise RuntimeError(f"expected CONFIG, got {kind!r}")
+        self.workers = int(config.get("workers") or cores)
+        self.cores_per_worker = max(cores // self.workers, 1)
+        self.max_result_size = int(config["max_result_size"])
+        self.heartbeat_timeout = float(config["heartbeat_timeout"])
+        self._new_executor()
+        self.send(Kind.STATUS, {"ready": True, "workers": self.workers,
+                                "cores_per_worker": self.cores_per_worker})
+        (self.home / ACTIVITY_FILE).touch()
+        threading.Thread(target=self._heartbeat, args=(max(self.heartbeat_timeout / 5, 0.2),),
+                         daemon=True, name="heartbeat").start()
+        while True:
+            kind, meta, data = reader.read()
+            if kind == Kind.BATCH:
+                self._submit(meta["id"], data, meta)
+            elif kind == Kind.PUT:
+                self.put(meta, data)
+            elif kind == Kind.PING:
+                pass
+            elif kind == Kind.EVICT:
+                self.evict(meta["digests"])
+            elif kind == Kind.ABORT:
+                self.abort()
+            elif kind == Kind.BYE:
+                return
+
+    def shutdown(self) -> None:
+        self.stopping.set()
+        executor, self.executor = self.executor, None
+        if executor is not None:
+            executor.shutdown(wait=True, kill_workers=True)
+        for fh in self.uploads.values():
+            fh.close()
+        shutil.rmtree(self.cache_dir, ignore_errors=True)
+
+
+def _remove_stale_caches(cache_root: Path) -> None:
+    """Delete cache directories of agents that are no longer running."""
+    for entry in cache_root.iterdir():
+        if entry.name.isdigit() and int(entry.name) != os.getpid():
+            try:
+                os.kill(int(entry.name), 0)
+            except ProcessLookupError:
+                shutil.rmtree(entry, ignore_errors=True)
+            except PermissionError:
+                pass
+
+
+def _redirect_std_streams() -> tuple[int, int, list[tuple[int, str]]]:
+    """Keep stdin/stdout for the protocol; route fds 0-2 of tasks elsewhere.
+
+    Worker processes inherit fds 1 and 2: they become pipes that the agent forwards to
+    the client as OUTPUT frames, so ``print`` in a task shows up on the user's terminal
+    instead of corrupting the protocol stream.
+    """
+    proto_in, proto_out, diag = os.dup(0), os.dup(1), os.dup(2)
+    devnull = os.open(os.devnull, os.O_RDONLY)
+    os.dup2(devnull, 0)
+    os.close(devnull)
+    forwards = []
+    for fd, stream in ((1, "stdout"), (2, "stderr")):
+        r, w = os.pipe()
+        os.dup2(w, fd)
+        os.close(w)
+        forwards.append((r, stream))
+    sys.stdout = open(1, "w", buffering=1, closefd=False)  # noqa: SIM115
+    sys.stderr = open(2, "w", buffering=1, closefd=False)  # noqa: SIM115
+    # The channel's own stderr stays for the agent's last words if it crashes.
+    sys.__stderr__ = os.fdopen(diag, "w", buffering=1)
+    return proto_in, proto_out, forwards
+
+
+def main() -> None:
+    proto_in, proto_out, forwards = _redirect_std_streams()
+    agent = Agent(proto_in, proto_out)
+    for fd, stream in forwards:
+        threading.Thread(target=agent._forward_output, args=(fd, stream), daemon=True,
+                         name=f"forward-{stream}").start()
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    signal.signal(signal.SIGHUP, lambda *_: sys.exit(0))
+    try:
+        agent.run()
+    except (EOFError, TimeoutError, BrokenPipeError, ConnectionError):
+        pass  # the client went away: stop everything below
+    except BaseException:
+        import traceback
+
+        traceback.print_exc(file=sys.__stderr__)
+        raise
+    finally:
+        agent.shutdown()
+    os._exit(0)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,142 @@
+"""Test-wide set-up: loopback-only network guard, fake AWS credentials, the sshd fleet."""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import socket
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+
+# Before anything imports boto3: never probe the instance-metadata address, never find
+# real credentials.
+for _var in [v for v in os.environ if v.startswith("JOBLIB_CLOUD_")]:
+    del os.environ[_var]
+os.environ.update({
+    "AWS_EC2_METADATA_DISABLED": "true",
+    "AWS_ACCESS_KEY_ID": "testing",
+    "AWS_SECRET_ACCESS_KEY": "testing",
+    "AWS_SECURITY_TOKEN": "testing",
+    "AWS_SESSION_TOKEN": "testing",
+    "AWS_DEFAULT_REGION": "us-east-1",
+    "AWS_CONFIG_FILE": os.devnull,
+    "AWS_SHARED_CREDENTIALS_FILE": os.devnull,
+    "JOBLIB_CLOUD_HOME": tempfile.mkdtemp(prefix="joblib-cloud-test-home-"),
+})
+sys.path.insert(0, str(Path(__file__).parent))
+
+from sshfleet import SSHFleet  # noqa: E402
+
+import joblib_cloud  # noqa: E402,F401  (registers the backend)
+
+# --------------------------------------------------------------------- network guard
+
+
+class NonLoopbackConnection(OSError):
+    pass
+
+
+_violations: list[str] = []
+
+
+def _is_loopback(host: object) -> bool:
+    if host in ("localhost", "ip6-localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(str(host).split("%")[0]).is_loopback
+    except ValueError:
+        return False
+
+
+def _guard(address: object, what: str) -> None:
+    if isinstance(address, tuple) and address and not _is_loopback(address[0]):
+        _violations.append(f"{what} {address!r}")
+        raise NonLoopbackConnection(
+            f"test code tried to reach {address!r}: only loopback is allowed here")
+
+
+_real_connect = socket.socket.connect
+_real_connect_ex = socket.socket.connect_ex
+_real_sendto = socket.socket.sendto
+_real_getaddrinfo = socket.getaddrinfo
+
+
+def _connect(self, address):
+    if self.family in (socket.AF_INET, socket.AF_INET6):
+        _guard(address, "connect")
+    return _real_connect(self, address)
+
+
+def _connect_ex(self, address):
+    if self.family in (socket.AF_INET, socket.AF_INET6):
+        _guard(address, "connect_ex")
+    return _real_connect_ex(self, address)
+
+
+def _sendto(self, data, *args):
+    if self.family in (socket.AF_INET, socket.AF_INET6):
+        _guard(args[-1], "sendto")
+    return _real_sendto(self, data, *args)
+
+
+def _getaddrinfo(host, *args, **kwargs):
+    if host is not None and not _is_loopback(host):
+        _violations.append(f"getaddrinfo {host!r}")
+        raise socket.gaierror(f"test code tried to resolve {host!r}: only loopback is allowed")
+    return _real_getaddrinfo(host, *args, **kwargs)
+
+
+socket.socket.connect = _connect
+socket.socket.connect_ex = _connect_ex
+socket.socket.sendto = _sendto
+socket.getaddrinfo = _getaddrinfo
+
+
+@pytest.fixture(autouse=True)
+def loopback_only():
+    """Fail any test whose sockets tried to leave loopback (even from a thread)."""
+    start = len(_violations)
+    yield
+    new = _violations[start:]
+    assert not new, f"non-loopback network access attempted: {new}"
+
+
+# --------------------------------------------------------------------- fleets
+
+
+def _require_sshd() -> None:
+    from sshfleet import SSHD
+
+    if not os.path.exists(SSHD):
+        pytest.fail("OpenSSH server not installed: apt-get install openssh-server "
+                    "(.ci/run does this)")
+
+
+@pytest.fixture(scope="session")
+def fleet(tmp_path_factory):
+    """Three long-lived loopback SSH hosts shared by non-destructive tests."""
+    _require_sshd()
+    fleet = SSHFleet(tmp_path_factory.mktemp("fleet"), n=3).start()
+    yield fleet
+    joblib_cloud.providers.close_all()
+    fleet.stop()
+
+
+@pytest.fixture
+def fresh_fleet(tmp_path):
+    """A private fleet for tests that kill, stop or re-key hosts."""
+    _require_sshd()
+    fleet = SSHFleet(tmp_path / "fleet", n=3).start()
+    yield fleet
+    fleet.stop()
+
+
+@pytest.fixture(params=["local", "ssh"])
+def cloud_kwargs(request, fleet):
+    """Backend settings for each provider that runs here: ``local`` and the sshd fleet."""
+    if request.param == "local":
+        return {"provider": "local", "n": 2, "workers_per_host": 2}
+    return fleet.kwargs(workers_per_host=2)
