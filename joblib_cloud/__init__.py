@@ -23,6 +23,7 @@ from .errors import (
     TaskPicklingError,
     TerminatedWorkerError,
 )
+from .pool import DistributedPool
 
 __version__ = "0.1.0"
 
@@ -32,6 +33,7 @@ __all__ = [
     "AbortedError",
     "CloudBackend",
     "ClusterLostError",
+    "DistributedPool",
     "EnvironmentMismatchError",
     "HostConnectError",
     "HostKeyError",
