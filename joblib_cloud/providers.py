@@ -73,9 +73,17 @@ def connect(config: CloudConfig, progress: Progress | None = None) -> Cluster:
 
         handle = ensure_cluster(config, progress)
         cluster.provider_handle = handle
+        # The venv the boot script built, and a wait long enough for a VM to boot.
+        config = config.replace(python=config.python or handle.python,
+                                connect_timeout=handle.connect_timeout)
         openers = [(s.name, _ssh_opener(cluster, s, handle.ssh_key, handle.known_hosts,
                                         retry_auth=True)) for s in handle.specs]
-    hosts = _open_all(openers, config, progress)
+    try:
+        hosts = _open_all(openers, config, progress)
+    except BaseException:
+        if cluster.provider_handle is not None:  # never leave a VM we just launched
+            cluster.provider_handle.abort()
+        raise
     cluster.attach(hosts)
     progress.done(f"{len(hosts)}/{len(openers)} hosts connected, {cluster.n_workers} workers")
     return cluster

@@ -1,0 +1,170 @@
+"""boto3 clients and EC2 error classification for the ``aws`` provider.
+
+Every EC2 error falls into one of a few classes, and each class has one reaction
+(DESIGN §6): *capacity* → try the next zone, then on-demand; *quota*, *credentials*,
+*image* → fail at once with the fix in the message; *throttling* → back off and retry.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+from .errors import JoblibCloudError
+
+log = logging.getLogger("joblib_cloud")
+
+TAG_KEY = "joblib-cloud:cluster"
+
+CAPACITY_CODES = frozenset({
+    "InsufficientInstanceCapacity", "InsufficientCapacity", "InsufficientHostCapacity",
+    "SpotMaxPriceTooLow", "InsufficientFreeAddressesInSubnet", "Unsupported",
+    "MaxSpotInstanceCountExceeded", "InsufficientReservedInstanceCapacity"})
+QUOTA_CODES = frozenset({"VcpuLimitExceeded", "InstanceLimitExceeded",
+                         "ResourceLimitExceeded", "SecurityGroupLimitExceeded",
+                         "RulesPerSecurityGroupLimitExceeded"})
+THROTTLE_CODES = frozenset({"RequestLimitExceeded", "Throttling", "ThrottlingException",
+                            "TooManyRequestsException", "RequestThrottled"})
+CREDENTIAL_CODES = frozenset({"AuthFailure", "UnauthorizedOperation", "InvalidClientTokenId",
+                              "ExpiredToken", "RequestExpired", "SignatureDoesNotMatch",
+                              "OptInRequired", "AccessDenied", "AccessDeniedException"})
+IMAGE_CODES = frozenset({"InvalidAMIID.NotFound", "InvalidAMIID.Malformed",
+                         "InvalidAMIID.Unavailable"})
+
+CREDENTIALS_HELP = ("Configure AWS credentials the standard way: run `aws configure` (or "
+                    "`aws sso login --profile NAME`), set AWS_PROFILE=NAME, or set "
+                    "AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY.")
+QUOTA_URL = "https://console.aws.amazon.com/servicequotas/home/services/ec2/quotas"
+
+#: Throttling back-off: first delay and number of tries (tests shorten the delay).
+THROTTLE_DELAY = 1.0
+THROTTLE_TRIES = 8
+
+
+class AWSError(JoblibCloudError):
+    """EC2 refused a request for a reason the user has to fix."""
+
+
+class CapacityError(AWSError):
+    """No capacity for this type (in this zone / market) right now."""
+
+
+def error_code(exc: BaseException) -> str:
+    response = getattr(exc, "response", None) or {}
+    return str(response.get("Error", {}).get("Code", ""))
+
+
+def error_message(exc: BaseException) -> str:
+    response = getattr(exc, "response", None) or {}
+    return str(response.get("Error", {}).get("Message", exc))
+
+
+def explain(exc: BaseException, what: str) -> BaseException:
+    """An :class:`AWSError` with the fix for ``exc``, or ``exc`` itself if unclassified."""
+    from botocore.exceptions import NoCredentialsError, NoRegionError
+
+    code = error_code(exc)
+    if isinstance(exc, NoCredentialsError):
+        return AWSError(f"no AWS credentials found while trying to {what}. {CREDENTIALS_HELP}")
+    if isinstance(exc, NoRegionError):
+        return AWSError(f"no AWS region: pass region='us-east-1' (or set JOBLIB_CLOUD_REGION "
+                        f"or AWS_REGION) to {what}")
+    if code in CREDENTIAL_CODES:
+        return AWSError(
+            f"AWS refused to {what} ({code}: {error_message(exc)}). Check that your "
+            "credentials are valid and not expired, and that they allow EC2 "
+            f"(RunInstances, DescribeInstances, TerminateInstances, security groups). "
+            f"{CREDENTIALS_HELP}")
+    if code in QUOTA_CODES:
+        return AWSError(
+            f"AWS quota reached while trying to {what} ({code}: {error_message(exc)}). "
+            f"Ask for fewer or smaller machines (n=, instance=), or request a higher "
+            f"quota (e.g. 'Running On-Demand Standard instances' vCPUs) at {QUOTA_URL}")
+    if code in IMAGE_CODES:
+        return AWSError(
+            f"the machine image cannot be used ({code}: {error_message(exc)}). Unset "
+            "image_id= to use the current Amazon Linux image, or pass an AMI id that "
+            "exists in this region.")
+    if code in CAPACITY_CODES:
+        return CapacityError(f"no capacity to {what} ({code}: {error_message(exc)})")
+    return exc
+
+
+T = TypeVar("T")
+
+
+def call(fn: Callable[..., T], what: str, **kwargs: Any) -> T:
+    """``fn(**kwargs)``, retrying throttling with exponential back-off and jitter, and
+    turning classified errors into messages that say what to do."""
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    delay = THROTTLE_DELAY
+    for attempt in range(1, THROTTLE_TRIES + 1):
+        try:
+            return fn(**kwargs)
+        except ClientError as exc:
+            if error_code(exc) in THROTTLE_CODES and attempt < THROTTLE_TRIES:
+                log.info("AWS throttled %s; retrying in %.1fs", what, delay)
+                time.sleep(delay * (0.5 + random.random() / 2))
+                delay = min(delay * 2, 30.0)
+                continue
+            raise explain(exc, what) from exc
+        except BotoCoreError as exc:
+            explained = explain(exc, what)
+            if explained is exc:
+                raise
+            raise explained from exc
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+def session(region: str | None) -> Any:
+    """A boto3 session for ``region`` with usable credentials, or a clear error."""
+    import boto3
+
+    if not region:
+        raise AWSError("no AWS region configured: pass region='us-east-1' (or set "
+                       "JOBLIB_CLOUD_REGION, AWS_REGION or AWS_DEFAULT_REGION)")
+    try:
+        sess = boto3.session.Session(region_name=region)
+        credentials = sess.get_credentials()
+    except Exception as exc:  # noqa: BLE001 - e.g. a profile that does not exist
+        raise AWSError(f"cannot load AWS credentials: {exc}. {CREDENTIALS_HELP}") from exc
+    if credentials is None:
+        raise AWSError(f"no AWS credentials found. {CREDENTIALS_HELP}")
+    return sess
+
+
+def tag_spec(resource: str, cluster: str) -> dict[str, Any]:
+    return {"ResourceType": resource, "Tags": [{"Key": TAG_KEY, "Value": cluster},
+                                               {"Key": "Name", "Value": f"joblib-cloud-{cluster}"}]}
+
+
+def cluster_filter(cluster: str | None) -> list[dict[str, Any]]:
+    """Filter on our tag: one cluster, or (``None``) every joblib-cloud cluster."""
+    if cluster is None:
+        return [{"Name": "tag-key", "Values": [TAG_KEY]}]
+    return [{"Name": f"tag:{TAG_KEY}", "Values": [cluster]}]
+
+
+def tag_value(resource: dict[str, Any]) -> str | None:
+    for tag in resource.get("Tags") or ():
+        if tag.get("Key") == TAG_KEY:
+            return tag.get("Value")
+    return None
+
+
+def describe_instances(ec2: Any, cluster: str | None, states: tuple[str, ...]
+                       ) -> list[dict[str, Any]]:
+    filters = cluster_filter(cluster) + [{"Name": "instance-state-name", "Values": list(states)}]
+    found = []
+    paginator = ec2.get_paginator("describe_instances")
+    pages = call(lambda: list(paginator.paginate(Filters=filters)), "list instances")
+    for page in pages:
+        for reservation in page["Reservations"]:
+            found.extend(reservation["Instances"])
+    # Tag filters are done by EC2; re-check so an untagged resource can never slip in.
+    return [i for i in found if tag_value(i) is not None
+            and (cluster is None or tag_value(i) == cluster)]

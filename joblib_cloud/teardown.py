@@ -1,0 +1,158 @@
+"""Finding and deleting a cluster's AWS resources by tag: ``joblib-cloud down``/``status``.
+
+Everything is found by the tag ``joblib-cloud:cluster`` alone (re-checked on every
+resource EC2 returns), so ``down`` works from any computer, after a crash, and never
+touches an untagged resource.  Every step is idempotent: running ``down`` twice, or after
+a half-finished ``down``, is safe.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from datetime import datetime, timezone
+from typing import Any
+
+from . import ec2api, instance_types, records
+from .ec2api import call
+
+#: Every state a billable (or soon billable) instance can be in.
+ALL_STATES = ("pending", "running", "stopping", "stopped", "shutting-down")
+GONE = ("shutting-down", "terminated")
+#: How long ``down`` waits for instances to stop and the security group to free up.
+WAIT_TIMEOUT = 600.0
+POLL = 3.0
+
+Out = Callable[[str], None]
+
+
+def terminate_ids(ec2: Any, ids: list[str], out: Out, timeout: float = WAIT_TIMEOUT) -> bool:
+    """Terminate ``ids`` and wait until AWS reports them shutting down or gone."""
+    if not ids:
+        return True
+    for start in range(0, len(ids), 500):
+        call(ec2.terminate_instances, "terminate machines", InstanceIds=ids[start:start + 500])
+    out(f"terminating {len(ids)} machines: {', '.join(ids)}")
+    deadline = time.monotonic() + timeout
+    while True:
+        pages = call(lambda: list(ec2.get_paginator("describe_instances").paginate(
+            Filters=[{"Name": "instance-id", "Values": ids}])), "check terminated machines")
+        states = {i["InstanceId"]: i["State"]["Name"]
+                  for page in pages for r in page["Reservations"] for i in r["Instances"]}
+        left = [i for i in ids if states.get(i, "terminated") not in GONE]
+        if not left:
+            out(f"{len(ids)} machines shutting down or terminated")
+            return True
+        if time.monotonic() > deadline:
+            out(f"ERROR: still not terminating after {timeout:.0f}s: {', '.join(left)}")
+            return False
+        time.sleep(POLL)
+
+
+def _delete_group(ec2: Any, group: dict[str, Any], out: Out, timeout: float) -> bool:
+    """Delete a security group, retrying while terminating instances still use it."""
+    deadline = time.monotonic() + timeout
+    gid = group["GroupId"]
+    while True:
+        try:
+            call(ec2.delete_security_group, "delete a security group", GroupId=gid)
+            out(f"deleted security group {gid} ({group.get('GroupName', '')})")
+            return True
+        except Exception as exc:
+            code = ec2api.error_code(exc)
+            if code == "InvalidGroup.NotFound":
+                return True
+            if code != "DependencyViolation" or time.monotonic() > deadline:
+                out(f"ERROR: could not delete security group {gid}: {exc}")
+                return False
+        time.sleep(POLL)
+
+
+def _tagged(items: list[dict[str, Any]], cluster: str | None) -> list[dict[str, Any]]:
+    """Re-check EC2's tag filter: nothing untagged may ever be deleted."""
+    return [x for x in items if ec2api.tag_value(x) is not None
+            and (cluster is None or ec2api.tag_value(x) == cluster)]
+
+
+def find(ec2: Any, cluster: str | None) -> dict[str, list[dict[str, Any]]]:
+    """The cluster's (or every cluster's) instances, security groups and loose volumes."""
+    groups = call(ec2.describe_security_groups, "list security groups",
+                  Filters=ec2api.cluster_filter(cluster))["SecurityGroups"]
+    volumes = call(ec2.describe_volumes, "list volumes",
+                   Filters=ec2api.cluster_filter(cluster)
+                   + [{"Name": "status", "Values": ["available"]}])["Volumes"]
+    return {"instances": ec2api.describe_instances(ec2, cluster, ALL_STATES),
+            "groups": _tagged(groups, cluster), "volumes": _tagged(volumes, cluster)}
+
+
+def down_region(sess: Any, region: str, cluster: str | None, dry_run: bool, out: Out,
+                timeout: float = WAIT_TIMEOUT) -> bool:
+    """Delete a cluster (``None``: every joblib-cloud cluster) in one region.
+
+    Returns False if something could not be deleted (the caller exits non-zero)."""
+    ec2 = sess.client("ec2", region_name=region)
+    found = find(ec2, cluster)
+    instances, groups, volumes = found["instances"], found["groups"], found["volumes"]
+    names = {ec2api.tag_value(x) for kind in found.values() for x in kind}
+    local = [cluster] if cluster is not None else records.local_clusters(region)
+    names.update(n for n in local if records.exists(region, n))
+    if not names:
+        out(f"{region}: nothing to delete for "
+            f"{'any cluster' if cluster is None else f'cluster {cluster!r}'}")
+        return True
+    verb = "would " if dry_run else ""
+    ok = True
+    live = [i for i in instances if i["State"]["Name"] not in GONE]
+    for inst in instances:
+        out(f"{region}: {verb}terminate {inst['InstanceId']} ({inst['InstanceType']}, "
+            f"{inst['State']['Name']}, cluster {ec2api.tag_value(inst)})")
+    if not dry_run:
+        ok &= terminate_ids(ec2, [i["InstanceId"] for i in live],
+                            lambda line: out(f"{region}: {line}"), timeout)
+    for group in groups:
+        if dry_run:
+            out(f"{region}: would delete security group {group['GroupId']}")
+        else:
+            ok &= _delete_group(ec2, group, lambda line: out(f"{region}: {line}"), timeout)
+    for volume in volumes:
+        out(f"{region}: {verb}delete volume {volume['VolumeId']}")
+        if not dry_run:
+            try:
+                call(ec2.delete_volume, "delete a volume", VolumeId=volume["VolumeId"])
+            except Exception as exc:
+                if ec2api.error_code(exc) != "InvalidVolume.NotFound":
+                    out(f"{region}: ERROR: could not delete volume {volume['VolumeId']}: {exc}")
+                    ok = False
+    for name in sorted(names):
+        if records.exists(region, name):
+            out(f"{region}: {verb}remove local keys {records.cluster_dir(region, name)}")
+            if not dry_run and ok:
+                records.remove(region, name)
+    return ok
+
+
+def age(launch_time: Any) -> str:
+    if not isinstance(launch_time, datetime):
+        return "?"
+    seconds = (datetime.now(timezone.utc) - launch_time).total_seconds()
+    if seconds < 3600:
+        return f"{seconds / 60:.0f}m"
+    return f"{seconds / 3600:.1f}h"
+
+
+def status_rows(sess: Any, region: str, cluster: str | None) -> list[dict[str, str]]:
+    """One row per instance of the cluster (``None``: of every cluster)."""
+    ec2 = sess.client("ec2", region_name=region)
+    rows = []
+    for inst in ec2api.describe_instances(ec2, cluster, ALL_STATES):
+        type_name = inst["InstanceType"]
+        price = instance_types.type_price(type_name)
+        rows.append({
+            "cluster": ec2api.tag_value(inst) or "", "region": region,
+            "instance": inst["InstanceId"], "state": inst["State"]["Name"], "type": type_name,
+            "market": "spot" if inst.get("InstanceLifecycle") == "spot" else "on-demand",
+            "age": age(inst.get("LaunchTime")),
+            "address": inst.get("PublicIpAddress") or inst.get("PrivateIpAddress") or "-",
+            "usd_per_hour": f"{price:.3f}" if price is not None else "?",
+        })
+    return rows
