@@ -1,0 +1,297 @@
+"""Host side of ``joblib-cloud run``: job directories and process control.
+
+Sent as ``python -c <this file's source> OP JOB_ID ...`` over an SSH exec channel (or run
+as a local subprocess for the ``local`` provider), so it must need nothing but the
+standard library.  A job's state lives on the host, where it cannot disagree with the
+process it describes::
+
+    $JOBLIB_CLOUD_HOME/jobs/<id>/
+        workspace/            the copy of the client's directory; the command's cwd
+        bin/python, python3   run the interpreter the backend uses (``python`` setting)
+        command.json          what to run, when it started
+        stdout.log stderr.log its output
+        pid                   the command's process (and process group) id
+        supervisor_pid        the process that waits for it and records the exit code
+        exit_code             written once it ended (128+N when killed by signal N)
+        cancelled             present when ``cancel`` stopped it
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tarfile
+import time
+
+ERROR_EXIT = 254  # the helper itself failed (not the job)
+
+
+def jobs_root() -> str:
+    home = os.environ.get("JOBLIB_CLOUD_HOME") or os.path.expanduser("~/.joblib-cloud")
+    return os.path.join(home, "jobs")
+
+
+def job_dir(job_id: str) -> str:
+    if not job_id or not all(c.isalnum() for c in job_id):
+        fail(f"malformed job id {job_id!r}")
+    return os.path.join(jobs_root(), job_id)
+
+
+def fail(message: str) -> None:
+    sys.stderr.write(f"joblib-cloud (on host): {message}\n")
+    sys.exit(ERROR_EXIT)
+
+
+def read(path: str) -> str | None:
+    try:
+        with open(path) as fh:
+            return fh.read().strip()
+    except OSError:
+        return None
+
+
+def write_atomic(path: str, text: str) -> None:
+    tmp = f"{path}.{os.getpid()}.tmp"
+    with open(tmp, "w") as fh:
+        fh.write(text)
+    os.replace(tmp, path)
+
+
+def alive(pid_text: str | None) -> bool:
+    if not pid_text:
+        return False
+    try:
+        os.kill(int(pid_text), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    # A zombie has exited: its parent just has not collected it yet.
+    stat = read(f"/proc/{int(pid_text)}/stat")
+    return not (stat and stat.rsplit(")", 1)[-1].split()[0] == "Z")
+
+
+def read_exact(fd: int, n: int) -> bytes:
+    out = bytearray()
+    while len(out) < n:
+        chunk = os.read(fd, n - len(out))
+        if not chunk:
+            fail("the upload ended early")
+        out += chunk
+    return bytes(out)
+
+
+# ------------------------------------------------------------------------- start
+
+
+def op_start(job_id: str, python: str, command: str) -> None:
+    """stdin: 8-byte length + joblib-cloud zip, then the workspace tar.gz."""
+    directory = job_dir(job_id)
+    os.makedirs(jobs_root(), mode=0o700, exist_ok=True)
+    try:
+        os.mkdir(directory, 0o700)
+    except FileExistsError:
+        fail(f"job {job_id} already exists on this host")
+    # The job imports the client's exact joblib-cloud (DESIGN §7), like the agent does.
+    blob = read_exact(0, int.from_bytes(read_exact(0, 8), "big"))
+    agent_dir = os.path.join(os.path.dirname(jobs_root()), "agent")
+    os.makedirs(agent_dir, mode=0o700, exist_ok=True)
+    agent_zip = os.path.join(agent_dir, hashlib.sha256(blob).hexdigest()[:16] + ".zip")
+    if not os.path.exists(agent_zip):
+        write_bytes_atomic(agent_zip, blob)
+    workspace = os.path.join(directory, "workspace")
+    with os.fdopen(os.dup(0), "rb") as stdin, \
+            tarfile.open(fileobj=stdin, mode="r|gz") as tar:
+        if hasattr(tarfile, "data_filter"):
+            tar.extractall(workspace, filter="data")
+        else:  # pragma: no cover - Python without extraction filters
+            tar.extractall(workspace)
+    os.makedirs(workspace, exist_ok=True)
+    write_shims(os.path.join(directory, "bin"), python)
+    write_atomic(os.path.join(directory, "command.json"), json.dumps(
+        {"command": command, "python": python, "agent_zip": agent_zip,
+         "started": time.time()}))
+    if os.fork() == 0:  # the supervisor: outlives this SSH channel
+        os.setsid()
+        try:
+            write_atomic(os.path.join(directory, "supervisor_pid"), str(os.getpid()))
+            supervise(directory)
+        finally:
+            os._exit(0)
+    deadline = time.monotonic() + 30
+    while read(os.path.join(directory, "pid")) is None and \
+            read(os.path.join(directory, "exit_code")) is None:
+        if time.monotonic() > deadline:
+            fail(f"job {job_id} did not start: see {directory}/supervisor.log")
+        time.sleep(0.01)
+    print(json.dumps({"id": job_id, "dir": directory,
+                      "pid": read(os.path.join(directory, "pid"))}), flush=True)
+
+
+def write_bytes_atomic(path: str, data: bytes) -> None:
+    tmp = f"{path}.{os.getpid()}.tmp"
+    with open(tmp, "wb") as fh:
+        fh.write(data)
+    os.replace(tmp, path)
+
+
+def write_shims(bin_dir: str, python: str) -> None:
+    """``python`` and ``python3`` in the job's PATH run the backend's interpreter."""
+    os.makedirs(bin_dir, exist_ok=True)
+    first, _, rest = python.strip().partition(" ")
+    if "/" not in first:  # resolve now, or the shim named python3 would call itself
+        first = shutil.which(first) or first
+    for name in ("python", "python3"):
+        path = os.path.join(bin_dir, name)
+        with open(path, "w") as fh:
+            fh.write(f'#!/bin/sh\nexec {first} {rest} "$@"\n')
+        os.chmod(path, 0o755)
+
+
+def supervise(directory: str) -> None:
+    """Run the command in its own process group; record its pid and exit code."""
+    null = os.open(os.devnull, os.O_RDWR)
+    log = os.open(os.path.join(directory, "supervisor.log"),
+                  os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    os.dup2(null, 0)
+    os.dup2(log, 1)
+    os.dup2(log, 2)
+    spec = json.loads(read(os.path.join(directory, "command.json")) or "{}")
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith("JOBLIB_CLOUD_") or k == "JOBLIB_CLOUD_HOME"}
+    env.update({
+        # parallel_backend('cloud') inside the job uses this machine's own cores.
+        "JOBLIB_CLOUD_PROVIDER": "local",
+        "JOBLIB_CLOUD_JOB_ID": os.path.basename(directory),
+        "PATH": os.path.join(directory, "bin") + os.pathsep + env.get("PATH", ""),
+        "PYTHONPATH": os.pathsep.join(p for p in (spec["agent_zip"], env.get("PYTHONPATH"))
+                                      if p),
+        "PYTHONUNBUFFERED": "1",
+    })
+    code: int
+    try:
+        with open(os.path.join(directory, "stdout.log"), "ab") as out, \
+                open(os.path.join(directory, "stderr.log"), "ab") as err:
+            proc = subprocess.Popen(["/bin/sh", "-c", spec["command"]],
+                                    cwd=os.path.join(directory, "workspace"), env=env,
+                                    stdin=subprocess.DEVNULL, stdout=out, stderr=err,
+                                    start_new_session=True)
+            write_atomic(os.path.join(directory, "pid"), str(proc.pid))
+            code = proc.wait()
+    except Exception as exc:  # noqa: BLE001 - recorded as the job's failure
+        with open(os.path.join(directory, "stderr.log"), "a") as err:
+            err.write(f"joblib-cloud: could not start the command: {exc}\n")
+        code = 127
+    write_atomic(os.path.join(directory, "exit_code"), str(128 - code if code < 0 else code))
+
+
+# ------------------------------------------------------------------------- status
+
+
+def state(job_id: str) -> dict:
+    directory = job_dir(job_id)
+    if not os.path.isdir(directory):
+        return {"id": job_id, "state": "missing"}
+    spec = json.loads(read(os.path.join(directory, "command.json")) or "{}")
+    code = read(os.path.join(directory, "exit_code"))
+    info = {"id": job_id, "command": spec.get("command"), "started": spec.get("started"),
+            "pid": read(os.path.join(directory, "pid")), "exit_code": None}
+    if code is not None:
+        info["exit_code"] = int(code)
+        if os.path.exists(os.path.join(directory, "cancelled")):
+            info["state"] = "cancelled"
+        else:
+            info["state"] = "succeeded" if int(code) == 0 else "failed"
+        info["finished"] = os.stat(os.path.join(directory, "exit_code")).st_mtime
+    elif alive(read(os.path.join(directory, "supervisor_pid"))) or \
+            alive(info["pid"]):
+        info["state"] = "running"
+    else:  # the supervisor died without a word: the machine rebooted, or a kill -9
+        info["state"] = "lost"
+    return info
+
+
+def op_status(*job_ids: str) -> None:
+    for job_id in job_ids:
+        print(json.dumps(state(job_id)), flush=True)
+
+
+# ------------------------------------------------------------------------- output
+
+
+def op_logs(job_id: str, follow: str = "0") -> None:
+    """Copy stdout.log to stdout and stderr.log to stderr; with follow, until the job
+    ends, then exit with its exit code."""
+    directory = job_dir(job_id)
+    if not os.path.isdir(directory):
+        fail(f"no job {job_id} on this host")
+    sources = []
+    for name, fd in (("stdout.log", 1), ("stderr.log", 2)):
+        sources.append([os.path.join(directory, name), fd, 0])
+    while True:
+        finished = state(job_id)["state"] != "running"
+        moved = False
+        for source in sources:
+            path, fd, offset = source
+            try:
+                with open(path, "rb") as fh:
+                    fh.seek(offset)
+                    data = fh.read(1 << 20)
+            except FileNotFoundError:
+                continue
+            if data:
+                moved = True
+                source[2] += len(data)
+                view = memoryview(data)
+                while view:
+                    view = view[os.write(fd, view):]
+        if follow != "1" or (finished and not moved):
+            break
+        if not moved:
+            time.sleep(0.05)
+    if follow == "1":
+        info = state(job_id)
+        sys.exit(info["exit_code"] if info["exit_code"] is not None else ERROR_EXIT)
+
+
+def op_cancel(job_id: str) -> None:
+    """Stop the job's whole process group: SIGTERM, then SIGKILL after a grace period."""
+    directory = job_dir(job_id)
+    info = state(job_id)
+    if info["state"] == "missing":
+        fail(f"no job {job_id} on this host")
+    if info["state"] != "running":
+        print(json.dumps(info), flush=True)
+        return
+    write_atomic(os.path.join(directory, "cancelled"), str(time.time()))
+    pid = int(info["pid"])
+    for sig, grace in ((signal.SIGTERM, 5.0), (signal.SIGKILL, 10.0)):
+        try:
+            os.killpg(pid, sig)
+        except ProcessLookupError:
+            pass
+        deadline = time.monotonic() + grace
+        while state(job_id)["state"] == "running" and time.monotonic() < deadline:
+            time.sleep(0.02)
+        if state(job_id)["state"] != "running":
+            break
+    print(json.dumps(state(job_id)), flush=True)
+
+
+OPS = {"start": op_start, "status": op_status, "logs": op_logs, "cancel": op_cancel}
+
+
+def main(argv: list[str]) -> None:
+    if not argv or argv[0] not in OPS:
+        fail(f"unknown operation {argv[:1]!r}; expected one of {', '.join(OPS)}")
+    os.umask(0o077)  # job output and code are the user's alone
+    OPS[argv[0]](*argv[1:])
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
