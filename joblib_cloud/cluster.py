@@ -344,6 +344,7 @@ class HostSession:
             target.flush()
 
     def close(self) -> None:
+        self.alive = False
         for closer in (self.stream.close, self.connection.close if self.connection else None):
             if closer is not None:
                 try:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pickle
+
 
 class JoblibCloudError(RuntimeError):
     """Base class of joblib-cloud's own errors."""
@@ -39,7 +41,7 @@ class RemoteTaskError(JoblibCloudError):
     """A task raised an exception that could not be sent back as itself."""
 
 
-class TaskPicklingError(JoblibCloudError):
+class TaskPicklingError(JoblibCloudError, pickle.PicklingError):
     """A task or its arguments could not be pickled on the client."""
 
 

@@ -45,6 +45,7 @@ PREFERRED_CIPHERS = ("aes128-gcm@openssh.com", "aes256-gcm@openssh.com", "aes128
 # os.read (not sys.stdin) so no byte of the protocol that follows is swallowed by a buffer.
 BOOTSTRAP = r"""
 import os, sys, hashlib
+umask = os.umask(0o077)
 def rd(n):
     b = b''
     while len(b) < n:
@@ -63,6 +64,7 @@ if not os.path.exists(p):
     with open(t, 'wb') as f:
         f.write(z)
     os.replace(t, p)
+os.umask(umask)
 sys.path.insert(0, p)
 from joblib_cloud.worker import main
 main()
@@ -217,14 +219,14 @@ class SSHConnection:
             except (OSError, EOFError, paramiko.SSHException) as exc:
                 last = exc
             elapsed = time.monotonic() - start
-            if elapsed + delay > cap:
+            if elapsed >= cap:
                 raise HostConnectError(
                     f"host {self.spec.name} unreachable after {elapsed:.1f}s "
                     f"({attempts} attempts); last error: {type(last).__name__}: {last}. "
                     f"Check that it is up and that port {self.spec.port} is reachable, or "
                     "raise connect_timeout.") from None
             log.debug("ssh %s not ready (%s); retrying in %.1fs", self.spec.name, last, delay)
-            time.sleep(delay)
+            time.sleep(min(delay, cap - elapsed))
             delay = min(delay * 1.6, 5.0)
 
     def _connect_once(self, timeout: float) -> paramiko.Transport:

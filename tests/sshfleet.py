@@ -36,14 +36,23 @@ def _free_port(address: str) -> int:
 
 
 class SSHHost:
-    def __init__(self, root: Path, index: int, client_pub: str) -> None:
+    def __init__(self, root: Path, index: int, client_pub: str,
+                 host_key: tuple[str, str] | None = None) -> None:
+        """``host_key``: a given (OpenSSH private key, public line) pair instead of a
+        fresh one, e.g. the key an EC2 user-data document carries."""
         self.index = index
         self.address = f"127.0.0.{index + 2}"
         self.dir = root / f"host{index}"
         self.dir.mkdir(parents=True)
         self.home = self.dir / "home"
         self.home.mkdir()
-        self.host_key_pub = _keygen(self.dir / "ssh_host_ed25519_key")
+        if host_key is None:
+            self.host_key_pub = _keygen(self.dir / "ssh_host_ed25519_key")
+        else:
+            key_file = self.dir / "ssh_host_ed25519_key"
+            key_file.write_text(host_key[0])
+            key_file.chmod(0o600)  # sshd ignores a host key others can read
+            self.host_key_pub = host_key[1].strip()
         (self.dir / "authorized_keys").write_text(client_pub + "\n")
         self.log = self.dir / "sshd.log"
         self.user = getpass.getuser()
@@ -146,6 +155,7 @@ MaxSessions 100
 class SSHFleet:
     def __init__(self, root: Path, n: int = 3) -> None:
         self.root = root
+        root.mkdir(parents=True, exist_ok=True)
         self.client_key = root / "client_key"
         client_pub = _keygen(self.client_key)
         Path("/run/sshd").mkdir(exist_ok=True)  # sshd's privilege-separation directory
