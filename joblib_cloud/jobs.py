@@ -216,18 +216,26 @@ def open_target(config: CloudConfig, progress: Progress) -> tuple[Target, JobRec
         python = config.python or sys.executable
         return LocalTarget(python), JobRecord(host="local", python=python, **base)
     python = config.python or "python3"
+    timeout, handle = config.connect_timeout, None
     if config.provider == "ssh":
         spec, key, known, retry = parse_host(config.hosts[0]), config.ssh_key, \
             config.known_hosts, False
-    else:
+    else:  # aws: what providers.connect does, for the first machine only
         from .provisioner import ensure_cluster
 
         handle = ensure_cluster(config, progress)
         spec, key, known, retry = handle.specs[0], handle.ssh_key, handle.known_hosts, True
+        python = config.python or getattr(handle, "python", None) or python
+        timeout = getattr(handle, "connect_timeout", timeout)
     progress.update(f"connecting to {spec.name}")
-    connection = SSHConnection(spec, key_path=key and str(key),
-                               known_hosts=known and str(known),
-                               connect_timeout=config.connect_timeout, retry_auth=retry)
+    try:
+        connection = SSHConnection(spec, key_path=key and str(key),
+                                   known_hosts=known and str(known),
+                                   connect_timeout=timeout, retry_auth=retry)
+    except BaseException:
+        if handle is not None and hasattr(handle, "abort"):
+            handle.abort()  # never leave a VM we just launched and cannot reach
+        raise
     record = JobRecord(host=spec.name, python=python, address=spec.address, port=spec.port,
                        user=spec.user, host_key=spec.host_key, ssh_key=key and str(key),
                        known_hosts=known and str(known), **base)

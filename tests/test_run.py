@@ -1,0 +1,246 @@
+"""``joblib-cloud run`` / ``jobs`` / ``logs`` / ``cancel``, as a user runs them: the real
+command line in a subprocess, against ``local`` and the loopback sshd fleet."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from joblib_cloud.workspace import WorkspaceTooLargeError, list_files, pack, walk_files
+
+STREAMING_SCRIPT = """
+import json, os, sys, time
+print("first line", flush=True)
+print("to stderr", file=sys.stderr, flush=True)
+go = sys.argv[1]
+deadline = time.monotonic() + 60
+while not os.path.exists(go) and time.monotonic() < deadline:
+    time.sleep(0.02)
+files = sorted(os.path.relpath(os.path.join(d, f)) for d, _, fs in os.walk(".") for f in fs)
+print(json.dumps(files))
+sys.exit(int(sys.argv[2]))
+"""
+
+ENV_SCRIPT = """
+import json, os, sys
+from joblib import Parallel, delayed, parallel_backend
+import joblib_cloud
+with parallel_backend("cloud"):
+    squares = Parallel()(delayed(pow)(i, 2) for i in range(4))
+print(json.dumps({"executable": os.path.realpath(sys.executable),
+                  "provider": os.environ.get("JOBLIB_CLOUD_PROVIDER"),
+                  "squares": squares, "cwd": os.getcwd(),
+                  "agent": os.path.dirname(os.path.dirname(joblib_cloud.__file__))}))
+"""
+
+LONG_JOB = """
+import os, subprocess, sys, time
+child = subprocess.Popen(["sleep", "300"])
+with open("pids.txt", "w") as fh:
+    fh.write(f"{os.getpid()} {child.pid}")
+print("working", flush=True)
+time.sleep(300)
+"""
+
+
+@pytest.fixture
+def project(tmp_path) -> Path:
+    """A git work tree with tracked, untracked and ignored files."""
+    root = tmp_path / "project"
+    (root / "pkg").mkdir(parents=True)
+    (root / "data").mkdir()
+    (root / "script.py").write_text(textwrap.dedent(STREAMING_SCRIPT))
+    (root / "envcheck.py").write_text(textwrap.dedent(ENV_SCRIPT))
+    (root / "long_job.py").write_text(textwrap.dedent(LONG_JOB))
+    (root / "pkg" / "helper.py").write_text("X = 1\n")
+    (root / "notes.txt").write_text("untracked but not ignored\n")
+    (root / "data" / "big.csv").write_text("a,b\n1,2\n")
+    (root / "secret.env").write_text("TOKEN=x\n")
+    (root / ".gitignore").write_text("data/\n*.env\n")
+    subprocess.run(["git", "init", "-q", str(root)], check=True)
+    subprocess.run(["git", "-C", str(root), "add", "script.py", "pkg/helper.py"], check=True)
+    return root
+
+
+@pytest.fixture(params=["local", "ssh"])
+def target(request, fleet, tmp_path) -> dict:
+    """Environment for the CLI, and where the host keeps its job directories."""
+    client_home = tmp_path / "client-home"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("JOBLIB_CLOUD_")}
+    env["JOBLIB_CLOUD_HOME"] = str(client_home)
+    if request.param == "local":
+        env["JOBLIB_CLOUD_PROVIDER"] = "local"
+        host_jobs = client_home / "jobs"
+    else:
+        settings = fleet.kwargs(hosts=fleet.hosts[1:2])
+        env.update({"JOBLIB_CLOUD_PROVIDER": "ssh",
+                    "JOBLIB_CLOUD_HOSTS": ",".join(settings["hosts"]),
+                    "JOBLIB_CLOUD_SSH_KEY": settings["ssh_key"],
+                    "JOBLIB_CLOUD_KNOWN_HOSTS": settings["known_hosts"],
+                    "JOBLIB_CLOUD_PYTHON": settings["python"]})
+        host_jobs = fleet.hosts[1].home / "jobs"
+    return {"env": env, "host_jobs": host_jobs, "provider": request.param}
+
+
+def cli(target: dict, cwd: Path, *args: str, timeout: float = 120
+        ) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "joblib_cloud", *args], cwd=cwd,
+                          env=target["env"], capture_output=True, text=True, timeout=timeout)
+
+
+def wait_for(condition, timeout: float = 30, what: str = "condition"):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(0.05)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+def test_run_streams_output_copies_directory_and_passes_exit_code(target, project, tmp_path):
+    go = tmp_path / "go"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "joblib_cloud", "run", "--", "python", "script.py", str(go),
+         "3"], cwd=project, env=target["env"], stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE, text=True)
+    try:
+        # Streamed live: the first line arrives while the command is still waiting.
+        assert proc.stdout.readline() == "first line\n"
+        assert proc.poll() is None
+        go.touch()
+        rest, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 3, err
+    assert "to stderr" in err
+    files = json.loads(rest.strip().splitlines()[-1])
+    assert files == sorted([".gitignore", "envcheck.py", "long_job.py", "notes.txt",
+                            "pkg/helper.py", "script.py"])
+    # The copy really is on the host, without the ignored files.
+    (record,) = (Path(target["env"]["JOBLIB_CLOUD_HOME"]) / "job-records").iterdir()
+    workspace = target["host_jobs"] / record.stem / "workspace"
+    assert (workspace / "pkg" / "helper.py").read_text() == "X = 1\n"
+    assert not (workspace / "data").exists()
+    assert not (workspace / "secret.env").exists()
+
+    go.unlink()
+    go.touch()
+    done = cli(target, project, "run", "--", "python", "script.py", str(go), "0")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith("first line\n")
+
+
+def test_job_uses_backend_python_and_local_cores(target, project):
+    done = cli(target, project, "run", "--", "python envcheck.py")
+    assert done.returncode == 0, done.stderr
+    info = json.loads(done.stdout.strip().splitlines()[-1])
+    assert info["executable"] == os.path.realpath(sys.executable)
+    assert info["provider"] == "local"
+    assert info["squares"] == [0, 1, 4, 9]
+    assert info["cwd"].startswith(str(target["host_jobs"]))
+    # The job imports the client's joblib-cloud (shipped with it), not whatever is there.
+    assert info["agent"].endswith(".zip")
+
+
+def test_detach_jobs_logs_cancel(target, project):
+    started = cli(target, project, "run", "--detach", "--", "python", "long_job.py")
+    assert started.returncode == 0, started.stderr
+    job_id = started.stdout.strip()
+    assert re.fullmatch(r"[0-9a-f]{8}", job_id), started.stdout
+
+    pids_file = target["host_jobs"] / job_id / "workspace" / "pids.txt"
+    pids = [int(p) for p in wait_for(lambda: pids_file.exists() and pids_file.read_text(),
+                                     what="the job to start").split()]
+    assert all(psutil.pid_exists(pid) for pid in pids)
+
+    listing = cli(target, project, "jobs")
+    assert listing.returncode == 0, listing.stderr
+    line = next(row for row in listing.stdout.splitlines() if row.startswith(job_id))
+    assert "running" in line.split() and "long_job.py" in line
+
+    logs = wait_for(lambda: "working" in (out := cli(target, project, "logs", job_id[:5]))
+                    .stdout and out, what="the job's output")
+    assert logs.returncode == 0
+
+    cancelled = cli(target, project, "cancel", job_id)
+    assert cancelled.returncode == 0, cancelled.stderr
+    assert "cancelled" in cancelled.stdout
+    # The whole process group is gone: the script and the child it started.
+    wait_for(lambda: not any(psutil.pid_exists(pid) and
+                             psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+                             for pid in pids), what="the job's processes to die")
+
+    line = next(row for row in cli(target, project, "jobs").stdout.splitlines()
+                if row.startswith(job_id))
+    assert line.split()[1:3] == ["cancelled", "143"]
+    # Following a finished job prints its output and exits with its code.
+    followed = cli(target, project, "logs", "--follow", job_id)
+    assert followed.returncode == 143
+    assert "working" in followed.stdout
+
+
+def test_local_records_are_private(target, project):
+    started = cli(target, project, "run", "--detach", "--", "true")
+    assert started.returncode == 0, started.stderr
+    record = Path(target["env"]["JOBLIB_CLOUD_HOME"]) / "job-records" / \
+        f"{started.stdout.strip()}.json"
+    assert record.stat().st_mode & 0o777 == 0o600
+    unknown = cli(target, project, "logs", "ffffffff")
+    assert unknown.returncode == 1
+    assert "no job 'ffffffff'" in unknown.stderr and "joblib-cloud jobs" in unknown.stderr
+
+
+def test_size_cap_refuses_with_advice(target, project):
+    (project / "model.bin").write_bytes(os.urandom(300_000))
+    jobs_before = set(target["host_jobs"].glob("*"))
+    done = cli(target, project, "run", "--max-upload", "200k", "--", "true")
+    assert done.returncode == 1
+    assert "over the 204.8 kB cap" in done.stderr
+    assert "model.bin" in done.stderr and ".gitignore" in done.stderr
+    assert set(target["host_jobs"].glob("*")) == jobs_before
+    assert not (Path(target["env"]["JOBLIB_CLOUD_HOME"]) / "job-records").exists()
+
+
+def test_no_command_is_a_clear_error(target, project):
+    done = cli(target, project, "run")
+    assert done.returncode == 1
+    assert "nothing to run" in done.stderr
+
+
+# ----------------------------------------------------------------- workspace selection
+
+
+def test_fallback_walk_honours_gitignore_without_git(tmp_path):
+    root = tmp_path / "plain"
+    (root / "src" / "__pycache__").mkdir(parents=True)
+    (root / "out").mkdir()
+    (root / "src" / "a.py").write_text("")
+    (root / "src" / "__pycache__" / "a.cpython-311.pyc").write_text("")
+    (root / "src" / "local.log").write_text("")
+    (root / "src" / ".gitignore").write_text("/local.log\n")
+    (root / "out" / "result.txt").write_text("")
+    (root / "keep.log").write_text("")
+    (root / "x.tmp").write_text("")
+    (root / ".gitignore").write_text("# comment\nout/\n*.tmp\n")
+    assert walk_files(root) == [".gitignore", "keep.log", "src/.gitignore", "src/a.py"]
+    assert list_files(root) == walk_files(root)  # not a git work tree
+
+
+def test_pack_lists_largest_files_when_over_cap(tmp_path):
+    (tmp_path / "small.txt").write_text("x")
+    (tmp_path / "huge.npy").write_bytes(b"\0" * 5000)
+    with pytest.raises(WorkspaceTooLargeError, match=r"huge\.npy \(5\.0 kB\)"):
+        pack(tmp_path, max_bytes=4000)
+    assert pack(tmp_path, max_bytes=6000).files == ("huge.npy", "small.txt")
