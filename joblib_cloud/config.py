@@ -257,6 +257,14 @@ def _validate(values: dict[str, Any], origins: dict[str, str]) -> None:
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}", values["cluster"]):
         fail("cluster", "use 1-63 letters, digits, '.', '_' or '-', starting with a letter "
                         "or digit")
+    if values["provider"] == "aws":
+        from .instance_types import resolve_name
+
+        try:
+            resolve_name(values["instance"])
+        except ValueError as exc:
+            origin = origins.get("instance", "setting instance")
+            raise ValueError(f"invalid value for {origin}: {exc}") from None
     if values["provider"] == "ssh":
         if not values["hosts"]:
             raise ValueError(

@@ -158,7 +158,8 @@ class Agent:
         digest = meta["digest"]
         final = self.cache_dir / digest
         if meta["offset"] == 0:
-            self.uploads[digest] = open(self.cache_dir / f".{digest}.part", "wb")  # noqa: SIM115
+            self.uploads[digest] = open(self.cache_dir / f".{digest}.part", "wb",  # noqa: SIM115
+                                        opener=_private)
         fh = self.uploads[digest]
         fh.write(data)
         if meta["last"]:
@@ -192,12 +193,13 @@ class Agent:
         while not self.stopping.wait(interval):
             try:
                 self.send(Kind.PING, {"busy": len(self.inflight)})
-                activity.touch()
+                activity.touch(mode=0o600)
             except OSError:
                 return
 
     def run(self) -> None:
-        self.cache_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self.cache_dir.parent.mkdir(exist_ok=True, mode=0o700)
+        self.cache_dir.mkdir(exist_ok=True, mode=0o700)
         _remove_stale_caches(self.cache_dir.parent)
         reader = FrameReader(self._recv)
         os.write(self.out_fd, AGENT_MAGIC)
@@ -215,7 +217,7 @@ class Agent:
         self._new_executor()
         self.send(Kind.STATUS, {"ready": True, "workers": self.workers,
                                 "cores_per_worker": self.cores_per_worker})
-        (self.home / ACTIVITY_FILE).touch()
+        (self.home / ACTIVITY_FILE).touch(mode=0o600)
         threading.Thread(target=self._heartbeat, args=(max(self.heartbeat_timeout / 5, 0.2),),
                          daemon=True, name="heartbeat").start()
         while True:
@@ -241,6 +243,11 @@ class Agent:
         for fh in self.uploads.values():
             fh.close()
         shutil.rmtree(self.cache_dir, ignore_errors=True)
+
+
+def _private(path: str, flags: int) -> int:
+    """Opener for files only this user may read (cached data can be sensitive)."""
+    return os.open(path, flags, 0o600)
 
 
 def _remove_stale_caches(cache_root: Path) -> None:
