@@ -24,6 +24,7 @@ from typing import Any, BinaryIO
 
 from . import jobhost
 from .config import CloudConfig, home_dir
+from .docker import docker_python
 from .hosts import HostSpec, parse_host
 from .progress import Progress
 from .transport import SSHConnection, agent_zip
@@ -227,6 +228,8 @@ def open_target(config: CloudConfig, progress: Progress) -> tuple[Target, JobRec
         spec, key, known, retry = handle.specs[0], handle.ssh_key, handle.known_hosts, True
         python = config.python or getattr(handle, "python", None) or python
         timeout = getattr(handle, "connect_timeout", timeout)
+    if config.image:  # config.python is the one in the image; the helper runs on the VM
+        python = "python3"
     progress.update(f"connecting to {spec.name}")
     try:
         connection = SSHConnection(spec, key_path=key and str(key),
@@ -282,6 +285,13 @@ def _check(result: Result, what: str) -> Result:
     return result
 
 
+def job_python(config: CloudConfig, target: Target) -> str:
+    """The interpreter a job's ``python`` runs: the backend's, in ``image`` if set."""
+    if config.image and config.provider != "local":
+        return docker_python(config.image, config.python, mount_cwd=True)
+    return target.python
+
+
 def start(config: CloudConfig, argv: list[str], *, root: Path | None = None,
           max_upload: int = DEFAULT_MAX_UPLOAD, progress: Progress | None = None
           ) -> tuple[Target, JobRecord]:
@@ -297,7 +307,7 @@ def start(config: CloudConfig, argv: list[str], *, root: Path | None = None,
         blob = agent_zip()
         progress.update(f"uploading {human(len(workspace.archive) + len(blob))} "
                         f"to {target.name}")
-        _check(target.call(["start", record.id, target.python, command],
+        _check(target.call(["start", record.id, job_python(config, target), command],
                            stdin=len(blob).to_bytes(8, "big") + blob + workspace.archive),
                f"starting the job on {target.name}")
         save_record(record)

@@ -17,6 +17,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 from .cluster import Cluster, HostSession
 from .config import CloudConfig
+from .docker import docker_python
 from .errors import HostConnectError
 from .hosts import HostSpec, parse_host
 from .progress import Progress
@@ -74,7 +75,8 @@ def connect(config: CloudConfig, progress: Progress | None = None) -> Cluster:
         handle = ensure_cluster(config, progress)
         cluster.provider_handle = handle
         # The venv the boot script built, and a wait long enough for a VM to boot.
-        config = config.replace(python=config.python or handle.python,
+        config = config.replace(python=config.python or (None if config.image
+                                                         else handle.python),
                                 connect_timeout=handle.connect_timeout)
         openers = [(s.name, _ssh_opener(cluster, s, handle.ssh_key, handle.known_hosts,
                                         retry_auth=True)) for s in handle.specs]
@@ -106,6 +108,8 @@ def _ssh_opener(cluster: Cluster, spec: HostSpec, key: str | None, known_hosts: 
                                    connect_timeout=config.connect_timeout,
                                    retry_auth=retry_auth)
         python = config.python or "python3"
+        if config.image:  # the agent runs inside that Docker image on the VM
+            python = docker_python(config.image, python)
         try:
             return HostSession(cluster, spec.name,
                                lambda on_stderr: SSHAgent(connection, python, on_stderr),

@@ -4,8 +4,10 @@ modules that exist only in the client's working directory still work in tasks.""
 from __future__ import annotations
 
 import importlib
+import json
 import os
 import stat
+import subprocess
 import sys
 import textwrap
 from pathlib import Path
@@ -120,3 +122,116 @@ def test_module_only_in_client_cwd_is_usable_in_tasks(fleet, cwd_module):
     with parallel_backend("cloud", **settings):
         out = Parallel()(delayed(module.triple)(i) for i in range(4))
     assert out == [0, 3, 6, 9]
+
+
+# ----------------------------------------------------------------- image= (Docker)
+
+FAKE_DOCKER = """\
+import json, os, sys
+# Stands in for `docker run` (no Docker engine in tests): records its arguments, applies
+# -e/-w/-v as Docker would, then runs the command that follows the image.
+args = sys.argv[1:]
+with open(os.environ["FAKE_DOCKER_LOG"], "a") as fh:
+    fh.write(json.dumps(args) + "\\n")
+assert args[0] == "run", args
+env, cwd, i = dict(os.environ), None, 1
+while args[i].startswith("-"):
+    if args[i] in ("--network", "--ipc", "--user", "-v", "-e", "-w"):
+        opt, value = args[i], args[i + 1]
+        i += 2
+        if opt == "-e" and "=" in value:
+            env[value.split("=", 1)[0]] = value.split("=", 1)[1]
+        elif opt == "-w":
+            cwd = value
+        elif opt == "-v":
+            src, dst = value.split(":")
+            assert src == dst and os.path.isdir(src), value
+    else:
+        i += 1
+env["FAKE_DOCKER_IMAGE"] = args[i]
+if cwd:
+    os.chdir(cwd)
+os.execvpe(args[i + 1], args[i + 1:], env)
+"""
+
+
+@pytest.fixture
+def fake_docker(tmp_path) -> dict:
+    bin_dir = tmp_path / "fakebin"
+    bin_dir.mkdir()
+    docker = bin_dir / "docker"
+    docker.write_text(f"#!{sys.executable}\n{FAKE_DOCKER}")
+    docker.chmod(0o755)
+    log = tmp_path / "docker.log"
+    return {"log": log, "env": {"PATH": f"{bin_dir}:{os.environ['PATH']}",
+                                "FAKE_DOCKER_LOG": str(log),
+                                "JOBLIB_CLOUD_HOME": str(tmp_path / "vm-home")}}
+
+
+def where_am_i() -> tuple[str | None, str]:
+    return os.environ.get("FAKE_DOCKER_IMAGE"), os.environ["JOBLIB_CLOUD_HOME"]
+
+
+def test_docker_command_line():
+    from joblib_cloud.docker import check_image, docker_python
+
+    command = docker_python("ghcr.io/me/model:1.2", "/opt/py/bin/python3")
+    assert command.startswith("sh -c ") and command.endswith(" joblib-cloud-docker")
+    assert ("docker run --rm -i --init --network host --ipc host" in command)
+    assert "ghcr.io/me/model:1.2 /opt/py/bin/python3 \"$@\"" in command
+    assert '-v "$H:$H"' in command and "-w" not in command
+    assert '-w "$PWD"' in docker_python("img", mount_cwd=True)
+    assert "img python3" in docker_python("img")
+    for bad in ("img; rm -rf ~", "$(reboot)", "a b", ""):
+        with pytest.raises(ValueError, match="invalid Docker image"):
+            check_image(bad)
+
+
+def test_agent_starts_inside_the_image(fake_docker):
+    """The exact command the ssh provider sends, run by a shell with `docker` on PATH."""
+    from joblib_cloud.cluster import Cluster, HostSession, Job
+    from joblib_cloud.config import resolve_config
+    from joblib_cloud.docker import docker_python
+    from joblib_cloud.serialization import dumps_batch, register_local_modules
+    from joblib_cloud.transport import LocalAgent
+
+    config = resolve_config(provider="local", workers_per_host=1)
+    python = docker_python("python:3.11-slim", sys.executable)
+    cluster = Cluster(config)
+    session = HostSession(cluster, "vm", lambda on_stderr: LocalAgent(
+        "vm", python, on_stderr, env=fake_docker["env"]))
+    try:
+        session.handshake(config)
+        cluster.attach([session])
+        register_local_modules()
+        payload, refs = dumps_batch(where_am_i, cluster.store)
+        future = cluster.submit(Job(payload, frozenset(refs), "probe", owner=object()))
+        image, home = future.result(timeout=60)
+    finally:
+        cluster.close()
+    assert image == "python:3.11-slim"
+    assert home == fake_docker["env"]["JOBLIB_CLOUD_HOME"]
+    args = json.loads(fake_docker["log"].read_text().splitlines()[0])
+    assert args[:4] == ["run", "--rm", "-i", "--init"]
+    assert f"{os.getuid()}:{os.getgid()}" in args
+    assert args[-3:-1] == ["-u", "-c"]  # the bootstrap reached python intact
+
+
+def test_job_python_runs_inside_the_image(fake_docker, tmp_path):
+    from joblib_cloud import jobhost
+    from joblib_cloud.docker import docker_python
+
+    bin_dir, workspace = tmp_path / "bin", tmp_path / "ws"
+    workspace.mkdir()
+    jobhost.write_shims(str(bin_dir), docker_python("img:2", sys.executable, mount_cwd=True))
+    env = {**fake_docker["env"], "JOBLIB_CLOUD_PROVIDER": "local"}
+    out = subprocess.run([str(bin_dir / "python"), "-c",
+                          "import json, os; print(json.dumps([os.getcwd(), "
+                          "os.environ.get('FAKE_DOCKER_IMAGE')]))"],
+                         cwd=workspace, env=env, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout) == [str(workspace), "img:2"]
+    args = json.loads(fake_docker["log"].read_text().splitlines()[0])
+    assert ["-w", str(workspace)] == args[args.index("-w"):args.index("-w") + 2]
+    assert ["-e", "JOBLIB_CLOUD_PROVIDER"] == args[args.index("JOBLIB_CLOUD_PROVIDER") - 1:
+                                                   args.index("JOBLIB_CLOUD_PROVIDER") + 1]

@@ -1,0 +1,63 @@
+"""``image=``: run the agent (and ``joblib-cloud run`` jobs) inside a Docker image on the VM.
+
+Everything else speaks of "the ``python`` command line on the host", so an image is just
+another such command line: ``sh -c '... exec docker run ... IMAGE python3 "$@"'``.  The
+agent's arguments (``-u -c BOOTSTRAP``) pass through ``"$@"`` untouched, so no quoting of
+the bootstrap code changes.  The container shares with the VM:
+
+- ``$JOBLIB_CLOUD_HOME`` (same path inside): the data cache, the shipped agent code and the
+  activity file the on-VM kill switch watches;
+- the network and IPC namespaces (``--network host``, ``--ipc host``): tasks reach what
+  the VM reaches, and loky's semaphores are not capped by Docker's 64 MB ``/dev/shm``;
+- the user id (``--user``), so files it writes stay the VM user's to clean up.
+
+``--init`` reaps and forwards signals, ``--rm`` leaves nothing behind, and ``-i`` without
+``-t`` keeps stdin/stdout a clean byte stream for the protocol.
+"""
+
+from __future__ import annotations
+
+import re
+import shlex
+
+#: What a Docker image reference may contain (registry/name:tag@digest).
+_IMAGE_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._/:@+-]*$")
+#: What ``jobhost`` sets for a job that must reach the job's Python in the container.
+JOB_ENV = ("JOBLIB_CLOUD_PROVIDER", "JOBLIB_CLOUD_JOB_ID", "PYTHONPATH", "PYTHONUNBUFFERED")
+HOME_EXPR = '"${JOBLIB_CLOUD_HOME:-$HOME/.joblib-cloud}"'
+
+
+def check_image(image: str) -> str:
+    image = image.strip()
+    if not _IMAGE_RE.match(image):
+        raise ValueError(f"invalid Docker image {image!r}: expected a reference such as "
+                         "'python:3.11-slim' or 'ghcr.io/me/model:1.2'")
+    return image
+
+
+def docker_run_args(image: str, python: str = "python3", *, mount_cwd: bool = False,
+                    docker: str = "docker") -> list[str]:
+    """The ``docker run`` words (shell-quoted, ``$H`` = the host's joblib-cloud home)."""
+    words = [docker, "run", "--rm", "-i", "--init", "--network", "host", "--ipc", "host",
+             "--user", '"$(id -u):$(id -g)"', "-v", '"$H:$H"', "-e", '"JOBLIB_CLOUD_HOME=$H"',
+             "-e", "HOME=/tmp"]
+    if mount_cwd:  # a job: its workspace is the working directory inside too
+        words += ["-v", '"$PWD:$PWD"', "-w", '"$PWD"']
+        for name in JOB_ENV:  # "-e NAME" passes the VM's value through
+            words += ["-e", name]
+    words.append(shlex.quote(check_image(image)))
+    words.append(python)  # a command line itself, like the python setting
+    return words
+
+
+def docker_python(image: str, python: str | None = None, *, mount_cwd: bool = False,
+                  docker: str = "docker") -> str:
+    """A ``python`` command line that runs ``python`` inside ``image``.
+
+    ``agent_command(docker_python(...))`` starts the agent in the container; a job's
+    ``python`` shim made from it runs the job's Python there.
+    """
+    run = " ".join(docker_run_args(image, python or "python3", mount_cwd=mount_cwd,
+                                   docker=docker))
+    script = f'H={HOME_EXPR}; mkdir -p "$H" && exec {run} "$@"'
+    return f"sh -c {shlex.quote(script)} joblib-cloud-docker"
