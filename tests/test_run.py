@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import pty
 import re
 import subprocess
 import sys
@@ -124,7 +125,7 @@ def test_run_streams_output_copies_directory_and_passes_exit_code(target, projec
             proc.kill()
             proc.wait()
     assert proc.returncode == 3, err
-    assert "to stderr" in err
+    assert err == "to stderr\n"  # not a terminal, not verbose: nothing of ours
     files = json.loads(rest.strip().splitlines()[-1])
     assert files == sorted([".gitignore", "envcheck.py", "long_job.py", "notes.txt",
                             "pkg/helper.py", "script.py"])
@@ -217,6 +218,36 @@ def test_no_command_is_a_clear_error(target, project):
     done = cli(target, project, "run")
     assert done.returncode == 1
     assert "nothing to run" in done.stderr
+
+
+def test_progress_stage_lines_on_a_terminal_or_when_verbose(target, project):
+    verbose = cli({**target, "env": {**target["env"], "JOBLIB_CLOUD_VERBOSE": "1"}},
+                  project, "run", "--", "true")
+    assert verbose.returncode == 0, verbose.stderr
+    assert re.search(r"joblib-cloud: packed 6 files \(.* kB\)", verbose.stderr)
+    assert re.search(r"joblib-cloud: created new job [0-9a-f]{8} on ", verbose.stderr)
+
+    primary, secondary = pty.openpty()
+    try:
+        proc = subprocess.Popen([sys.executable, "-m", "joblib_cloud", "run", "--", "true"],
+                                cwd=project, env=target["env"], stdout=subprocess.PIPE,
+                                stderr=secondary)
+        os.close(secondary)
+        seen = b""
+        while True:  # the terminal's output, until the command closes it
+            try:
+                chunk = os.read(primary, 4096)
+            except OSError:  # EIO: every writer is gone
+                break
+            if not chunk:
+                break
+            seen += chunk
+        assert proc.wait(timeout=60) == 0
+    finally:
+        os.close(primary)
+    text = seen.decode()
+    assert "\rpacked 6 files" in text  # a live line, rewritten in place
+    assert re.search(r"\rcreated new job [0-9a-f]{8} on .*\n", text)
 
 
 # ----------------------------------------------------------------- workspace selection
