@@ -362,7 +362,7 @@ def statuses(records: list[JobRecord]) -> list[dict[str, Any]]:
     found: dict[str, dict[str, Any]] = {}
     for group in groups.values():
         try:
-            target = target_for(group[0])
+            target = target_for(group[0], connect_timeout=3.0)
         except Exception as exc:  # noqa: BLE001 - one gone host must not hide the others
             for record in group:
                 found[record.id] = {"state": "unreachable", "error": str(exc)}

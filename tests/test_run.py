@@ -7,6 +7,8 @@ import json
 import os
 import pty
 import re
+import signal
+import socket
 import subprocess
 import sys
 import textwrap
@@ -190,6 +192,46 @@ def test_detach_jobs_logs_cancel(target, project):
     followed = cli(target, project, "logs", "--follow", job_id)
     assert followed.returncode == 143
     assert "working" in followed.stdout
+
+
+def test_ctrl_c_on_an_attached_run_cancels_the_job(target, project):
+    proc = subprocess.Popen([sys.executable, "-m", "joblib_cloud", "run", "--", "python",
+                             "long_job.py"], cwd=project, env=target["env"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline() == "working\n"
+        (record,) = (Path(target["env"]["JOBLIB_CLOUD_HOME"]) / "job-records").iterdir()
+        pids_file = target["host_jobs"] / record.stem / "workspace" / "pids.txt"
+        pids = [int(p) for p in pids_file.read_text().split()]
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 130
+    assert f"cancelled job {record.stem}" in err
+    wait_for(lambda: not any(psutil.pid_exists(pid) and
+                             psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+                             for pid in pids), what="the job's processes to die")
+
+
+def test_jobs_lists_an_unreachable_host_without_failing(target, project, tmp_path):
+    started = cli(target, project, "run", "--detach", "--", "true")
+    assert started.returncode == 0, started.stderr
+    records = Path(target["env"]["JOBLIB_CLOUD_HOME"]) / "job-records"
+    gone = json.loads((records / f"{started.stdout.strip()}.json").read_text())
+    with socket.socket() as s:  # a loopback port nobody listens on: a terminated VM
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    gone.update(id="0badc0de", provider="ssh", address="127.0.0.1", port=port,
+                user="nobody", host=f"nobody@127.0.0.1:{port}")
+    (records / "0badc0de.json").write_text(json.dumps(gone))
+    listing = cli(target, project, "jobs")
+    assert listing.returncode == 0, listing.stderr
+    rows = {row.split()[0]: row.split() for row in listing.stdout.splitlines()[1:]}
+    assert rows["0badc0de"][1] == "unreachable"
+    assert rows[started.stdout.strip()][1:3] == ["succeeded", "0"]
 
 
 def test_local_records_are_private(target, project):
