@@ -1,0 +1,67 @@
+"""Shared helpers for the benchmarks: a loopback sshd fleet stopped by PID, timing, load.
+
+The fleet is the test suite's (``tests/sshfleet.py``): real OpenSSH servers on 127.0.0.x,
+so the numbers include the real SSH encryption and the real agent, not a mock.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "tests"))
+sys.path.insert(0, str(ROOT))
+
+from sshfleet import SSHFleet  # noqa: E402
+
+MACHINE = f"{os.cpu_count()}-core CPU machine"
+
+
+@contextlib.contextmanager
+def ssh_fleet(n: int = 2) -> Iterator[SSHFleet]:
+    """``n`` loopback sshd hosts; every process below them is stopped by PID on exit."""
+    root = Path(tempfile.mkdtemp(prefix="joblib-cloud-bench-"))
+    fleet = SSHFleet(root, n=n)
+    try:
+        fleet.start()
+        yield fleet
+    finally:
+        try:
+            import joblib_cloud.providers
+
+            joblib_cloud.providers.close_all()
+        finally:
+            fleet.stop()
+            shutil.rmtree(root, ignore_errors=True)
+
+
+def timed(fn: Callable[[], Any]) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def median_time(fn: Callable[[], Any], repeat: int = 3) -> tuple[float, list[float]]:
+    """Median wall time of ``repeat`` runs (the machine is shared, so never one run)."""
+    times = [timed(fn) for _ in range(repeat)]
+    return statistics.median(times), times
+
+
+def load_note() -> str:
+    """The 1-minute load average: benchmarks on a shared 2-core box must say it."""
+    one, five, _ = os.getloadavg()
+    return f"load average {one:.2f} (1 min), {five:.2f} (5 min) on a {MACHINE}"
+
+
+def isolated_home() -> None:
+    """Client state (keys, records) in a throw-away directory, not the user's home."""
+    os.environ.setdefault("JOBLIB_CLOUD_HOME", tempfile.mkdtemp(prefix="joblib-cloud-home-"))
