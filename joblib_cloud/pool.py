@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import threading
+import uuid
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future
 from typing import Any
@@ -21,16 +22,36 @@ from .errors import TaskPicklingError
 from .providers import get_cluster
 from .serialization import dumps_batch, register_local_modules
 
+#: Pools whose initializer already ran in this (host worker) process.
+_initialized: set[str] = set()
+
+
+class _Init:
+    """A pool's ``initializer(*initargs)``, run once per worker process that needs it."""
+
+    def __init__(self, func: Callable[..., Any], args: tuple) -> None:
+        self.token = uuid.uuid4().hex
+        self.func, self.args = func, args
+
+    def ensure(self) -> None:
+        if self.token not in _initialized:
+            self.func(*self.args)
+            _initialized.add(self.token)
+
 
 class _Chunk:
     """The callable a host runs: ``func`` over a few items (picklable, stdlib only)."""
 
-    def __init__(self, func: Callable[..., Any], items: list[Any], star: bool) -> None:
+    def __init__(self, func: Callable[..., Any], items: list[Any], star: bool,
+                 init: _Init | None = None) -> None:
         self.func = func
         self.items = items
         self.star = star
+        self.init = init
 
     def __call__(self) -> list[Any]:
+        if self.init is not None:
+            self.init.ensure()
         if self.star:
             return [self.func(*args) for args in self.items]
         return [self.func(item) for item in self.items]
@@ -39,10 +60,13 @@ class _Chunk:
 class _Call:
     """``func(*args, **kwds)`` once: what ``apply_async`` ships."""
 
-    def __init__(self, func: Callable[..., Any], args: tuple, kwds: dict) -> None:
-        self.func, self.args, self.kwds = func, args, kwds
+    def __init__(self, func: Callable[..., Any], args: tuple, kwds: dict,
+                 init: _Init | None = None) -> None:
+        self.func, self.args, self.kwds, self.init = func, args, kwds, init
 
     def __call__(self) -> Any:
+        if self.init is not None:
+            self.init.ensure()
         return self.func(*self.args, **self.kwds)
 
 
@@ -164,13 +188,22 @@ class DistributedPool:
     """A ``multiprocessing.Pool`` whose worker processes run on a cluster.
 
     ``DistributedPool(n=5, instance='C16')`` takes the same settings as the ``cloud``
-    backend.  Connecting happens here, so an unreachable host or a version mismatch is
-    reported before any task runs.  The cluster outlives the pool (it is reused by the
-    next pool or ``Parallel`` call with the same settings); ``terminate`` kills only this
-    pool's tasks.
+    backend; ``initializer(*initargs)`` runs once in each worker process that runs this
+    pool's tasks, before the first of them.  Connecting happens here, so an unreachable
+    host or a version mismatch is reported before any task runs.  The cluster outlives the
+    pool (it is reused by the next pool or ``Parallel`` call with the same settings);
+    ``terminate`` kills only this pool's tasks.
     """
 
-    def __init__(self, processes: int | None = None, **settings: Any) -> None:
+    def __init__(self, processes: int | None = None,
+                 initializer: Callable[..., Any] | None = None, initargs: tuple = (),
+                 maxtasksperchild: int | None = None, **settings: Any) -> None:
+        if maxtasksperchild is not None:
+            raise ValueError("DistributedPool does not support maxtasksperchild: host "
+                             "worker processes are long-lived and shared with the backend")
+        if initializer is not None and not callable(initializer):
+            raise TypeError("initializer must be a callable")
+        self._init = _Init(initializer, tuple(initargs)) if initializer else None
         self.config = resolve_config(**settings)
         self._cluster: Cluster = get_cluster(self.config)
         self._processes = processes or self._cluster.n_workers
@@ -218,7 +251,7 @@ class DistributedPool:
         register_local_modules()
         self._cluster.new_call()
         label = f"DistributedPool task {_name(func)}"
-        return [self._submit(_Chunk(func, items[i:i + chunksize], star), label)
+        return [self._submit(_Chunk(func, items[i:i + chunksize], star, self._init), label)
                 for i in range(0, len(items), chunksize)]
 
     # -- the multiprocessing.Pool interface -------------------------------------------
@@ -228,7 +261,7 @@ class DistributedPool:
                     ) -> AsyncResult:
         self._check_running()
         register_local_modules()
-        future = self._submit(_Call(func, tuple(args), dict(kwds or {})),
+        future = self._submit(_Call(func, tuple(args), dict(kwds or {}), self._init),
                               f"DistributedPool task {_name(func)}")
         return AsyncResult([future], lambda values: values[0], callback, error_callback)
 

@@ -189,6 +189,35 @@ def test_imap_yields_before_all_items_finish(cloud_kwargs):
             iterator.next(timeout=0.05)
 
 
+def init_worker(value: str) -> None:
+    # State the tasks can see must outlive one task's unpickled globals: the environment.
+    os.environ["POOL_INIT_VALUE"] = value
+    count = int(os.environ.get("POOL_INIT_COUNT", "0")) + 1
+    os.environ["POOL_INIT_COUNT"] = str(count)
+
+
+def read_init(x: int) -> tuple[int, str | None, str | None]:
+    return x, os.environ.get("POOL_INIT_VALUE"), os.environ.get("POOL_INIT_COUNT")
+
+
+def test_initializer_runs_once_per_worker_process(cloud_kwargs):
+    with multiprocessing.get_context("fork").Pool(2, init_worker, ("ready",)) as pool:
+        expected = pool.map(read_init, range(8), chunksize=1)
+    with DistributedPool(initializer=init_worker, initargs=("ready",),
+                         **cloud_kwargs) as pool:
+        got = pool.map(read_init, range(8), chunksize=1)
+        again = pool.apply_async(read_init, (9,)).get(60)
+    assert got == expected == [(i, "ready", "1") for i in range(8)]
+    assert again == (9, "ready", "1")
+    # A second pool on the same hosts runs its own initializer once more per process.
+    with DistributedPool(initializer=init_worker, initargs=("second",),
+                         **cloud_kwargs) as pool:
+        values = pool.map(read_init, range(4), chunksize=1)
+    assert {v for _, v, _ in values} == {"second"}
+    with pytest.raises(ValueError, match="maxtasksperchild"):
+        DistributedPool(maxtasksperchild=3, **cloud_kwargs)
+
+
 def test_callback_runs_off_the_calling_thread(cloud_kwargs):
     seen: list = []
     done = threading.Event()
