@@ -10,11 +10,14 @@ from __future__ import annotations
 
 import fnmatch
 import io
+import logging
 import os
 import subprocess
 import tarfile
 from dataclasses import dataclass
 from pathlib import Path
+
+log = logging.getLogger("joblib_cloud")
 
 DEFAULT_MAX_UPLOAD = 100 * 2**20
 #: Never worth copying, with or without a .gitignore.
@@ -96,6 +99,9 @@ def walk_files(root: Path) -> list[str]:
 
         dirnames[:] = sorted(d for d in dirnames if d not in ALWAYS_SKIP
                              and not _ignored(rel(d), True, patterns))
+        links = [d for d in dirnames if os.path.islink(os.path.join(dirpath, d))]
+        dirnames[:] = [d for d in dirnames if d not in links]
+        filenames = filenames + links  # copied as links, as git would
         out.extend(rel(f) for f in sorted(filenames)
                    if f not in ALWAYS_SKIP and not f.endswith(".pyc")
                    and not _ignored(rel(f), False, patterns))
@@ -110,10 +116,24 @@ def list_files(root: Path) -> list[str]:
     return sorted(f for f in files if os.path.lexists(root / f))
 
 
+def _escapes(root: Path, rel: str) -> bool:
+    """A symlink whose target is outside ``root`` (the host refuses to extract those)."""
+    path = root / rel
+    if not path.is_symlink():
+        return False
+    target = (path.parent / os.readlink(path)).resolve()
+    return target != root and root not in target.parents
+
+
 def pack(root: Path, max_bytes: int = DEFAULT_MAX_UPLOAD) -> Workspace:
     """Collect and tar the files of ``root``; refuse (with what to do) over ``max_bytes``."""
     root = root.resolve()
     files = list_files(root)
+    outside = [f for f in files if _escapes(root, f)]
+    if outside:
+        log.warning("not copying %d symlink(s) that point outside %s: %s", len(outside),
+                    root, ", ".join(outside[:5]))
+        files = [f for f in files if f not in set(outside)]
     sizes = {f: (root / f).lstat().st_size for f in files}
     total = sum(sizes.values())
     if total > max_bytes:

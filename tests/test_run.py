@@ -3,6 +3,7 @@ command line in a subprocess, against ``local`` and the loopback sshd fleet."""
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import pty
@@ -11,6 +12,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tarfile
 import textwrap
 import time
 from pathlib import Path
@@ -309,6 +311,22 @@ def test_fallback_walk_honours_gitignore_without_git(tmp_path):
     (root / ".gitignore").write_text("# comment\nout/\n*.tmp\n")
     assert walk_files(root) == [".gitignore", "keep.log", "src/.gitignore", "src/a.py"]
     assert list_files(root) == walk_files(root)  # not a git work tree
+
+
+def test_symlinks_inside_are_kept_outside_are_skipped(tmp_path, caplog):
+    root = tmp_path / "ws"
+    root.mkdir()
+    (root / "real.txt").write_text("x")
+    (root / "inner").symlink_to("real.txt")
+    (root / "outer").symlink_to(tmp_path)
+    (root / "passwd").symlink_to("/etc/passwd")
+    workspace = pack(root)
+    assert workspace.files == ("inner", "real.txt")
+    assert "not copying 2 symlink(s)" in caplog.text and "passwd" in caplog.text
+    with tarfile.open(fileobj=io.BytesIO(workspace.archive)) as tar:
+        assert tar.getmember("inner").issym()
+        tar.extractall(tmp_path / "out", filter="data")  # what the host does
+    assert (tmp_path / "out" / "inner").read_text() == "x"
 
 
 def test_pack_lists_largest_files_when_over_cap(tmp_path):
