@@ -324,6 +324,10 @@ def follow(target: Target, record: JobRecord, stdout: BinaryIO | None = None,
     result = target.call(["logs", record.id, "1"],
                          out=_writer(stdout or sys.stdout.buffer),
                          err=_writer(stderr or sys.stderr.buffer))
+    if result.code == -1:  # the SSH channel closed without an exit status
+        raise RuntimeError(f"lost the connection to {record.host} while following job "
+                           f"{record.id}; it keeps running there: `joblib-cloud logs -f "
+                           f"{record.id}` to follow it again")
     if result.code == jobhost.ERROR_EXIT and state_of(target, record)["state"] == "lost":
         raise RuntimeError(f"job {record.id} on {record.host} was lost: its supervisor "
                            "died (the machine rebooted?) before the command ended")

@@ -335,3 +335,66 @@ def test_pack_lists_largest_files_when_over_cap(tmp_path):
     with pytest.raises(WorkspaceTooLargeError, match=r"huge\.npy \(5\.0 kB\)"):
         pack(tmp_path, max_bytes=4000)
     assert pack(tmp_path, max_bytes=6000).files == ("huge.npy", "small.txt")
+
+
+# ----------------------------------------------------------------- aws path
+
+
+class FleetHandle:
+    """What ``provisioner.ensure_cluster`` returns, for machines that are the sshd fleet:
+    the aws provider is EC2 provisioning + the ssh path, and this tests the ssh part."""
+
+    def __init__(self, fleet, port: int | None = None) -> None:
+        from joblib_cloud.hosts import parse_host
+
+        host = fleet.hosts[2]
+        spec = parse_host(f"{host.user}@{host.address}:{port or host.port}")
+        self.specs = [spec]
+        self.ssh_key = str(fleet.client_key)
+        self.known_hosts = str(fleet.known_hosts)
+        self.python = sys.executable
+        self.connect_timeout = 2.0
+        self.aborted = False
+
+    def abort(self) -> None:
+        self.aborted = True
+
+
+def test_run_on_aws_goes_through_the_provisioned_machine(fleet, project, tmp_path,
+                                                         monkeypatch, capfd):
+    from joblib_cloud import cli, provisioner
+
+    handle = FleetHandle(fleet)
+    seen: list = []
+    monkeypatch.setattr(provisioner, "ensure_cluster",
+                        lambda config, progress: seen.append(config) or handle)
+    monkeypatch.setenv("JOBLIB_CLOUD_HOME", str(tmp_path / "client-home"))
+    monkeypatch.chdir(project)
+    go = tmp_path / "go"
+    go.touch()
+    code = cli.main(["run", "--provider", "aws", "-i", "C2", "--cluster", "exp1", "--",
+                     "python", "script.py", str(go), "5"])
+    out, err = capfd.readouterr()
+    assert code == 5, err
+    assert out.startswith("first line\n") and "to stderr" in err
+    assert (seen[0].provider, seen[0].instance, seen[0].cluster) == ("aws", "C2", "exp1")
+    assert not handle.aborted
+    (record,) = (tmp_path / "client-home" / "job-records").iterdir()
+    assert (fleet.hosts[2].home / "jobs" / record.stem / "workspace" / "script.py").exists()
+    assert json.loads(record.read_text())["python"] == sys.executable  # the VM's venv
+
+
+def test_run_on_aws_terminates_a_machine_it_cannot_reach(fleet, project, tmp_path,
+                                                          monkeypatch):
+    from joblib_cloud import HostConnectError, jobs, provisioner
+    from joblib_cloud.config import resolve_config
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.4", 0))
+        dead_port = s.getsockname()[1]
+    handle = FleetHandle(fleet, port=dead_port)
+    monkeypatch.setattr(provisioner, "ensure_cluster", lambda config, progress: handle)
+    monkeypatch.setenv("JOBLIB_CLOUD_HOME", str(tmp_path / "client-home"))
+    with pytest.raises(HostConnectError, match="unreachable"):
+        jobs.start(resolve_config(provider="aws"), ["true"], root=project)
+    assert handle.aborted
