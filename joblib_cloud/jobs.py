@@ -281,6 +281,9 @@ def shell_command(argv: list[str]) -> str:
 def _check(result: Result, what: str) -> Result:
     if result.code != 0:
         detail = result.stderr.decode(errors="replace").strip() or f"exit code {result.code}"
+        if result.code == 127:  # the shell found no such interpreter
+            detail += (". Set python= (or JOBLIB_CLOUD_PYTHON) to the interpreter on the "
+                       "host")
         raise RuntimeError(f"{what} failed: {detail}")
     return result
 

@@ -264,6 +264,13 @@ def test_no_command_is_a_clear_error(target, project):
     assert "nothing to run" in done.stderr
 
 
+def test_missing_host_python_is_a_clear_error(target, project):
+    env = {**target["env"], "JOBLIB_CLOUD_PYTHON": "/nonexistent/python3"}
+    done = cli({**target, "env": env}, project, "run", "--", "true")
+    assert done.returncode == 1
+    assert "/nonexistent/python3" in done.stderr and "Set python=" in done.stderr
+
+
 def test_progress_stage_lines_on_a_terminal_or_when_verbose(target, project):
     verbose = cli({**target, "env": {**target["env"], "JOBLIB_CLOUD_VERBOSE": "1"}},
                   project, "run", "--", "true")
