@@ -66,29 +66,43 @@ class FrameReader:
 
     def __init__(self, recv: Callable[[int], bytes]) -> None:
         self._recv = recv
-        self._buf = bytearray()
+        self._buf = bytearray()  # read-ahead; bytes before _pos are consumed
+        self._pos = 0
 
-    def _take(self, n: int) -> bytes | bytearray:
-        buf = self._buf
-        if len(buf) >= n:
-            out = bytes(buf[:n])
-            del buf[:n]
-            return out
-        # Large or partial: grow a fresh buffer so the read-ahead buffer stays small.
-        out = bytearray(buf)
+    def _take(self, n: int) -> bytes:
+        buf, pos = self._buf, self._pos
+        if len(buf) - pos >= n:
+            # Advance a position instead of deleting from the front: a read that brought
+            # many small frames would otherwise move the rest of the buffer per frame.
+            self._pos = pos + n
+            with memoryview(buf) as view:
+                return bytes(view[pos : pos + n])
+        # Large or partial: collect the pieces and join once.  Appending to one growing
+        # buffer re-copied a 4 MiB upload chunk several times over (bench/ssh_throughput).
+        pieces: list[bytes | memoryview] = [bytes(buf[pos:])] if pos < len(buf) else []
+        have = len(buf) - pos
         buf.clear()
-        while len(out) < n:
-            chunk = self._recv(max(n - len(out), 1 << 16))
+        self._pos = 0
+        while have < n:
+            chunk = self._recv(max(n - have, 1 << 16))
             if not chunk:
                 raise EOFError("connection closed")
-            out += chunk
-        if len(out) > n:
-            buf += memoryview(out)[n:]
-            del out[n:]
-        return out
+            pieces.append(chunk)
+            have += len(chunk)
+        if have > n:
+            last = memoryview(pieces[-1])
+            keep = len(last) - (have - n)
+            buf += last[keep:]
+            pieces[-1] = last[:keep]
+        if len(pieces) == 1 and type(pieces[0]) is bytes:
+            return pieces[0]  # one recv brought exactly this frame: no copy
+        return b"".join(pieces)
 
     def skip_to_magic(self, limit: int = 1 << 20) -> bytes:
         """Discard bytes up to and including AGENT_MAGIC; return what was discarded."""
+        if self._pos:
+            del self._buf[: self._pos]
+            self._pos = 0
         while True:
             idx = self._buf.find(AGENT_MAGIC)
             if idx >= 0:
