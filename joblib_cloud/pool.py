@@ -10,6 +10,7 @@ are the ones ``multiprocessing.Pool`` gives.
 from __future__ import annotations
 
 import concurrent.futures
+import logging
 import threading
 import uuid
 from collections.abc import Callable, Iterable, Iterator
@@ -74,6 +75,19 @@ def _name(func: Any) -> str:
     return getattr(func, "__qualname__", None) or type(func).__name__
 
 
+_callbacks: concurrent.futures.ThreadPoolExecutor | None = None
+_callbacks_lock = threading.Lock()
+
+
+def _callback_thread() -> concurrent.futures.ThreadPoolExecutor:
+    global _callbacks
+    with _callbacks_lock:
+        if _callbacks is None:
+            _callbacks = concurrent.futures.ThreadPoolExecutor(
+                1, thread_name_prefix="DistributedPool-callbacks")
+        return _callbacks
+
+
 class AsyncResult:
     """The result of ``apply_async``/``map_async``, as ``multiprocessing`` returns it."""
 
@@ -114,16 +128,23 @@ class AsyncResult:
             except BaseException as exc:  # noqa: BLE001 - becomes the result's error
                 error = exc
         self._error = error
-        self._done.set()
-        try:
-            if error is None and self._callback is not None:
-                self._callback(self._value)
-            elif error is not None and self._error_callback is not None:
-                self._error_callback(error)
-        except Exception:  # noqa: BLE001 - a failing callback must not hang the pool
-            import logging
+        if self._callback is None and self._error_callback is None:
+            self._done.set()
+            return
+        # Callbacks run on one pool thread, as multiprocessing's result handler does: a
+        # slow callback here must not stall the thread that reads a host's heartbeats.
+        _callback_thread().submit(self._run_callback)
 
+    def _run_callback(self) -> None:
+        try:
+            if self._error is None and self._callback is not None:
+                self._callback(self._value)
+            elif self._error is not None and self._error_callback is not None:
+                self._error_callback(self._error)
+        except Exception:  # noqa: BLE001 - a failing callback must not hang the pool
             logging.getLogger("joblib_cloud").exception("DistributedPool callback failed")
+        finally:
+            self._done.set()  # like multiprocessing: get() returns after the callback
 
     def ready(self) -> bool:
         return self._done.is_set()

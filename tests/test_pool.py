@@ -225,3 +225,20 @@ def test_callback_runs_off_the_calling_thread(cloud_kwargs):
         pool.map_async(square, range(4), callback=lambda v: (seen.append(v), done.set()))
         assert done.wait(60)
     assert seen == [[0, 1, 4, 9]]
+
+
+def test_a_slow_callback_does_not_stall_other_results():
+    """Callbacks run on a pool thread, not on the thread that reads the host's results."""
+    in_callback, gate = threading.Event(), threading.Event()
+
+    def slow_callback(value):
+        in_callback.set()
+        gate.wait(60)
+
+    with DistributedPool(provider="local", n=1, workers_per_host=2) as pool:
+        first = pool.apply_async(square, (2,), callback=slow_callback)
+        assert in_callback.wait(60)
+        assert not first.ready()  # as multiprocessing: ready once its callback returned
+        assert pool.map_async(square, range(4)).get(timeout=30) == [0, 1, 4, 9]
+        gate.set()
+        assert first.get(timeout=30) == 4
