@@ -11,7 +11,9 @@ process it describes::
         command.json          what to run, when it started
         stdout.log stderr.log its output
         pid                   the command's process (and process group) id
-        supervisor_pid        the process that waits for it and records the exit code
+        supervisor_pid        the process that waits for it, records the exit code and
+                              keeps $JOBLIB_CLOUD_HOME/activity fresh (the VM's watchdog
+                              does not stop a machine that runs a job)
         exit_code             written once it ended (128+N when killed by signal N)
         cancelled             present when ``cancel`` stopped it
 """
@@ -29,6 +31,7 @@ import tarfile
 import time
 
 ERROR_EXIT = 254  # the helper itself failed (not the job)
+ACTIVITY_INTERVAL = 5.0  # seconds between touches of the activity file while a job runs
 
 
 def jobs_root() -> str:
@@ -153,6 +156,17 @@ def write_shims(bin_dir: str, python: str) -> None:
         os.chmod(path, 0o755)
 
 
+def touch_activity() -> None:
+    """What the on-VM watchdog reads (its mtime) to tell a busy machine from an idle one."""
+    path = os.path.join(os.path.dirname(jobs_root()), "activity")
+    try:
+        with open(path, "a"):
+            pass
+        os.utime(path)
+    except OSError:
+        pass
+
+
 def supervise(directory: str) -> None:
     """Run the command in its own process group; record its pid and exit code."""
     null = os.open(os.devnull, os.O_RDWR)
@@ -182,7 +196,13 @@ def supervise(directory: str) -> None:
                                     stdin=subprocess.DEVNULL, stdout=out, stderr=err,
                                     start_new_session=True)
             write_atomic(os.path.join(directory, "pid"), str(proc.pid))
-            code = proc.wait()
+            while True:  # a running job is work: the VM's idle kill switch must wait
+                touch_activity()
+                try:
+                    code = proc.wait(timeout=ACTIVITY_INTERVAL)
+                    break
+                except subprocess.TimeoutExpired:
+                    continue
     except Exception as exc:  # noqa: BLE001 - recorded as the job's failure
         with open(os.path.join(directory, "stderr.log"), "a") as err:
             err.write(f"joblib-cloud: could not start the command: {exc}\n")

@@ -179,6 +179,13 @@ def test_detach_jobs_logs_cancel(target, project):
                     .stdout and out, what="the job's output")
     assert logs.returncode == 0
 
+    # A running job keeps the host's activity file fresh, so the VM's idle watchdog waits.
+    activity = target["host_jobs"].parent / "activity"
+    first = wait_for(lambda: activity.exists() and activity.stat().st_mtime,
+                     what="the activity file")
+    wait_for(lambda: activity.stat().st_mtime > first, timeout=20,
+             what="the activity file to be touched again")
+
     cancelled = cli(target, project, "cancel", job_id)
     assert cancelled.returncode == 0, cancelled.stderr
     assert "cancelled" in cancelled.stdout
