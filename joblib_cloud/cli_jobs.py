@@ -54,6 +54,10 @@ def cmd_run(args: argparse.Namespace) -> int:
         max_upload = _to_size(args.max_upload)
     except ValueError as exc:
         raise ValueError(f"--max-upload: {exc}") from None
+    if config.n > 1 and config.provider == "aws":
+        print(f"joblib-cloud: note: the job runs on the first of the {config.n} machines; "
+              "inside it, parallel_backend('cloud') uses that machine's cores",
+              file=sys.stderr)
     return jobs.run(config, command, detach=args.detach, max_upload=max_upload)
 
 
