@@ -242,3 +242,15 @@ def test_a_slow_callback_does_not_stall_other_results():
         assert pool.map_async(square, range(4)).get(timeout=30) == [0, 1, 4, 9]
         gate.set()
         assert first.get(timeout=30) == 4
+
+
+def test_unpicklable_argument_fails_the_call_clearly(cloud_kwargs):
+    from joblib_cloud import TaskPicklingError
+
+    with DistributedPool(**cloud_kwargs) as pool:
+        with pytest.raises(TaskPicklingError, match="could not pickle .*square") as info:
+            pool.map(square, [1, threading.Lock()], chunksize=1)
+        assert isinstance(info.value.__cause__, TypeError)
+        result = pool.apply_async(square, (threading.Lock(),))
+        assert result.wait(30) is None and result.ready() and not result.successful()
+        assert pool.map(square, [5]) == [25]  # the pool still works
