@@ -14,6 +14,7 @@ import subprocess
 import sys
 import tarfile
 import textwrap
+import threading
 import time
 from pathlib import Path
 
@@ -118,6 +119,8 @@ def test_run_streams_output_copies_directory_and_passes_exit_code(target, projec
         [sys.executable, "-m", "joblib_cloud", "run", "--", "python", "script.py", str(go),
          "3"], cwd=project, env=target["env"], stdout=subprocess.PIPE,
         stderr=subprocess.PIPE, text=True)
+    guard = threading.Timer(120, proc.kill)  # a hung CLI fails the test, never hangs it
+    guard.start()
     try:
         # Streamed live: the first line arrives while the command is still waiting.
         assert proc.stdout.readline() == "first line\n"
@@ -125,6 +128,7 @@ def test_run_streams_output_copies_directory_and_passes_exit_code(target, projec
         go.touch()
         rest, err = proc.communicate(timeout=60)
     finally:
+        guard.cancel()
         if proc.poll() is None:
             proc.kill()
             proc.wait()
@@ -207,6 +211,8 @@ def test_ctrl_c_on_an_attached_run_cancels_the_job(target, project):
     proc = subprocess.Popen([sys.executable, "-m", "joblib_cloud", "run", "--", "python",
                              "long_job.py"], cwd=project, env=target["env"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    guard = threading.Timer(120, proc.kill)  # a hung CLI fails the test, never hangs it
+    guard.start()
     try:
         assert proc.stdout.readline() == "working\n"
         (record,) = (Path(target["env"]["JOBLIB_CLOUD_HOME"]) / "job-records").iterdir()
@@ -215,6 +221,7 @@ def test_ctrl_c_on_an_attached_run_cancels_the_job(target, project):
         proc.send_signal(signal.SIGINT)
         _, err = proc.communicate(timeout=60)
     finally:
+        guard.cancel()
         if proc.poll() is None:
             proc.kill()
             proc.wait()
@@ -290,6 +297,8 @@ def test_progress_stage_lines_on_a_terminal_or_when_verbose(target, project):
         proc = subprocess.Popen([sys.executable, "-m", "joblib_cloud", "run", "--", "true"],
                                 cwd=project, env=target["env"], stdout=subprocess.PIPE,
                                 stderr=secondary)
+        guard = threading.Timer(120, proc.kill)  # a hung CLI fails the test, never hangs it
+        guard.start()
         os.close(secondary)
         seen = b""
         while True:  # the terminal's output, until the command closes it
@@ -301,6 +310,7 @@ def test_progress_stage_lines_on_a_terminal_or_when_verbose(target, project):
                 break
             seen += chunk
         assert proc.wait(timeout=60) == 0
+        guard.cancel()
     finally:
         os.close(primary)
     text = seen.decode()
