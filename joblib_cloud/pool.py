@@ -182,20 +182,12 @@ class _ResultIterator:
         while not self._buffer:
             if not self._pending:
                 raise StopIteration
-            if self._ordered:
-                future = self._pending[0]
-                try:
-                    future.result(timeout)
-                except concurrent.futures.TimeoutError:
-                    raise TimeoutError from None
-                except BaseException:  # noqa: BLE001 - raised below, in its place
-                    pass
-            else:
-                done, _ = concurrent.futures.wait(
-                    self._pending, timeout, return_when=concurrent.futures.FIRST_COMPLETED)
-                if not done:
-                    raise TimeoutError
-                future = next(f for f in self._pending if f in done)
+            waiting = self._pending[:1] if self._ordered else self._pending
+            done, _ = concurrent.futures.wait(waiting, timeout,
+                                              return_when=concurrent.futures.FIRST_COMPLETED)
+            if not done:
+                raise TimeoutError
+            future = next(f for f in self._pending if f in done)
             self._pending.remove(future)
             if future.exception() is not None and self._stop_on_error:
                 self._pending = []
