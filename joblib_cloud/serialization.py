@@ -101,6 +101,9 @@ def _approx_nbytes(obj: Any) -> int:
 
 
 _ALWAYS_INLINE = frozenset({int, float, bool, type(None), tuple, list, dict, complex})
+#: Objects of at least threshold / REPEATED_FRACTION (64 kB by default) are cached too once
+#: they are passed again in another batch of the same call.
+REPEATED_FRACTION = 16
 
 
 class ObjectStore:
@@ -117,10 +120,30 @@ class ObjectStore:
         self._by_digest: dict[str, StoredObject] = {}
         self._by_id: dict[int, tuple[Any, str]] = {}
         self._use_count: collections.Counter[str] = collections.Counter()
+        # ids (no references held) of mid-sized objects already sent inline in this call
+        self._inline_ids: set[int] = set()
 
     def new_call(self) -> None:
         with self._lock:
             self._by_id.clear()
+            self._inline_ids.clear()
+
+    def seen_inline(self, obj: Any) -> bool:
+        """Whether ``obj`` already went inline in an earlier batch of this call.
+
+        GridSearchCV passes the same per-fold index arrays (hundreds of kB each) to every
+        candidate: inline, they crossed the wire once per batch, ~10% of a 240 MB ``X``
+        (bench/big_data.py).  The second time one shows up it is cached like ``X``.  Only
+        ids are kept: a reused id costs at worst one needless (content-checked) upload.
+        """
+        key = id(obj)
+        with self._lock:
+            if key in self._inline_ids:
+                return True
+            if len(self._inline_ids) > 100_000:
+                self._inline_ids.clear()
+            self._inline_ids.add(key)
+            return False
 
     def digest_of(self, obj: Any) -> str | None:
         with self._lock:
@@ -158,6 +181,7 @@ class _CachingPickler(cloudpickle.Pickler):
         super().__init__(file, protocol=pickle.HIGHEST_PROTOCOL)
         self.store = store
         self.refs: set[str] = set()
+        self._repeat_checked: dict[int, bool] = {}
 
     def persistent_id(self, obj: Any) -> Any:  # noqa: D401 - pickle hook
         t = type(obj)
@@ -170,11 +194,20 @@ class _CachingPickler(cloudpickle.Pickler):
             view = self._view_ref(obj)
             if view is not None:
                 return view
-        if size >= self.store.threshold:
+        if size >= self.store.threshold or (
+                size >= self.store.threshold // REPEATED_FRACTION and self._repeated(obj)):
             digest = self.store.add(obj)
             self.refs.add(digest)
             return ("c", digest)
         return None
+
+    def _repeated(self, obj: Any) -> bool:
+        """Asked once per object and batch (pickle asks persistent_id at every reference)."""
+        key = id(obj)
+        answer = self._repeat_checked.get(key)
+        if answer is None:
+            answer = self._repeat_checked[key] = self.store.seen_inline(obj)
+        return answer
 
     def _view_ref(self, arr: Any) -> Any:
         """A small view of an already-cached large array travels as (base, offset)."""
@@ -253,6 +286,16 @@ def dumps_batch(batch: Any, store: ObjectStore) -> tuple[bytes, set[str]]:
 
 _loaded: collections.OrderedDict[str, Any] = collections.OrderedDict()
 _LOADED_MAX = 64
+_mapped_sizes: dict[str, int] = {}
+
+
+def _allow_mapped(nbytes: int) -> None:
+    """loky restarts a worker whose RSS grew by 300 MB, taking that for a leak; the pages
+    of a mapped cached object count in RSS but are shared, not leaked.  A 240 MB ``X``
+    had workers restarted (sklearn re-imported) every few tasks in bench/big_data.py."""
+    executor = sys.modules.get("loky.process_executor")
+    if executor is not None and hasattr(executor, "_MAX_MEMORY_LEAK_SIZE"):
+        executor._MAX_MEMORY_LEAK_SIZE += nbytes
 
 
 def load_cached(cache_dir: str, digest: str) -> Any:
@@ -270,8 +313,11 @@ def load_cached(cache_dir: str, digest: str) -> Any:
     buffers = [view[start + off : start + off + length] for off, length in header["buffers"]]
     obj = pickle.loads(header["meta"], buffers=buffers)
     _loaded[digest] = obj
+    _mapped_sizes[digest] = len(mm)
+    _allow_mapped(len(mm))
     if len(_loaded) > _LOADED_MAX:
-        _loaded.popitem(last=False)
+        old, _ = _loaded.popitem(last=False)
+        _allow_mapped(-_mapped_sizes.pop(old, 0))
     return obj
 
 

@@ -149,6 +149,24 @@ def test_small_per_fold_arguments_travel_inline(cache_kwargs):
             assert set(host.cache) - caches0[host.name] <= {stored.digest}
 
 
+def test_mid_sized_argument_repeated_across_batches_is_sent_once_per_host(cache_kwargs):
+    # Like GridSearchCV's per-fold indices: below the threshold, passed to every candidate.
+    fold = np.random.default_rng(6).integers(0, 10**9, 32 * 1024)  # 256 kB
+    tiny = np.random.default_rng(7).integers(0, 10**9, 1024)  # 8 kB: always inline
+    stored = StoredObject(fold)
+    with parallel_backend("cloud", **cache_kwargs):
+        cluster = _cluster(cache_kwargs)
+        caches0 = {h.name: set(h.cache) for h in cluster.hosts}
+        sent0 = _sent(cluster)
+        out = Parallel(batch_size=1)(delayed(_total_pair)(fold, tiny) for _ in range(16))
+        assert out == [(float(fold.sum()), float(tiny.sum()))] * 16
+        sent = _delta(_sent(cluster), sent0)
+        assert all(v in (0, stored.nbytes) for v in sent.values()), sent
+        assert sum(sent.values()) >= stored.nbytes
+        for host in cluster.hosts:
+            assert set(host.cache) - caches0[host.name] <= {stored.digest}
+
+
 def test_workers_on_a_host_share_one_read_only_mapped_copy(cache_kwargs):
     x = _data(4)
     digest = StoredObject(x).digest
