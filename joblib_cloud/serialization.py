@@ -101,6 +101,20 @@ def _approx_nbytes(obj: Any) -> int:
 
 
 _ALWAYS_INLINE = frozenset({int, float, bool, type(None), tuple, list, dict, complex})
+#: Types never cached whatever their size (grows as the pickler meets new types).
+_inline_types: set[type] = set(_ALWAYS_INLINE)
+
+
+def _cacheable_kind(t: type) -> bool:
+    """Whether objects of type ``t`` may be cached (the kinds ``_approx_nbytes`` sizes)."""
+    if t is bytes or t is bytearray or t is str:
+        return True
+    module = getattr(t, "__module__", None) or ""
+    name = t.__name__
+    return ((module == "numpy" and name in ("ndarray", "memmap"))
+            or (module.startswith("pandas.") and name in ("DataFrame", "Series"))
+            or module.startswith("scipy.sparse"))
+
 #: Objects of at least threshold / REPEATED_FRACTION (64 kB by default) are cached too once
 #: they are passed again in another batch of the same call.
 REPEATED_FRACTION = 16
@@ -185,7 +199,12 @@ class _CachingPickler(cloudpickle.Pickler):
 
     def persistent_id(self, obj: Any) -> Any:  # noqa: D401 - pickle hook
         t = type(obj)
-        if t in _ALWAYS_INLINE:
+        if t in _inline_types:
+            return None
+        if not _cacheable_kind(t):
+            # pickle calls this hook for every object of every task: remember the type,
+            # so the next object of it costs one set lookup (bench/tiny_tasks.py).
+            _inline_types.add(t)
             return None
         size = _approx_nbytes(obj)
         if size < 0:
