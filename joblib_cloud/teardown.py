@@ -26,10 +26,11 @@ POLL = 3.0
 Out = Callable[[str], None]
 
 
-def terminate_ids(ec2: Any, ids: list[str], out: Out, timeout: float = WAIT_TIMEOUT) -> bool:
+def terminate_ids(ec2: Any, ids: list[str], out: Out, timeout: float | None = None) -> bool:
     """Terminate ``ids`` and wait until AWS reports them shutting down or gone."""
     if not ids:
         return True
+    timeout = WAIT_TIMEOUT if timeout is None else timeout
     for start in range(0, len(ids), 500):
         call(ec2.terminate_instances, "terminate machines", InstanceIds=ids[start:start + 500])
     out(f"terminating {len(ids)} machines: {', '.join(ids)}")
@@ -86,10 +87,11 @@ def find(ec2: Any, cluster: str | None) -> dict[str, list[dict[str, Any]]]:
 
 
 def down_region(sess: Any, region: str, cluster: str | None, dry_run: bool, out: Out,
-                timeout: float = WAIT_TIMEOUT) -> bool:
+                timeout: float | None = None) -> bool:
     """Delete a cluster (``None``: every joblib-cloud cluster) in one region.
 
     Returns False if something could not be deleted (the caller exits non-zero)."""
+    timeout = WAIT_TIMEOUT if timeout is None else timeout
     ec2 = sess.client("ec2", region_name=region)
     found = find(ec2, cluster)
     instances, groups, volumes = found["instances"], found["groups"], found["volumes"]
