@@ -1,0 +1,69 @@
+"""End to end: ``provider='aws'`` under moto, each "EC2 instance" played by a loopback sshd
+started with the host key and client key from the user-data moto stored, so the host-key
+verification and login are the real ones.  Nothing ever connects to a moto address."""
+
+from __future__ import annotations
+
+import getpass
+import sys
+
+import numpy as np
+from awsmock import (  # noqa: F401  (fixtures)
+    CIDR,
+    REGION,
+    aws_fixture,
+    cluster_instances,
+    instances,
+    stored_user_data,
+    written_file,
+)
+from joblib import parallel_backend
+from sklearn.datasets import make_classification
+from sklearn.linear_model import LogisticRegression
+from sklearn.model_selection import GridSearchCV
+from sshfleet import SSHHost
+
+from joblib_cloud import cli, providers, provisioner, records, userdata
+from joblib_cloud.config import resolve_config
+
+
+def test_grid_search_on_aws_then_down_leaves_nothing_running(aws, tmp_path):
+    ec2 = aws
+    hosts: dict[str, SSHHost] = {}
+
+    def loopback_host(instance: dict) -> tuple[str, int]:
+        iid = instance["InstanceId"]
+        if iid not in hosts:
+            doc = stored_user_data(ec2, iid)
+            host = SSHHost(tmp_path, 40 + len(hosts),
+                           written_file(doc, userdata.CLIENT_KEY_PATH).strip(),
+                           host_key=(doc["ssh_keys"]["ed25519_private"],
+                                     doc["ssh_keys"]["ed25519_public"]))
+            host.start()
+            hosts[iid] = host
+        return hosts[iid].address, hosts[iid].port
+
+    provisioner.set_address_hook(loopback_host)
+    settings = {"provider": "aws", "n": 2, "instance": "C2", "cluster": "e2e",
+                "region": REGION, "ingress_cidr": CIDR, "user": getpass.getuser(),
+                "python": sys.executable, "workers_per_host": 2}
+    X, y = make_classification(n_samples=300, n_features=12, random_state=0)
+    grid = {"C": [0.01, 0.1, 1.0, 10.0], "fit_intercept": [True, False]}
+    sequential = GridSearchCV(LogisticRegression(max_iter=500), grid, cv=3, n_jobs=1).fit(X, y)
+    try:
+        with parallel_backend("cloud", **settings):
+            remote = GridSearchCV(LogisticRegression(max_iter=500), grid, cv=3,
+                                  n_jobs=-1).fit(X, y)
+        assert remote.best_params_ == sequential.best_params_
+        np.testing.assert_allclose(remote.cv_results_["mean_test_score"],
+                                   sequential.cv_results_["mean_test_score"])
+        assert len(hosts) == 2 and all(h.accepted_logins() >= 1 for h in hosts.values())
+        assert len(cluster_instances(ec2, "e2e", states=("running",))) == 2
+        providers.get_cluster(resolve_config(**settings)).close()
+
+        assert cli.main(["down", "--cluster", "e2e", "--region", REGION, "--yes"]) == 0
+        assert instances(ec2, states=("pending", "running", "stopping", "stopped")) == []
+        assert not records.exists(REGION, "e2e")
+    finally:
+        for host in hosts.values():
+            host.kill()
