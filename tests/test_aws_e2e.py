@@ -8,6 +8,7 @@ import getpass
 import sys
 
 import numpy as np
+import pytest
 from awsmock import (  # noqa: F401  (fixtures)
     CIDR,
     REGION,
@@ -27,14 +28,16 @@ from joblib_cloud import cli, providers, provisioner, records, userdata
 from joblib_cloud.config import resolve_config
 
 
-def test_grid_search_on_aws_then_down_leaves_nothing_running(aws, tmp_path):
-    ec2 = aws
+@pytest.fixture
+def loopback_ec2(aws, tmp_path):
+    """Address hook: each launched instance becomes a loopback sshd with the host key and
+    authorised client key read back from its stored user-data."""
     hosts: dict[str, SSHHost] = {}
 
     def loopback_host(instance: dict) -> tuple[str, int]:
         iid = instance["InstanceId"]
         if iid not in hosts:
-            doc = stored_user_data(ec2, iid)
+            doc = stored_user_data(aws, iid)
             host = SSHHost(tmp_path, 40 + len(hosts),
                            written_file(doc, userdata.CLIENT_KEY_PATH).strip(),
                            host_key=(doc["ssh_keys"]["ed25519_private"],
@@ -44,6 +47,13 @@ def test_grid_search_on_aws_then_down_leaves_nothing_running(aws, tmp_path):
         return hosts[iid].address, hosts[iid].port
 
     provisioner.set_address_hook(loopback_host)
+    yield hosts
+    for host in hosts.values():
+        host.kill()
+
+
+def test_grid_search_on_aws_then_down_leaves_nothing_running(aws, loopback_ec2):
+    ec2, hosts = aws, loopback_ec2
     settings = {"provider": "aws", "n": 2, "instance": "C2", "cluster": "e2e",
                 "region": REGION, "ingress_cidr": CIDR, "user": getpass.getuser(),
                 "python": sys.executable, "workers_per_host": 2}
@@ -65,5 +75,21 @@ def test_grid_search_on_aws_then_down_leaves_nothing_running(aws, tmp_path):
         assert instances(ec2, states=("pending", "running", "stopping", "stopped")) == []
         assert not records.exists(REGION, "e2e")
     finally:
-        for host in hosts.values():
-            host.kill()
+        providers.close_all()
+
+
+def test_up_status_down_configured_by_environment(aws, loopback_ec2, monkeypatch, capsys):
+    for name, value in {"INSTANCE": "M2", "N": "1", "CLUSTER": "envup", "REGION": REGION,
+                        "INGRESS_CIDR": CIDR, "USER": getpass.getuser(),
+                        "PYTHON": sys.executable, "WORKERS_PER_HOST": "1"}.items():
+        monkeypatch.setenv(f"JOBLIB_CLOUD_{name}", value)
+    assert cli.main(["up"]) == 0
+    out = capsys.readouterr().out
+    assert "1 workers" in out and "cluster 'envup' is up" in out
+    (inst,) = cluster_instances(aws, "envup", states=("running",))
+    assert inst["InstanceType"] == "m6i.large"
+    assert list(loopback_ec2) == [inst["InstanceId"]]
+    assert cli.main(["status"]) == 0
+    assert "envup" in capsys.readouterr().out
+    assert cli.main(["down", "--yes"]) == 0  # the configured cluster
+    assert cluster_instances(aws, "envup") == []
