@@ -108,8 +108,8 @@ def cmd_down(args: argparse.Namespace) -> int:
     for region in regions:
         try:
             ok &= teardown.down_region(sess, region, cluster, args.dry_run, print)
-        except ec2api.AWSError as exc:
-            print(f"{region}: ERROR: {exc}", file=sys.stderr)
+        except Exception as exc:  # noqa: BLE001 - report, sweep the other regions, exit 1
+            print(f"{region}: ERROR: {type(exc).__name__}: {exc}", file=sys.stderr)
             ok = False
     if not ok:
         print(f"joblib-cloud: some resources of {what} could not be deleted (see above); run "
