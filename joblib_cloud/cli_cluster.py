@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from . import ec2api, instance_types, teardown
+from . import ec2api, instance_types, provisioner, teardown
 from .config import resolve_config
 
 
@@ -26,6 +26,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
     status = subparsers.add_parser("status", help="machines, state, type, age, est. $/h")
     status.add_argument("--cluster", help="one cluster (default: every cluster)")
+    status.add_argument("--idle", action="store_true",
+                        help="also ask each running machine over SSH how long it has been idle")
     _region_args(status)
     status.set_defaults(func=cmd_status)
 
@@ -79,14 +81,22 @@ def cmd_up(args: argparse.Namespace) -> int:
 
 def cmd_status(args: argparse.Namespace) -> int:
     sess, regions = _regions(args)
-    rows = [row for region in regions for row in teardown.status_rows(sess, region, args.cluster)]
+    user = resolve_config().user
+    rows = []
+    for region in regions:
+        idle = None
+        if args.idle:
+            def idle(inst: dict, region: str = region) -> float | None:
+                name = ec2api.tag_value(inst) or ""
+                return provisioner.idle_seconds(region, name, inst, user)
+        rows += teardown.status_rows(sess, region, args.cluster, idle)
     if not rows:
         print("no joblib-cloud machines" + (f" in cluster {args.cluster!r}"
                                             if args.cluster else "")
               + f" in {', '.join(regions) if len(regions) < 4 else 'any region'}")
         return 0
     columns = ["cluster", "region", "instance", "state", "type", "market", "age", "address",
-               "usd_per_hour"]
+               "usd_per_hour"] + (["idle"] if args.idle else [])
     _table([columns] + [[row[c] for c in columns] for row in rows])
     billed = [float(r["usd_per_hour"]) for r in rows
               if r["state"] in ("pending", "running") and r["usd_per_hour"] != "?"]

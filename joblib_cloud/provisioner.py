@@ -171,6 +171,38 @@ def _specs(region: str, cluster: str, instances: list[dict[str, Any]], user: str
     return specs
 
 
+def idle_seconds(region: str, cluster: str, instance: dict[str, Any], user: str | None,
+                 timeout: float = 5.0) -> float | None:
+    """Seconds since the host's agent last reported activity (its kill-switch clock), read
+    over a verified SSH connection; None when it cannot be reached or never ran."""
+    from .transport import SSHConnection
+
+    host_key = records.host_keys(region, cluster).get(instance["InstanceId"])
+    if host_key is None or instance["State"]["Name"] != "running":
+        return None
+    key_path, _ = records.client_key(region, cluster)
+    address, port = _address_hook(instance)
+    spec = HostSpec(address=address, port=int(port), user=user or DEFAULT_USER,
+                    label=instance["InstanceId"], host_key=host_key)
+    try:
+        connection = SSHConnection(spec, key_path=str(key_path), known_hosts=str(
+            records.cluster_dir(region, cluster) / "known_hosts"), connect_timeout=timeout)
+    except Exception:  # noqa: BLE001 - unreachable or still booting: shown as "?"
+        return None
+    try:
+        channel = connection.exec('h="${JOBLIB_CLOUD_HOME:-$HOME/.joblib-cloud}"; '
+                                  'echo $(( $(date +%s) - $(stat -c %Y "$h/activity") ))')
+        channel.settimeout(timeout)
+        output = b""
+        while chunk := channel.recv(1024):
+            output += chunk
+        return float(output.decode().strip())
+    except Exception:  # noqa: BLE001 - no activity file yet, or the read timed out
+        return None
+    finally:
+        connection.close()
+
+
 # ---------------------------------------------------------------- launching
 
 

@@ -133,17 +133,25 @@ def down_region(sess: Any, region: str, cluster: str | None, dry_run: bool, out:
     return ok
 
 
-def age(launch_time: Any) -> str:
-    if not isinstance(launch_time, datetime):
-        return "?"
-    seconds = (datetime.now(timezone.utc) - launch_time).total_seconds()
+def age_of(seconds: float) -> str:
+    if seconds < 120:
+        return f"{seconds:.0f}s"
     if seconds < 3600:
         return f"{seconds / 60:.0f}m"
     return f"{seconds / 3600:.1f}h"
 
 
-def status_rows(sess: Any, region: str, cluster: str | None) -> list[dict[str, str]]:
-    """One row per instance of the cluster (``None``: of every cluster)."""
+def age(launch_time: Any) -> str:
+    if not isinstance(launch_time, datetime):
+        return "?"
+    return age_of((datetime.now(timezone.utc) - launch_time).total_seconds())
+
+
+def status_rows(sess: Any, region: str, cluster: str | None,
+                idle: Callable[[dict[str, Any]], float | None] | None = None
+                ) -> list[dict[str, str]]:
+    """One row per instance of the cluster (``None``: of every cluster); ``idle`` (slow:
+    asks each host over SSH) adds the seconds since each host was last used."""
     ec2 = sess.client("ec2", region_name=region)
     rows = []
     for inst in ec2api.describe_instances(ec2, cluster, ALL_STATES):
@@ -157,4 +165,7 @@ def status_rows(sess: Any, region: str, cluster: str | None) -> list[dict[str, s
             "address": inst.get("PublicIpAddress") or inst.get("PrivateIpAddress") or "-",
             "usd_per_hour": f"{price:.3f}" if price is not None else "?",
         })
+        if idle is not None:
+            seconds = idle(inst)
+            rows[-1]["idle"] = "?" if seconds is None else age_of(seconds)
     return rows

@@ -5,6 +5,7 @@ verification and login are the real ones.  Nothing ever connects to a moto addre
 from __future__ import annotations
 
 import getpass
+import re
 import sys
 
 import numpy as np
@@ -89,7 +90,10 @@ def test_up_status_down_configured_by_environment(aws, loopback_ec2, monkeypatch
     (inst,) = cluster_instances(aws, "envup", states=("running",))
     assert inst["InstanceType"] == "m6i.large"
     assert list(loopback_ec2) == [inst["InstanceId"]]
-    assert cli.main(["status"]) == 0
-    assert "envup" in capsys.readouterr().out
+    assert cli.main(["status", "--idle"]) == 0  # asks the host itself, over verified SSH
+    (row,) = [line.split() for line in capsys.readouterr().out.splitlines()
+              if line.startswith("envup ")]
+    assert row[3] == "running" and row[4] == "m6i.large"
+    assert re.fullmatch(r"\d+s", row[-1]), row  # seconds since the agent was last active
     assert cli.main(["down", "--yes"]) == 0  # the configured cluster
     assert cluster_instances(aws, "envup") == []
