@@ -109,6 +109,9 @@ def build(*, user: str, host_private_key: str, host_public_key: str, client_publ
     python_minor = ".".join(platform.python_version_tuple()[:2])
     watchdog_src = (Path(__file__).parent / "watchdog.py").read_text()
     files: list[dict[str, Any]] = [
+        # sshd offers only the key the client expects (the image may generate others).
+        {"path": "/etc/ssh/sshd_config.d/01-joblib-cloud.conf", "permissions": "0644",
+         "content": "HostKey /etc/ssh/ssh_host_ed25519_key\nPasswordAuthentication no\n"},
         {"path": "/opt/joblib-cloud/watchdog.py", "permissions": "0755",
          "content": watchdog_src},
         {"path": "/etc/systemd/system/joblib-cloud-watchdog.service", "permissions": "0644",

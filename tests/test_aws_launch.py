@@ -82,6 +82,8 @@ def test_user_data_carries_host_key_client_key_watchdog_and_client_versions(aws)
             __import__("io").StringIO(doc["ssh_keys"]["ed25519_private"]))
         assert f"{private.get_name()} {private.get_base64()}" == spec.host_key
         assert doc["ssh_genkeytypes"] == [] and doc["ssh_deletekeys"] is True
+        assert written_file(doc, "/etc/ssh/sshd_config.d/01-joblib-cloud.conf").splitlines()[
+            0] == "HostKey /etc/ssh/ssh_host_ed25519_key"
         host_keys.add(spec.host_key)
         # ...and the client's key is authorised only at the end of the boot script.
         assert written_file(doc, userdata.CLIENT_KEY_PATH).strip() == client_pub
