@@ -7,9 +7,13 @@
         grid.fit(X, y)
 """
 
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
 from joblib.parallel import register_parallel_backend
 
-from .backend import CloudBackend
 from .errors import (
     AbortedError,
     ClusterLostError,
@@ -23,11 +27,32 @@ from .errors import (
     TaskPicklingError,
     TerminatedWorkerError,
 )
-from .pool import DistributedPool
 
 __version__ = "0.1.0"
 
-register_parallel_backend("cloud", CloudBackend)
+# Hosts import this package too (the agent and every worker process), and they need only
+# joblib, loky and cloudpickle: the client side (paramiko, boto3, psutil) loads on first use.
+_LAZY = {"CloudBackend": "backend", "DistributedPool": "pool"}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+    try:
+        return importlib.import_module(f".{name}", __name__)
+    except ModuleNotFoundError as exc:
+        if exc.name != f"{__name__}.{name}":
+            raise  # the submodule exists but needs something missing: say so
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}") from None
+
+
+def _cloud_backend(**kwargs: Any) -> Any:
+    from .backend import CloudBackend
+
+    return CloudBackend(**kwargs)
+
+
+register_parallel_backend("cloud", _cloud_backend)
 
 __all__ = [
     "AbortedError",

@@ -14,6 +14,7 @@ import sys
 import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import wait as futures_wait
 
 from .cluster import Cluster, HostSession
 from .config import CloudConfig
@@ -25,10 +26,14 @@ from .transport import LocalAgent, SSHAgent, SSHConnection
 
 _registry: dict[tuple, Cluster] = {}
 _registry_lock = threading.Lock()
+_connect_locks: dict[tuple, threading.Lock] = {}
 
+#: Settings that define a fleet and how the client talks to it: any difference means
+#: another cluster (a changed heartbeat or cache size must not be silently ignored).
 FLEET_FIELDS = ("provider", "cluster", "hosts", "n", "instance", "region", "python",
                 "workers_per_host", "image_id", "image", "user", "ssh_key", "known_hosts",
-                "spot")
+                "spot", "heartbeat_timeout", "max_result_size", "cache_threshold",
+                "cache_size")
 
 
 def fleet_key(config: CloudConfig) -> tuple:
@@ -36,14 +41,21 @@ def fleet_key(config: CloudConfig) -> tuple:
 
 
 def get_cluster(config: CloudConfig) -> Cluster:
-    """The connected cluster for ``config``: reused when alive, connected otherwise."""
+    """The connected cluster for ``config``: reused when alive, connected otherwise.
+
+    One lock per fleet: a slow EC2 launch for one cluster never blocks another.
+    """
     key = fleet_key(config)
     with _registry_lock:
-        cluster = _registry.get(key)
+        lock = _connect_locks.setdefault(key, threading.Lock())
+    with lock:
+        with _registry_lock:
+            cluster = _registry.get(key)
         if cluster is not None and cluster.alive_hosts and not cluster.closed:
             return cluster
         cluster = connect(config)
-        _registry[key] = cluster
+        with _registry_lock:
+            _registry[key] = cluster
         return cluster
 
 
@@ -127,6 +139,7 @@ def _open_all(openers: list[tuple[str, Opener]], config: CloudConfig, progress: 
     done: list[HostSession] = []
     errors: list[tuple[str, BaseException]] = []
     lock = threading.Lock()
+    abandoned = threading.Event()
 
     def one(name: str, opener: Opener) -> None:
         try:
@@ -141,12 +154,24 @@ def _open_all(openers: list[tuple[str, Opener]], config: CloudConfig, progress: 
                 errors.append((name, exc))
             return
         with lock:
+            if abandoned.is_set():  # the caller gave up (Ctrl-C): don't leak the session
+                session.close()
+                return
             done.append(session)
             progress.update(f"{len(done)}/{len(openers)} hosts connected")
 
-    with ThreadPoolExecutor(max_workers=min(len(openers), 32)) as pool:
-        for name, opener in openers:
-            pool.submit(one, name, opener)
+    pool = ThreadPoolExecutor(max_workers=min(len(openers), 32))
+    try:
+        futures_wait([pool.submit(one, name, opener) for name, opener in openers])
+    except BaseException:
+        # Ctrl-C must not wait for every connect to time out (10 min on a booting VM).
+        with lock:
+            abandoned.set()
+            for session in done:
+                session.close()
+        pool.shutdown(wait=False, cancel_futures=True)
+        raise
+    pool.shutdown()
     if errors:
         for session in done:
             session.close()

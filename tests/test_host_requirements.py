@@ -1,0 +1,28 @@
+"""A host needs Python with joblib, loky and cloudpickle, and nothing of the client side."""
+
+from __future__ import annotations
+
+import sys
+
+from joblib import Parallel, delayed, parallel_backend
+
+CLIENT_ONLY = ("paramiko", "psutil", "boto3", "botocore", "moto")
+
+
+def _imported_client_modules(_):
+    return sorted(m for m in CLIENT_ONLY if sys.modules.get(m) is not None)
+
+
+def test_agent_and_workers_run_without_client_only_packages(tmp_path):
+    # A "host" whose Python cannot import the client's SSH/AWS packages at all.
+    block = tmp_path / "block"
+    block.mkdir()
+    (block / "sitecustomize.py").write_text(
+        "import sys\n" + "".join(f"sys.modules[{m!r}] = None\n" for m in CLIENT_ONLY))
+    wrapper = tmp_path / "python-without-client-packages"
+    wrapper.write_text(f'#!/bin/sh\nPYTHONPATH={block} exec {sys.executable} "$@"\n')
+    wrapper.chmod(0o755)
+    kwargs = {"provider": "local", "n": 1, "workers_per_host": 2, "python": str(wrapper),
+              "cluster": "no-client-packages"}
+    with parallel_backend("cloud", **kwargs):
+        assert Parallel()(delayed(_imported_client_modules)(i) for i in range(4)) == [[]] * 4
