@@ -65,3 +65,36 @@ def load_note() -> str:
 def isolated_home() -> None:
     """Client state (keys, records) in a throw-away directory, not the user's home."""
     os.environ.setdefault("JOBLIB_CLOUD_HOME", tempfile.mkdtemp(prefix="joblib-cloud-home-"))
+
+
+def interleaved(backends: dict[str, Callable[[], contextlib.AbstractContextManager]],
+                work: Callable[[Any], Any], repeat: int) -> dict[str, list[float]]:
+    """Wall times of ``work(value of the backend's context)``, backends taken in turns.
+
+    Round-robin (A, B, C, A, B, C, ...) after one untimed warm-up each: on a machine
+    shared with other people a burst of their load then hits every backend alike instead
+    of whichever happened to run at that moment.
+    """
+    times: dict[str, list[float]] = {name: [] for name in backends}
+    for make in backends.values():
+        with make() as value:
+            work(value)
+    for _ in range(repeat):
+        for name, make in backends.items():
+            with make() as value:
+                times[name].append(timed(lambda: work(value)))  # noqa: B023
+    return times
+
+
+@contextlib.contextmanager
+def dask_client(workers: int) -> Iterator[None]:
+    """A Dask LocalCluster of ``workers`` single-threaded processes, as default client."""
+    from dask.distributed import Client, LocalCluster
+
+    with LocalCluster(n_workers=workers, threads_per_worker=1, processes=True,
+                      dashboard_address=None) as cluster, Client(cluster):
+        yield None
+
+
+def runs(values: list[float]) -> str:
+    return ", ".join(f"{v:.2f}" for v in values)

@@ -12,11 +12,12 @@ from __future__ import annotations
 import argparse
 import contextlib
 import importlib.util
+import statistics
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
-from _fleet import MACHINE, ROOT, isolated_home, load_note, median_time, ssh_fleet
+from _fleet import MACHINE, ROOT, interleaved, isolated_home, load_note, runs, ssh_fleet
 from joblib import parallel_backend
 
 import joblib_cloud  # noqa: F401
@@ -40,21 +41,32 @@ def fit(n_jobs: int | None, X: Any, y: Any) -> dict:
     return make_search(n_jobs).fit(X, y).best_params_
 
 
-def measure(name: str, ctx: contextlib.AbstractContextManager, n_jobs: int | None,
-            X: Any, y: Any, repeat: int, expected: dict | None) -> float:
-    with ctx:
-        best = fit(n_jobs, X, y)  # warm up: connections open, workers started
-        if expected is not None and best != expected:
-            raise AssertionError(f"{name} found {best}, n_jobs=1 found {expected}")
-        wall, runs = median_time(lambda: fit(n_jobs, X, y), repeat)
-    print(f"  {name:<24} {wall:7.2f} s   (runs {', '.join(f'{t:.2f}' for t in runs)})",
-          flush=True)
-    return wall
+def backend(name: str | None, n_jobs: int, **settings: Any
+            ) -> Callable[[], contextlib.AbstractContextManager]:
+    @contextlib.contextmanager
+    def make() -> Iterator[int]:
+        with parallel_backend(name, **settings) if name else contextlib.nullcontext():
+            yield n_jobs
+
+    return make
 
 
-@contextlib.contextmanager
-def nothing() -> Iterator[None]:
-    yield None
+def measure_all(backends: dict[str, Callable[[], contextlib.AbstractContextManager]],
+                X: Any, y: Any, repeat: int) -> dict[str, float]:
+    """Median wall time per backend; every backend must find n_jobs=1's best parameters."""
+    expected = make_search(1).fit(X, y).best_params_
+
+    def work(n_jobs: int) -> None:
+        best = fit(n_jobs, X, y)
+        if best != expected:
+            raise AssertionError(f"found {best}, n_jobs=1 found {expected}")
+
+    times = interleaved(backends, work, repeat)
+    walls = {}
+    for name, values in times.items():
+        walls[name] = statistics.median(values)
+        print(f"  {name:<22} {walls[name]:7.2f} s   (runs {runs(values)})", flush=True)
+    return walls
 
 
 def main() -> None:
@@ -64,32 +76,25 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=3)
     args = parser.parse_args()
     isolated_home()
-    w = args.workers
+    w, per_host = args.workers, max(args.workers // 2, 1)
     X, y = make_data(args.samples)
     candidates = len(PARAM_GRID["svc__C"]) * len(PARAM_GRID["svc__gamma"])
     print(f"grid search: examples/grid_search.py, {candidates} candidates x 5 folds, "
-          f"{args.samples} samples, {w} workers per backend, median of {args.repeat}; "
-          f"{MACHINE}")
+          f"{args.samples} samples, {w} workers per backend, median of {args.repeat}, "
+          f"backends in turns; {MACHINE}")
     print(f"before: {load_note()}")
-    expected = make_search(1).fit(X, y).best_params_
-    walls = {"sequential (n_jobs=1)": measure("sequential (n_jobs=1)", nothing(), 1, X, y,
-                                              args.repeat, expected)}
-    walls["loky"] = measure("loky", parallel_backend("loky", n_jobs=w), -1, X, y,
-                            args.repeat, expected)
-    walls["cloud local"] = measure(
-        "cloud local (1 host)",
-        parallel_backend("cloud", provider="local", n=1, workers_per_host=w), -1, X, y,
-        args.repeat, expected)
     with ssh_fleet(2) as fleet:
-        walls["cloud ssh 2 hosts"] = measure(
-            f"cloud ssh (2 x {max(w // 2, 1)})",
-            parallel_backend("cloud", **fleet.kwargs(workers_per_host=max(w // 2, 1))), -1,
-            X, y, args.repeat, expected)
+        walls = measure_all({
+            "sequential (n_jobs=1)": backend(None, 1),
+            "loky": backend("loky", w, n_jobs=w),
+            "cloud local": backend("cloud", -1, provider="local", n=1, workers_per_host=w),
+            "cloud ssh 2 hosts": backend("cloud", -1, **fleet.kwargs(workers_per_host=per_host)),
+        }, X, y, args.repeat)
     print(f"after: {load_note()}")
     seq, loky = walls["sequential (n_jobs=1)"], walls["loky"]
     print("\nspeed-up over n_jobs=1, and time relative to loky:")
     for name, wall in walls.items():
-        print(f"  {name:<24} x{seq / wall:5.2f}   {wall / loky:5.2f}x loky's time")
+        print(f"  {name:<22} x{seq / wall:5.2f}   {wall / loky:5.2f}x loky's time")
 
 
 if __name__ == "__main__":

@@ -1,27 +1,27 @@
 """Dispatch cost: many trivial tasks through each backend, measured side by side.
 
-Two figures per backend, both with the same number of worker processes:
+Two figures per backend, all with the same number of worker processes:
   * auto-batched throughput (tasks/s) for ``--tasks`` trivial tasks (default 200,000);
-  * ``batch_size=1`` latency (µs/task) for ``--b1-tasks`` tasks (default 2,000), which
+  * ``batch_size=1`` cost (µs/task) for ``--b1-tasks`` tasks (default 2,000), which
     exposes any per-task round trip.
-Ratios are to loky measured in the same run.  Usage::
+Backends run in turns (see ``_fleet.interleaved``); ratios are to loky in the same run.
+Usage::
 
-    python bench/tiny_tasks.py [--workers 2] [--repeat 3] [--no-dask]
+    python bench/tiny_tasks.py [--workers 2] [--repeat 3] [--no-dask] [--no-fleet]
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import statistics
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from _fleet import MACHINE, isolated_home, load_note, median_time, ssh_fleet
+from _fleet import MACHINE, dask_client, interleaved, isolated_home, load_note, runs, ssh_fleet
 from joblib import Parallel, delayed, parallel_backend
 
 import joblib_cloud  # noqa: F401  (registers the backend)
-
-Context = Callable[[], contextlib.AbstractContextManager]
 
 
 def run_tasks(n: int, batch_size: int | str, n_jobs: int) -> None:
@@ -31,42 +31,42 @@ def run_tasks(n: int, batch_size: int | str, n_jobs: int) -> None:
         raise AssertionError("wrong results")
 
 
-@contextlib.contextmanager
-def loky_ctx(workers: int) -> Iterator[int]:
-    with parallel_backend("loky", n_jobs=workers):
-        yield workers
+def backend(name: str, n_jobs: int, **settings: Any
+            ) -> Callable[[], contextlib.AbstractContextManager]:
+    @contextlib.contextmanager
+    def make() -> Iterator[int]:
+        with parallel_backend(name, **settings):
+            yield n_jobs
+
+    return make
 
 
-@contextlib.contextmanager
-def cloud_ctx(**kwargs: Any) -> Iterator[int]:
-    with parallel_backend("cloud", **kwargs):
-        yield -1
+def dask_backend(workers: int) -> Callable[[], contextlib.AbstractContextManager]:
+    """A LocalCluster per turn (started before the clock starts), none in between: a live
+    Dask client's event-loop thread slowed the other backends in this process."""
+    @contextlib.contextmanager
+    def make() -> Iterator[int]:
+        with dask_client(workers), parallel_backend("dask"):
+            yield workers
+
+    return make
 
 
-@contextlib.contextmanager
-def dask_ctx(workers: int) -> Iterator[int]:
-    from dask.distributed import Client, LocalCluster
-
-    with LocalCluster(n_workers=workers, threads_per_worker=1, processes=True,
-                      dashboard_address=None) as cluster, Client(cluster), \
-            parallel_backend("dask"):
-        yield workers
-
-
-def measure(name: str, ctx: contextlib.AbstractContextManager, args: argparse.Namespace
-            ) -> dict[str, float]:
-    with ctx as n_jobs:
-        run_tasks(2000, "auto", n_jobs)  # warm up: workers started, connections open
-        batched, runs_b = median_time(lambda: run_tasks(args.tasks, "auto", n_jobs),
-                                      args.repeat)
-        single, runs_1 = median_time(lambda: run_tasks(args.b1_tasks, 1, n_jobs),
-                                     args.repeat)
-    row = {"tasks_per_s": args.tasks / batched, "us_per_task": single / args.b1_tasks * 1e6}
-    print(f"  {name:<22} batched {row['tasks_per_s']:>10,.0f} tasks/s  "
-          f"(runs {', '.join(f'{t:.2f}' for t in runs_b)} s)   batch_size=1 "
-          f"{row['us_per_task']:>7,.0f} µs/task (runs {', '.join(f'{t:.2f}' for t in runs_1)} s)",
-          flush=True)
-    return row
+def measure_all(backends: dict[str, Callable[[], contextlib.AbstractContextManager]],
+                args: argparse.Namespace) -> dict[str, dict[str, float]]:
+    batched = interleaved(backends, lambda n_jobs: run_tasks(args.tasks, "auto", n_jobs),
+                          args.repeat)
+    single = interleaved(backends, lambda n_jobs: run_tasks(args.b1_tasks, 1, n_jobs),
+                         args.repeat)
+    rows = {}
+    for name in backends:
+        rows[name] = {"tasks_per_s": args.tasks / statistics.median(batched[name]),
+                      "us_per_task": statistics.median(single[name]) / args.b1_tasks * 1e6}
+        print(f"  {name:<20} batched {rows[name]['tasks_per_s']:>10,.0f} tasks/s "
+              f"(runs {runs(batched[name])} s)   batch_size=1 "
+              f"{rows[name]['us_per_task']:>7,.0f} µs/task (runs {runs(single[name])} s)",
+              flush=True)
+    return rows
 
 
 def main() -> None:
@@ -79,33 +79,36 @@ def main() -> None:
     parser.add_argument("--no-fleet", action="store_true")
     args = parser.parse_args()
     isolated_home()
-    w = args.workers
+    w, per_host = args.workers, max(args.workers // 2, 1)
     print(f"tiny tasks: {args.tasks:,} auto-batched, {args.b1_tasks:,} at batch_size=1, "
-          f"{w} workers per backend, median of {args.repeat}; {MACHINE}")
+          f"{w} workers per backend, median of {args.repeat}, backends in turns; {MACHINE}")
     print(f"before: {load_note()}")
-    rows: dict[str, dict[str, float]] = {}
-    rows["loky"] = measure("loky", loky_ctx(w), args)
-    rows["cloud local"] = measure(
-        "cloud local (1 host)", cloud_ctx(provider="local", n=1, workers_per_host=w), args)
-    if not args.no_fleet:
-        with ssh_fleet(2) as fleet:
-            rows["cloud ssh 2 hosts"] = measure(
-                f"cloud ssh (2 x {max(w // 2, 1)})",
-                cloud_ctx(**fleet.kwargs(workers_per_host=max(w // 2, 1))), args)
-    if not args.no_dask:
-        rows["dask"] = measure("dask LocalCluster", dask_ctx(w), args)
+    with contextlib.ExitStack() as stack:
+        backends = {
+            "loky": backend("loky", w, n_jobs=w),
+            "cloud local": backend("cloud", -1, provider="local", n=1, workers_per_host=w),
+        }
+        if not args.no_fleet:
+            fleet = stack.enter_context(ssh_fleet(2))
+            backends["cloud ssh 2 hosts"] = backend(
+                "cloud", -1, **fleet.kwargs(workers_per_host=per_host))
+        if not args.no_dask:
+            backends["dask"] = dask_backend(w)
+        rows = measure_all(backends, args)
     print(f"after: {load_note()}")
     loky = rows["loky"]
-    print("\nratios to loky (batched: throughput ratio, higher is better; "
-          "batch_size=1: µs/task ratio, lower is better)")
+    print("\nratios to loky (batched: throughput, higher is better; batch_size=1: µs/task, "
+          "lower is better)")
     for name, row in rows.items():
-        print(f"  {name:<22} batched {row['tasks_per_s'] / loky['tasks_per_s']:5.2f}x loky   "
+        print(f"  {name:<20} batched {row['tasks_per_s'] / loky['tasks_per_s']:5.2f}x loky   "
               f"batch_size=1 {row['us_per_task'] / loky['us_per_task']:5.2f}x loky's µs/task")
     if "dask" in rows:
-        dask_tps = rows["dask"]["tasks_per_s"]
+        dask = rows["dask"]
         for name, row in rows.items():
             if name.startswith("cloud"):
-                print(f"  {name:<22} batched {row['tasks_per_s'] / dask_tps:5.2f}x dask")
+                print(f"  {name:<20} batched {row['tasks_per_s'] / dask['tasks_per_s']:5.2f}x "
+                      f"dask   batch_size=1 {dask['us_per_task'] / row['us_per_task']:5.2f}x "
+                      "faster than dask")
 
 
 if __name__ == "__main__":
