@@ -27,9 +27,9 @@ from typing import Any
 VENV = "/opt/joblib-cloud/venv"
 HOST_PYTHON = f"{VENV}/bin/python"
 #: Pinned to the client's versions so pickles and results match (DESIGN §7).  The agent
-#: imports the joblib_cloud package, which needs paramiko and psutil too.
+#: itself needs only joblib, loky and cloudpickle (tests/test_host_requirements.py).
 CLIENT_PACKAGES = ("joblib", "cloudpickle", "loky", "numpy", "scipy", "scikit-learn",
-                   "pandas", "threadpoolctl", "paramiko", "psutil")
+                   "pandas", "threadpoolctl")
 CLIENT_KEY_PATH = "/opt/joblib-cloud/client_key.pub"
 MAX_USER_DATA = 16 * 1024  # EC2's limit, before base64
 
