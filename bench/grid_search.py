@@ -41,12 +41,12 @@ def fit(n_jobs: int | None, X: Any, y: Any) -> dict:
     return make_search(n_jobs).fit(X, y).best_params_
 
 
-def backend(name: str | None, n_jobs: int, **settings: Any
+def backend(name: str | None, jobs: int, **settings: Any
             ) -> Callable[[], contextlib.AbstractContextManager]:
     @contextlib.contextmanager
     def make() -> Iterator[int]:
         with parallel_backend(name, **settings) if name else contextlib.nullcontext():
-            yield n_jobs
+            yield jobs
 
     return make
 

@@ -128,34 +128,36 @@ def openssh_download(fleet: SSHFleet, cipher: str, nbytes: int) -> float:
 
 
 def joblib_cloud_upload(fleet: SSHFleet, nbytes: int, repeat: int) -> list[float]:
-    """MB/s of real uploads: a fresh array per call, minus the same call with it cached."""
+    """MB/s of real uploads (all hosts together): a fresh array per call, minus the same
+    call once every host has it cached."""
     import numpy as np
     from joblib import Parallel, delayed, parallel_backend
 
     import joblib_cloud  # noqa: F401
 
     rates = []
+    tasks = 4 * len(fleet.hosts)  # capacity is 2 x 2 batches per host: every host gets some
     # Two workers: with one, joblib would run the calls sequentially on the client.
     with parallel_backend("cloud", **fleet.kwargs(workers_per_host=2)):
-        Parallel()(delayed(len)(b"x") for _ in range(2))  # connect, start the agent
+        Parallel()(delayed(len)(b"x") for _ in range(2))  # connect, start the agents
         from joblib.parallel import get_active_backend
 
         cluster = get_active_backend()[0].cluster
-        host = cluster.hosts[0]
         for i in range(repeat):
             arr = np.full(nbytes // 8, float(i), dtype=np.float64)
             cluster.store.new_call()
             cluster.store.add(arr)  # hash now: this bench measures the wire, not sha256
-            before = host.bytes_uploaded
+            before = [h.bytes_uploaded for h in cluster.hosts]
             start = time.perf_counter()
-            Parallel()(delayed(len)(arr) for _ in range(1))
+            Parallel(batch_size=1)(delayed(len)(arr) for _ in range(tasks))
             cold = time.perf_counter() - start
-            if host.bytes_uploaded - before < arr.nbytes:
-                raise RuntimeError("the array was not uploaded")
+            sent = [h.bytes_uploaded - b for h, b in zip(cluster.hosts, before, strict=True)]
+            if min(sent) < arr.nbytes:
+                raise RuntimeError(f"not every host received the array: {sent}")
             start = time.perf_counter()
-            Parallel()(delayed(len)(arr) for _ in range(1))
+            Parallel(batch_size=1)(delayed(len)(arr) for _ in range(tasks))
             warm = time.perf_counter() - start
-            rates.append(arr.nbytes / max(cold - warm, 1e-9) / 1e6)
+            rates.append(sum(sent) / max(cold - warm, 1e-9) / 1e6)
     return rates
 
 
@@ -214,6 +216,12 @@ def main() -> None:
               f"its cache file): {med(rates):,.0f} MB/s (runs "
               f"{', '.join(f'{r:,.0f}' for r in rates)}) = {med(rates) / best_openssh:.2f}x "
               "the best OpenSSH upload")
+    with ssh_fleet(2) as fleet:
+        rates2 = joblib_cloud_upload(fleet, nbytes, args.repeat)
+    print(f"  joblib-cloud upload of the same array to 2 hosts at once (one sender thread "
+          f"per host): {med(rates2):,.0f} MB/s together (runs "
+          f"{', '.join(f'{r:,.0f}' for r in rates2)}) = {med(rates2) / med(rates):.2f}x one "
+          "host's rate")
     print(f"after: {load_note()}")
 
 

@@ -31,12 +31,12 @@ def run_tasks(n: int, batch_size: int | str, n_jobs: int) -> None:
         raise AssertionError("wrong results")
 
 
-def backend(name: str, n_jobs: int, **settings: Any
+def backend(name: str, jobs: int, **settings: Any
             ) -> Callable[[], contextlib.AbstractContextManager]:
     @contextlib.contextmanager
     def make() -> Iterator[int]:
         with parallel_backend(name, **settings):
-            yield n_jobs
+            yield jobs
 
     return make
 
@@ -92,9 +92,11 @@ def main() -> None:
             fleet = stack.enter_context(ssh_fleet(2))
             backends["cloud ssh 2 hosts"] = backend(
                 "cloud", -1, **fleet.kwargs(workers_per_host=per_host))
-        if not args.no_dask:
-            backends["dask"] = dask_backend(w)
         rows = measure_all(backends, args)
+        if not args.no_dask:
+            # Last: once a Dask cluster has run in this process, loky's batch_size=1
+            # cost here tripled (~120 -> ~330 µs/task) for the rest of the process.
+            rows.update(measure_all({"dask": dask_backend(w)}, args))
     print(f"after: {load_note()}")
     loky = rows["loky"]
     print("\nratios to loky (batched: throughput, higher is better; batch_size=1: µs/task, "
