@@ -25,6 +25,7 @@ import struct
 import sys
 import sysconfig
 import threading
+import weakref
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -134,29 +135,36 @@ class ObjectStore:
         self._by_digest: dict[str, StoredObject] = {}
         self._by_id: dict[int, tuple[Any, str]] = {}
         self._use_count: collections.Counter[str] = collections.Counter()
-        # ids (no references held) of mid-sized objects already sent inline in this call
-        self._inline_ids: set[int] = set()
+        # weak references, by id, to mid-sized objects already sent inline in this call
+        self._inline_refs: dict[int, weakref.ref] = {}
 
     def new_call(self) -> None:
         with self._lock:
             self._by_id.clear()
-            self._inline_ids.clear()
+            self._inline_refs.clear()
 
     def seen_inline(self, obj: Any) -> bool:
-        """Whether ``obj`` already went inline in an earlier batch of this call.
+        """Whether ``obj`` itself already went inline in an earlier batch of this call.
 
         GridSearchCV passes the same per-fold index arrays (hundreds of kB each) to every
         candidate: inline, they crossed the wire once per batch, ~10% of a 240 MB ``X``
-        (bench/big_data.py).  The second time one shows up it is cached like ``X``.  Only
-        ids are kept: a reused id costs at worst one needless (content-checked) upload.
+        (bench/big_data.py).  The second time one shows up it is cached like ``X``.  A
+        weak reference tells the same object from a new one that reuses a freed id (a
+        stream of fresh arrays must stay inline); objects without weak references
+        (bytes, str) are never taken for repeats.
         """
+        try:
+            ref = weakref.ref(obj)
+        except TypeError:
+            return False
         key = id(obj)
         with self._lock:
-            if key in self._inline_ids:
+            old = self._inline_refs.get(key)
+            if old is not None and old() is obj:
                 return True
-            if len(self._inline_ids) > 100_000:
-                self._inline_ids.clear()
-            self._inline_ids.add(key)
+            if len(self._inline_refs) > 100_000:
+                self._inline_refs.clear()
+            self._inline_refs[key] = ref
             return False
 
     def digest_of(self, obj: Any) -> str | None:
