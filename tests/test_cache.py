@@ -167,6 +167,22 @@ def test_mid_sized_argument_repeated_across_batches_is_sent_once_per_host(cache_
             assert set(host.cache) - caches0[host.name] <= {stored.digest}
 
 
+def test_stream_of_fresh_mid_sized_arguments_stays_inline(cache_kwargs):
+    # Each array is new (and freed after dispatch, so ids get reused): none is a repeat.
+    def fresh():
+        for i in range(24):
+            yield delayed(_total)(np.full(32 * 1024, float(i)), i)
+
+    with parallel_backend("cloud", **cache_kwargs):
+        cluster = _cluster(cache_kwargs)
+        caches0 = {h.name: set(h.cache) for h in cluster.hosts}
+        sent0 = _sent(cluster)
+        out = Parallel(batch_size=1)(fresh())
+        assert out == [float(i) * 32 * 1024 + i for i in range(24)]
+        assert _sent(cluster) == sent0
+        assert {h.name: set(h.cache) for h in cluster.hosts} == caches0
+
+
 def test_workers_on_a_host_share_one_read_only_mapped_copy(cache_kwargs):
     x = _data(4)
     digest = StoredObject(x).digest
