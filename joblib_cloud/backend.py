@@ -51,12 +51,15 @@ class CloudBackend(AutoBatchingMixin, ParallelBackendBase):
     def effective_n_jobs(self, n_jobs: int | None) -> int:
         if n_jobs == 0:
             raise ValueError("n_jobs == 0 in Parallel has no meaning")
+        if n_jobs == 1:
+            return 1  # joblib's convention: run in the calling process
         total = self.cluster.n_workers
         if n_jobs is None:
-            return total
-        if n_jobs < 0:
-            return max(total + 1 + n_jobs, 1)
-        return n_jobs
+            n_jobs = -1
+        wanted = max(total + 1 + n_jobs, 1) if n_jobs < 0 else n_jobs
+        # joblib runs everything in the caller when this is 1: a cluster of one worker
+        # (one small VM, say) must still get the work, so report at least two slots.
+        return max(wanted, 2)
 
     def configure(self, n_jobs: int = 1, parallel: Any = None, prefer: Any = None,
                   require: Any = None, **_memmapping_kwargs: Any) -> int:

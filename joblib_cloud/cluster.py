@@ -496,7 +496,7 @@ def describe_batch(batch: Any) -> str:
     items = getattr(batch, "items", None)
     if not items:
         return f"task {_callable_name(batch)}"
-    names = sorted({_callable_name(item[0]) for item in items})
+    names = sorted({_callable_name(item[0]) for item in items[:20]})  # cheap on hot path
     what = names[0] if len(names) == 1 else ", ".join(names[:3])
     return f"batch of {len(items)} x {what}" if len(items) > 1 else f"task {what}"
 

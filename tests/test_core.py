@@ -296,3 +296,10 @@ def test_network_guard_refuses_non_loopback():
         sock.connect(("10.1.2.3", 22))
     assert _violations and "10.1.2.3" in _violations[-1]
     _violations.pop()  # this one was on purpose
+
+
+def test_single_worker_cluster_still_runs_remotely():
+    kwargs = {"provider": "local", "n": 1, "workers_per_host": 1, "cluster": "one-worker"}
+    with parallel_backend("cloud", **kwargs):
+        pids = set(Parallel()(delayed(os.getpid)() for _ in range(4)))
+    assert pids and os.getpid() not in pids
