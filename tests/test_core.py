@@ -302,4 +302,6 @@ def test_single_worker_cluster_still_runs_remotely():
     kwargs = {"provider": "local", "n": 1, "workers_per_host": 1, "cluster": "one-worker"}
     with parallel_backend("cloud", **kwargs):
         pids = set(Parallel()(delayed(os.getpid)() for _ in range(4)))
+        # An explicit n_jobs=1 keeps joblib's meaning for every backend: run in the caller.
+        assert Parallel(n_jobs=1)(delayed(os.getpid)() for _ in range(2)) == [os.getpid()] * 2
     assert pids and os.getpid() not in pids

@@ -71,7 +71,7 @@ def test_no_shutdown_while_a_client_runs_work(host, start_watchdog, tmp_path):
     def work() -> None:
         try:
             with parallel_backend("cloud", **kwargs):
-                outcome["result"] = Parallel(n_jobs=1)(delayed(time.sleep)(6) for _ in range(1))
+                outcome["result"] = Parallel(n_jobs=-1)(delayed(time.sleep)(6) for _ in range(1))
         except BaseException as exc:  # noqa: BLE001 - reported by the assertion below
             outcome["error"] = exc
 
