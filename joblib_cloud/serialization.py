@@ -26,7 +26,7 @@ import sys
 import sysconfig
 import threading
 import weakref
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -79,42 +79,43 @@ class StoredObject:
                 yield view[start : start + size]
 
 
-def _approx_nbytes(obj: Any) -> int:
-    """Size of a candidate large object, or -1 when it is not a cacheable kind."""
-    t = type(obj)
-    if t is bytes or t is bytearray:
-        return len(obj)
-    if t is str:
-        return len(obj)  # a lower bound: good enough for a threshold
-    module = t.__module__
-    if module == "numpy" and t.__name__ in ("ndarray", "memmap"):
-        return -1 if obj.dtype.hasobject else obj.nbytes
-    if module.startswith("pandas.") and t.__name__ in ("DataFrame", "Series"):
-        try:
-            usage = obj.memory_usage(index=True, deep=False)
-            return int(usage.sum() if hasattr(usage, "sum") else usage)
-        except Exception:
-            return -1
-    if module.startswith("scipy.sparse") and hasattr(obj, "data") and hasattr(obj, "nnz"):
-        return sum(getattr(getattr(obj, a, None), "nbytes", 0)
-                   for a in ("data", "indices", "indptr", "row", "col", "offsets"))
-    return -1
+def _ndarray_nbytes(arr: Any) -> int:
+    return -1 if arr.dtype.hasobject else arr.nbytes
 
 
-_ALWAYS_INLINE = frozenset({int, float, bool, type(None), tuple, list, dict, complex})
-#: Types never cached whatever their size (grows as the pickler meets new types).
-_inline_types: set[type] = set(_ALWAYS_INLINE)
+def _pandas_nbytes(obj: Any) -> int:
+    try:
+        usage = obj.memory_usage(index=True, deep=False)
+        return int(usage.sum() if hasattr(usage, "sum") else usage)
+    except Exception:
+        return -1
 
 
-def _cacheable_kind(t: type) -> bool:
-    """Whether objects of type ``t`` may be cached (the kinds ``_approx_nbytes`` sizes)."""
+def _sparse_nbytes(obj: Any) -> int:
+    if not (hasattr(obj, "data") and hasattr(obj, "nnz")):
+        return -1
+    return sum(getattr(getattr(obj, a, None), "nbytes", 0)
+               for a in ("data", "indices", "indptr", "row", "col", "offsets"))
+
+
+def _sizer_for(t: type) -> Callable[[Any], int] | None:
+    """How to size objects of type ``t`` (-1: not this one), or None: never cached."""
     if t is bytes or t is bytearray or t is str:
-        return True
+        return len  # for str a lower bound: good enough for a threshold
     module = getattr(t, "__module__", None) or ""
     name = t.__name__
-    return ((module == "numpy" and name in ("ndarray", "memmap"))
-            or (module.startswith("pandas.") and name in ("DataFrame", "Series"))
-            or module.startswith("scipy.sparse"))
+    if module == "numpy" and name in ("ndarray", "memmap"):
+        return _ndarray_nbytes
+    if module.startswith("pandas.") and name in ("DataFrame", "Series"):
+        return _pandas_nbytes
+    if module.startswith("scipy.sparse"):
+        return _sparse_nbytes
+    return None
+
+
+#: type -> its sizer (None: never cached).  Pickle calls ``persistent_id`` for every
+#: object of every task, so each object costs one dict lookup (bench/tiny_tasks.py).
+_sizers: dict[type, Callable[[Any], int] | None] = {}
 
 #: Objects of at least threshold / REPEATED_FRACTION (64 kB by default) are cached too once
 #: they are passed again in another batch of the same call.
@@ -134,7 +135,6 @@ class ObjectStore:
         self._lock = threading.RLock()
         self._by_digest: dict[str, StoredObject] = {}
         self._by_id: dict[int, tuple[Any, str]] = {}
-        self._use_count: collections.Counter[str] = collections.Counter()
         # weak references, by id, to mid-sized objects already sent inline in this call
         self._inline_refs: dict[int, weakref.ref] = {}
 
@@ -207,14 +207,13 @@ class _CachingPickler(cloudpickle.Pickler):
 
     def persistent_id(self, obj: Any) -> Any:  # noqa: D401 - pickle hook
         t = type(obj)
-        if t in _inline_types:
+        try:
+            sizer = _sizers[t]
+        except KeyError:
+            sizer = _sizers[t] = _sizer_for(t)
+        if sizer is None:
             return None
-        if not _cacheable_kind(t):
-            # pickle calls this hook for every object of every task: remember the type,
-            # so the next object of it costs one set lookup (bench/tiny_tasks.py).
-            _inline_types.add(t)
-            return None
-        size = _approx_nbytes(obj)
+        size = sizer(obj)
         if size < 0:
             return None
         if t.__module__ == "numpy" and obj.base is not None:
