@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import secrets
 import shlex
 import subprocess
@@ -27,6 +26,7 @@ from .config import CloudConfig, home_dir
 from .docker import docker_python
 from .hosts import HostSpec, parse_host
 from .progress import Progress
+from .records import write_private
 from .transport import SSHConnection, agent_zip
 from .workspace import DEFAULT_MAX_UPLOAD, human, pack
 
@@ -179,10 +179,7 @@ def records_dir() -> Path:
 
 
 def save_record(record: JobRecord) -> None:
-    path = records_dir() / f"{record.id}.json"
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as fh:
-        json.dump(dataclasses.asdict(record), fh)
+    write_private(records_dir() / f"{record.id}.json", json.dumps(dataclasses.asdict(record)))
 
 
 def load_records() -> list[JobRecord]:
