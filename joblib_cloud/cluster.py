@@ -194,6 +194,19 @@ class HostSession:
         """Batches in flight: two per worker, so a worker never waits for the wire."""
         return 2 * self.workers
 
+    def _may_take(self) -> bool:
+        """Fill idle workers first, anywhere in the fleet; prefetch only when none is idle.
+
+        Without the second condition one host could queue 2x its workers while another
+        sits idle, which leaves a few long tasks running one after another.
+        Called with ``cluster.cond`` held.
+        """
+        busy = len(self.inflight)
+        if busy < self.workers:
+            return True
+        return busy < self.capacity and not any(
+            len(h.inflight) < h.workers for h in self.cluster.alive_hosts if h is not self)
+
     # -- sending -------------------------------------------------------------------
     def _send(self, kind: Kind, meta: dict[str, Any] | None = None,
               data: bytes | memoryview = b"") -> None:
@@ -214,7 +227,7 @@ class HostSession:
                     if self.outbox:
                         item = ("control", self.outbox.popleft())
                         break
-                    if cluster.pending and len(self.inflight) < self.capacity:
+                    if cluster.pending and self._may_take():
                         job = cluster.pending.popleft()
                         self.inflight[job.id] = job
                         item = ("job", job)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import multiprocessing
 import os
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -246,6 +247,26 @@ def test_nested_parallel_does_not_oversubscribe(cloud_kwargs):
         assert not new_procs, "nested Parallel spawned processes on the host"
         assert env_share == str(share)
         assert all(n <= share for n in blas), blas
+
+
+def _arrive_and_wait_for_all(folder, expected):
+    """A task that returns only once ``expected`` tasks are running at the same time."""
+    Path(folder, str(os.getpid())).touch()
+    return _wait_for(lambda: len(os.listdir(folder)) >= expected, 30)
+
+
+def test_few_long_tasks_run_on_every_idle_worker(fleet, tmp_path):
+    """Six tasks on 3 hosts x 2 workers run at once: no host queues work while another
+    host has an idle worker."""
+    kwargs = fleet.kwargs(workers_per_host=2, cluster="spread-test")
+    with parallel_backend("cloud", **kwargs):
+        assert Parallel(n_jobs=-1)(delayed(abs)(i) for i in range(6)) == list(range(6))
+        for round_ in range(3):
+            folder = tmp_path / str(round_)
+            folder.mkdir()
+            together = Parallel(n_jobs=-1)(
+                delayed(_arrive_and_wait_for_all)(str(folder), 6) for _ in range(6))
+            assert together == [True] * 6, f"round {round_}: tasks waited in a host queue"
 
 
 def test_consecutive_blocks_reuse_one_connection_per_host(fleet):
