@@ -438,7 +438,7 @@ class Cluster:
                 for job in mine:
                     job.aborted = True
                 if mine:
-                    host.outbox.append((Kind.ABORT, {}))
+                    host.outbox.append((Kind.ABORT, {"ids": [j.id for j in mine]}))
                 dropped.extend(mine)
             self.cond.notify_all()
         for job in dropped:

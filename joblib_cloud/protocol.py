@@ -30,7 +30,7 @@ class Kind(enum.IntEnum):
     RESULT = 4  # agent -> client: outcome of a batch
     PUT = 5  # client -> agent: one chunk of a cached object
     EVICT = 6  # client -> agent: drop cached objects
-    ABORT = 7  # client -> agent: kill running work, cancel queued work
+    ABORT = 7  # client -> agent: cancel these batches (ids), killing their workers
     PING = 8
     PONG = 9
     OUTPUT = 10  # agent -> client: what tasks printed

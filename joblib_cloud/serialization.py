@@ -312,16 +312,6 @@ def dumps_batch(batch: Any, store: ObjectStore) -> tuple[bytes, set[str]]:
 
 _loaded: collections.OrderedDict[str, Any] = collections.OrderedDict()
 _LOADED_MAX = 64
-_mapped_sizes: dict[str, int] = {}
-
-
-def _allow_mapped(nbytes: int) -> None:
-    """loky restarts a worker whose RSS grew by 300 MB, taking that for a leak; the pages
-    of a mapped cached object count in RSS but are shared, not leaked.  A 240 MB ``X``
-    had workers restarted (sklearn re-imported) every few tasks in bench/big_data.py."""
-    executor = sys.modules.get("loky.process_executor")
-    if executor is not None and hasattr(executor, "_MAX_MEMORY_LEAK_SIZE"):
-        executor._MAX_MEMORY_LEAK_SIZE += nbytes
 
 
 def load_cached(cache_dir: str, digest: str) -> Any:
@@ -339,11 +329,8 @@ def load_cached(cache_dir: str, digest: str) -> Any:
     buffers = [view[start + off : start + off + length] for off, length in header["buffers"]]
     obj = pickle.loads(header["meta"], buffers=buffers)
     _loaded[digest] = obj
-    _mapped_sizes[digest] = len(mm)
-    _allow_mapped(len(mm))
     if len(_loaded) > _LOADED_MAX:
-        old, _ = _loaded.popitem(last=False)
-        _allow_mapped(-_mapped_sizes.pop(old, 0))
+        _loaded.popitem(last=False)
     return obj
 
 

@@ -1,18 +1,21 @@
-"""What runs inside one worker process on a host: unpickle a batch, run it, encode the
-outcome.  Everything returned is plain bytes and small dicts, so the agent forwards it
-without unpickling user objects itself."""
+"""What runs inside one worker process on a host: read a batch frame, unpickle it, run
+it, write the outcome back.  Everything sent is plain bytes and small dicts, so the agent
+forwards it without unpickling user objects itself."""
 
 from __future__ import annotations
 
 import os
 import pickle
 import sys
+import threading
 import traceback
 from typing import Any
 
 import cloudpickle
 
+from .protocol import FrameReader, Kind, encode
 from .serialization import loads_batch
+from .worker_pool import write_all
 
 CORES_PER_WORKER_ENV = "JOBLIB_CLOUD_CORES_PER_WORKER"
 
@@ -81,6 +84,25 @@ def run_batch(payload: bytes, cache_dir: str, max_result_size: int,
     return "ok", {"status": "ok"}, data
 
 
-def warm_up() -> int:
-    """Run once per worker at start so the first real batch does not pay the spawn."""
-    return os.getpid()
+def serve(in_fd: int, out_fd: int, lifeline: int, max_result_size: int,
+          cache_dir: str) -> None:
+    """A worker process's life: say ready, then run batches until the agent goes away."""
+    threading.Thread(target=_exit_with_agent, args=(lifeline,), daemon=True).start()
+    write_all(out_fd, encode(Kind.STATUS, {"ready": True, "pid": os.getpid()}))
+    reader = FrameReader(lambda n: os.read(in_fd, n))
+    while True:
+        try:
+            _, meta, payload = reader.read()
+        except EOFError:
+            return
+        _, result_meta, data = run_batch(payload, cache_dir, max_result_size,
+                                         meta.get("threads"))
+        write_all(out_fd, encode(Kind.RESULT, result_meta, data))
+
+
+def _exit_with_agent(lifeline: int) -> None:
+    """The agent holds the only write end: EOF means it is gone, even if SIGKILLed, and a
+    task still running must not outlive it."""
+    while os.read(lifeline, 1):
+        pass
+    os._exit(0)

@@ -1,10 +1,10 @@
 """The host agent: ``python -m joblib_cloud.worker``.
 
 It speaks the framed protocol on its stdin/stdout (an SSH channel, or a pipe for the
-``local`` provider) and never listens on a network port.  Batches run on a loky process
-pool (loky detects crashed workers and replaces them); the agent's own jobs are the
-protocol, the per-host cache of large arguments, forwarding what tasks print, heartbeats
-both ways, and stopping everything when the client goes away.
+``local`` provider) and never listens on a network port.  Batches run in worker processes
+fed straight through pipes (``worker_pool``); the agent's own jobs are the protocol, the
+per-host cache of large arguments, forwarding what tasks print, heartbeats both ways, and
+stopping everything when the client goes away.
 """
 
 from __future__ import annotations
@@ -18,12 +18,12 @@ import signal
 import sys
 import threading
 import time
-from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
 
 from .protocol import AGENT_MAGIC, PROTOCOL_VERSION, FrameReader, Kind, encode
-from .task_runner import CORES_PER_WORKER_ENV, run_batch, warm_up
+from .task_runner import CORES_PER_WORKER_ENV
+from .worker_pool import WorkerPool, grow_pipe, write_all
 
 THREAD_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS",
                "BLIS_NUM_THREADS", "VECLIB_MAXIMUM_THREADS", "NUMEXPR_NUM_THREADS")
@@ -64,9 +64,7 @@ class Agent:
         self.out_fd = out_fd
         self.send_lock = threading.Lock()
         self.last_recv = time.monotonic()
-        self.inflight: dict[int, Future] = {}
-        self.inflight_lock = threading.Lock()
-        self.executor: Any = None
+        self.pool: WorkerPool | None = None
         self.home = agent_home()
         self.cache_dir = self.home / "cache" / str(os.getpid())
         self.uploads: dict[str, Any] = {}
@@ -78,11 +76,7 @@ class Agent:
              data: bytes | memoryview = b"") -> None:
         parts = encode(kind, meta, data)
         with self.send_lock:
-            for part in parts:
-                view = memoryview(part)
-                while view:
-                    written = os.write(self.out_fd, view)
-                    view = view[written:]
+            write_all(self.out_fd, parts)
 
     def _recv(self, n: int) -> bytes:
         while True:
@@ -95,70 +89,24 @@ class Agent:
                 raise TimeoutError(f"no word from the client for {self.heartbeat_timeout:.0f}s")
 
     # ------------------------------------------------------------------ workers
-    def _new_executor(self) -> None:
-        import loky
+    def _start_pool(self) -> None:
+        env = {**os.environ, CORES_PER_WORKER_ENV: str(self.cores_per_worker)}
+        env.update((var, str(self.cores_per_worker)) for var in THREAD_VARS)
+        self.pool = WorkerPool(self.workers, env, str(self.cache_dir), self.max_result_size,
+                               self.send)
 
-        env = {var: str(self.cores_per_worker) for var in THREAD_VARS}
-        env[CORES_PER_WORKER_ENV] = str(self.cores_per_worker)
-        self.executor = loky.ProcessPoolExecutor(max_workers=self.workers, env=env)
-        for _ in range(self.workers):
-            self.executor.submit(warm_up)
-
-    def _kill_executor(self) -> None:
-        executor, self.executor = self.executor, None
-        if executor is not None:
-            executor.shutdown(wait=False, kill_workers=True)
-
-    def _submit(self, batch_id: int, payload: bytes, meta: dict[str, Any]) -> None:
-        for _ in range(2):
-            if self.executor is None:
-                self._new_executor()
-            try:
-                future = self.executor.submit(run_batch, payload, str(self.cache_dir),
-                                              self.max_result_size, meta.get("threads"))
-                break
-            except Exception:  # broken pool after a worker crash: start a fresh one
-                self._kill_executor()
-        else:  # pragma: no cover - two fresh pools in a row failed
-            self.send(Kind.RESULT, {"id": batch_id, "status": "crashed",
-                                    "message": "could not start worker processes"})
-            return
-        with self.inflight_lock:
-            self.inflight[batch_id] = future
-        future.add_done_callback(lambda f, i=batch_id: self._finished(i, f))
-
-    def _finished(self, batch_id: int, future: Future) -> None:
-        with self.inflight_lock:
-            if self.inflight.pop(batch_id, None) is not future:
-                return  # cancelled by an abort: already reported
-        if future.cancelled():
-            self.send(Kind.RESULT, {"id": batch_id, "status": "cancelled"})
-            return
-        exc = future.exception()
-        if exc is not None:
-            # The process running it died (loky's TerminatedWorkerError) or the pool broke.
-            self.send(Kind.RESULT, {"id": batch_id, "status": "crashed",
-                                    "message": f"{type(exc).__name__}: {exc}"})
-            return
-        status, meta, data = future.result()
-        meta["id"] = batch_id
-        self.send(Kind.RESULT, meta, data)
-
-    def abort(self) -> None:
-        """Kill every running task and report each in-flight batch as cancelled."""
-        with self.inflight_lock:
-            cancelled = list(self.inflight)
-            self.inflight.clear()
-        self._kill_executor()
-        for batch_id in cancelled:
-            self.send(Kind.RESULT, {"id": batch_id, "status": "cancelled"})
+    def abort(self, batch_ids: list[int] | None) -> None:
+        """Kill the tasks running these batches (all when ``None``); report them cancelled."""
+        if self.pool is not None:
+            for batch_id in self.pool.abort(batch_ids):
+                self.send(Kind.RESULT, {"id": batch_id, "status": "cancelled"})
 
     # ------------------------------------------------------------------ cache
     def put(self, meta: dict[str, Any], data: bytes) -> None:
         digest = meta["digest"]
         final = self.cache_dir / digest
         if meta["offset"] == 0:
-            _grow_pipe(self.in_fd)
+            grow_pipe(self.in_fd)
             self.uploads[digest] = open(self.cache_dir / f".{digest}.part", "wb",  # noqa: SIM115
                                         opener=_private)
         fh = self.uploads[digest]
@@ -193,7 +141,7 @@ class Agent:
         activity = self.home / ACTIVITY_FILE
         while not self.stopping.wait(interval):
             try:
-                self.send(Kind.PING, {"busy": len(self.inflight)})
+                self.send(Kind.PING, {"busy": self.pool.busy if self.pool else 0})
                 activity.touch(mode=0o600)
             except OSError:
                 return
@@ -215,7 +163,7 @@ class Agent:
         self.cores_per_worker = max(cores // self.workers, 1)
         self.max_result_size = int(config["max_result_size"])
         self.heartbeat_timeout = float(config["heartbeat_timeout"])
-        self._new_executor()
+        self._start_pool()
         self.send(Kind.STATUS, {"ready": True, "workers": self.workers,
                                 "cores_per_worker": self.cores_per_worker})
         (self.home / ACTIVITY_FILE).touch(mode=0o600)
@@ -224,7 +172,7 @@ class Agent:
         while True:
             kind, meta, data = reader.read()
             if kind == Kind.BATCH:
-                self._submit(meta["id"], data, meta)
+                self.pool.submit(meta["id"], meta, data)
             elif kind == Kind.PUT:
                 self.put(meta, data)
             elif kind == Kind.PING:
@@ -232,15 +180,14 @@ class Agent:
             elif kind == Kind.EVICT:
                 self.evict(meta["digests"])
             elif kind == Kind.ABORT:
-                self.abort()
+                self.abort(meta.get("ids"))
             elif kind == Kind.BYE:
                 return
 
     def shutdown(self) -> None:
         self.stopping.set()
-        executor, self.executor = self.executor, None
-        if executor is not None:
-            executor.shutdown(wait=True, kill_workers=True)
+        if self.pool is not None:
+            self.pool.close()
         for fh in self.uploads.values():
             fh.close()
         shutil.rmtree(self.cache_dir, ignore_errors=True)
@@ -249,19 +196,6 @@ class Agent:
 def _private(path: str, flags: int) -> int:
     """Opener for files only this user may read (cached data can be sensitive)."""
     return os.open(path, flags, 0o600)
-
-
-def _grow_pipe(fd: int, size: int = 1 << 20) -> None:
-    """Uploads arrive through a pipe (from sshd, or from the client for ``local``): at the
-    default 64 KiB both ends wake up every 64 KiB; 1 MiB (the unprivileged maximum) made
-    uploads faster in bench/ssh_throughput.py.  Not a pipe, or not allowed: no harm."""
-    try:
-        import fcntl
-
-        if fcntl.fcntl(fd, fcntl.F_GETPIPE_SZ) < size:
-            fcntl.fcntl(fd, fcntl.F_SETPIPE_SZ, size)
-    except (OSError, AttributeError, ValueError):
-        pass
 
 
 def _remove_stale_caches(cache_root: Path) -> None:
