@@ -36,7 +36,7 @@ from .errors import (
     ResultTooLargeError,
     TerminatedWorkerError,
 )
-from .protocol import PROTOCOL_VERSION, FrameReader, Kind, encode
+from .protocol import JOIN_BELOW, PROTOCOL_VERSION, FrameReader, Kind, encode
 from .serialization import ObjectStore
 from .transport import AgentStream, SSHConnection, agent_preamble
 from .worker import host_versions
@@ -133,6 +133,8 @@ class HostSession:
         self.alive = False
         self.lost_reason = ""
         self.inflight: dict[int, Job] = {}
+        self.wake = threading.Condition(cluster.lock)
+        self.sending = False  # a thread is writing to the stream: one writer at a time
         self.outbox: collections.deque[tuple[Kind, dict[str, Any]]] = collections.deque()
         self.cache: collections.OrderedDict[str, int] = collections.OrderedDict()
         self.cache_bytes = 0
@@ -199,7 +201,7 @@ class HostSession:
 
         Without the second condition one host could queue 2x its workers while another
         sits idle, which leaves a few long tasks running one after another.
-        Called with ``cluster.cond`` held.
+        Called with ``cluster.lock`` held.
         """
         busy = len(self.inflight)
         if busy < self.workers:
@@ -220,10 +222,14 @@ class HostSession:
         ping_every = max(cluster.config.heartbeat_timeout / 5, 0.2)
         while True:
             item: tuple[str, Any]
-            with cluster.cond:
+            with cluster.lock:
                 while True:
                     if not self.alive:
                         return
+                    wait = ping_every - (time.monotonic() - self.last_send)
+                    if self.sending:  # a dispatching thread is sending a batch right now
+                        self.wake.wait(max(wait, 0.01))
+                        continue
                     if self.outbox:
                         item = ("control", self.outbox.popleft())
                         break
@@ -231,12 +237,14 @@ class HostSession:
                         job = cluster.pending.popleft()
                         self.inflight[job.id] = job
                         item = ("job", job)
+                        if cluster.pending:
+                            cluster.wake_one(exclude=self)
                         break
-                    wait = ping_every - (time.monotonic() - self.last_send)
                     if wait <= 0:
                         item = ("ping", None)
                         break
-                    cluster.cond.wait(wait)
+                    self.wake.wait(wait)
+                self.sending = True
             try:
                 if item[0] == "control":
                     self._send(*item[1])
@@ -247,6 +255,32 @@ class HostSession:
             except Exception as exc:  # noqa: BLE001 - the stream is gone
                 cluster.host_lost(self, f"sending failed: {type(exc).__name__}: {exc}")
                 return
+            finally:
+                with cluster.lock:
+                    self.sending = False
+
+    def can_send_now(self, job: Job) -> bool:
+        """Whether the thread submitting ``job`` may send it itself, skipping the hand-off
+        to this host's sender thread: a small batch whose cached arguments are all here,
+        with nothing ahead of it.  Called with ``cluster.lock`` held."""
+        return (self.alive and not self.sending and not self.outbox
+                and len(job.payload) <= JOIN_BELOW and self._may_take()
+                and all(digest in self.cache for digest in job.refs))
+
+    def send_now(self, job: Job) -> None:
+        """Send ``job`` from this thread; ``can_send_now`` said yes and marked us sending."""
+        cluster = self.cluster
+        try:
+            self._send_job(job)
+        except Exception as exc:  # noqa: BLE001 - the stream is gone
+            with cluster.lock:
+                self.sending = False
+            cluster.host_lost(self, f"sending failed: {type(exc).__name__}: {exc}")
+            return
+        with cluster.lock:
+            self.sending = False
+            if self.outbox or (cluster.pending and self._may_take()):
+                self.wake.notify()
 
     def _send_job(self, job: Job) -> None:
         for digest in job.refs:
@@ -273,7 +307,7 @@ class HostSession:
         limit = self.cluster.config.cache_size
         if self.cache_bytes + nbytes <= limit:
             return
-        with self.cluster.cond:
+        with self.cluster.lock:
             needed = set(job.refs).union(*(j.refs for j in self.inflight.values()))
         victims = []
         for digest, size in self.cache.items():
@@ -307,9 +341,10 @@ class HostSession:
 
     def _on_result(self, meta: dict[str, Any], data: bytes) -> None:
         cluster = self.cluster
-        with cluster.cond:
+        with cluster.lock:
             job = self.inflight.pop(meta["id"], None)
-            cluster.cond.notify_all()
+            if cluster.pending:  # the freed slot is this host's to fill
+                self.wake.notify()
         if job is None:
             return
         status = meta["status"]
@@ -371,7 +406,10 @@ class Cluster:
 
     def __init__(self, config: CloudConfig) -> None:
         self.config = config
-        self.cond = threading.Condition()
+        #: Guards the queue and every host's in-flight table.  Each host's sender waits on
+        #: its own condition of this lock, so a result or a new batch wakes one thread,
+        #: not all of them (bench/tiny_tasks.py, batch_size=1).
+        self.lock = threading.RLock()
         self.pending: collections.deque[Job] = collections.deque()
         self.hosts: list[HostSession] = []
         self.store = ObjectStore(config.cache_threshold)
@@ -385,14 +423,14 @@ class Cluster:
                          name=f"joblib-cloud-monitor-{self.config.cluster}").start()
 
     def close(self) -> None:
-        with self.cond:
+        with self.lock:
             self.closed = True
             hosts = list(self.hosts)
             jobs = list(self.pending) + [j for h in hosts for j in h.inflight.values()]
             self.pending.clear()
             for host in hosts:
                 host.outbox.append((Kind.BYE, {}))
-            self.cond.notify_all()
+            self.wake_all()
         deadline = time.monotonic() + 2
         for host in hosts:
             while host.alive and host.outbox and time.monotonic() < deadline:
@@ -401,8 +439,20 @@ class Cluster:
             host.close()
         for job in jobs:
             _resolve(job, exc=AbortedError(f"{job.label}: the cluster was closed"))
-        with self.cond:
-            self.cond.notify_all()
+        with self.lock:
+            self.wake_all()
+
+    def wake_all(self) -> None:
+        """Every host's sender looks at the queue again (with ``lock`` held)."""
+        for host in self.hosts:
+            host.wake.notify()
+
+    def wake_one(self, exclude: HostSession | None = None) -> None:
+        """The sender of a host that may take the next queued batch (with ``lock`` held)."""
+        for host in self.hosts:
+            if host is not exclude and host.alive and host._may_take():
+                host.wake.notify()
+                return
 
     @property
     def alive_hosts(self) -> list[HostSession]:
@@ -414,23 +464,30 @@ class Cluster:
 
     # -- work ----------------------------------------------------------------------
     def submit(self, job: Job) -> Future:
-        with self.cond:
+        with self.lock:
             if not self.alive_hosts:
                 _resolve(job, exc=self._lost_error())
                 return job.future
-            self.pending.append(job)
-            self.cond.notify_all()
+            direct = None if self.pending else next(
+                (h for h in self.hosts if h.can_send_now(job)), None)
+            if direct is None:
+                self.pending.append(job)
+                self.wake_one()
+                return job.future
+            direct.inflight[job.id] = job
+            direct.sending = True
+        direct.send_now(job)
         return job.future
 
     def requeue(self, jobs: list[Job]) -> None:
-        with self.cond:
+        with self.lock:
             for job in reversed(jobs):
                 self.pending.appendleft(job)
-            self.cond.notify_all()
+            self.wake_all()
 
     def abort(self, owner: object) -> None:
         """Cancel ``owner``'s batches: queued ones at once, running ones on their hosts."""
-        with self.cond:
+        with self.lock:
             dropped = [j for j in self.pending if j.owner is owner]
             self.pending = collections.deque(j for j in self.pending if j.owner is not owner)
             for host in self.alive_hosts:
@@ -439,13 +496,14 @@ class Cluster:
                     job.aborted = True
                 if mine:
                     host.outbox.append((Kind.ABORT, {"ids": [j.id for j in mine]}))
+                    host.wake.notify()
                 dropped.extend(mine)
-            self.cond.notify_all()
+            self.wake_all()
         for job in dropped:
             _resolve(job, exc=AbortedError(f"{job.label} was cancelled"))
 
     def live_refs(self) -> set[str]:
-        with self.cond:
+        with self.lock:
             jobs = list(self.pending) + [j for h in self.hosts for j in h.inflight.values()]
         return set().union(*(j.refs for j in jobs))
 
@@ -461,7 +519,7 @@ class Cluster:
             "The remaining work could not run; start the call again to reconnect.")
 
     def host_lost(self, host: HostSession, reason: str) -> None:
-        with self.cond:
+        with self.lock:
             if not host.alive:
                 return
             host.alive = False
@@ -480,7 +538,7 @@ class Cluster:
             if not survivors:
                 failed.extend(self.pending)
                 self.pending.clear()
-            self.cond.notify_all()
+            self.wake_all()
         if not self.closed:
             log.warning("host %s lost: %s; %d batch(es) re-queued on %d remaining host(s)",
                         host.name, reason, len(retry), len(survivors))
