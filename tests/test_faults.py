@@ -158,14 +158,16 @@ def _crash(how: str, i: int):
     return i
 
 
-@pytest.mark.parametrize("how", ["exit", "segfault", "oom-kill"])
-def test_worker_crash_is_reported_and_replaced(fleet, how):
+@pytest.mark.parametrize(("how", "cause"), [("exit", "exited with code 3"),
+                                            ("segfault", "killed by SIGSEGV"),
+                                            ("oom-kill", "killed by SIGKILL")])
+def test_worker_crash_is_reported_and_replaced(fleet, how, cause):
     kwargs = fleet.kwargs(workers_per_host=2, cluster=f"crash-{how}")
     with parallel_backend("cloud", **kwargs):
         with pytest.raises(TerminatedWorkerError) as info:
             Parallel(n_jobs=-1, batch_size=1)(delayed(_crash)(how, i) for i in range(6))
         message = str(info.value)
-        assert "_crash" in message and "127.0.0." in message
+        assert "_crash" in message and "127.0.0." in message and cause in message
         # The same cluster works again: the agent started fresh workers.
         assert Parallel(n_jobs=-1)(delayed(_crash)(how, i) for i in (0, 1, 3)) == [0, 1, 3]
 
@@ -286,3 +288,52 @@ def test_host_never_up_clear_error_naming_host(fresh_fleet):
     elapsed = time.monotonic() - start
     assert dead.spec in str(info.value) and "unreachable after" in str(info.value)
     assert 1.5 < elapsed < 15
+
+
+def test_agent_killed_its_workers_exit_and_cluster_carries_on(fresh_fleet):
+    """An agent SIGKILLed (no chance to clean up) takes its workers with it, and the
+    client carries on with the other hosts."""
+    with parallel_backend("cloud", **fresh_fleet.kwargs(workers_per_host=2)):
+        assert Parallel(n_jobs=-1)(delayed(abs)(-i) for i in range(6)) == list(range(6))
+        agent = fresh_fleet.hosts[0].agent_processes()[0]
+        workers = [p.pid for p in agent.children(recursive=True)]
+        assert len(workers) == 2
+        agent.kill()
+        assert wait_for(lambda: _gone(workers), 10), "workers outlived their agent"
+        assert Parallel(n_jobs=-1)(delayed(abs)(-i) for i in range(20)) == list(range(20))
+
+
+def _mark_and_sleep(folder: str, i: int, seconds: float) -> int:
+    with open(os.path.join(folder, str(i)), "a") as fh:
+        fh.write(f"{os.getpid()}\n")
+    time.sleep(seconds)
+    return i
+
+
+def test_timeout_of_one_caller_leaves_another_callers_tasks_alone(tmp_path):
+    """Two threads share one host: one caller's timeout kills its own tasks only; the
+    other's run once, undisturbed (not killed and re-run)."""
+    kwargs = {"provider": "local", "n": 1, "workers_per_host": 4, "cluster": "two-callers"}
+    marks = tmp_path / "marks"
+    marks.mkdir()
+    results: list = []
+
+    def other_caller():
+        with parallel_backend("cloud", **kwargs):
+            results.extend(Parallel(n_jobs=2)(
+                delayed(_mark_and_sleep)(str(marks), i, 3.0) for i in range(2)))
+
+    with parallel_backend("cloud", **kwargs):
+        Parallel(n_jobs=2)(delayed(abs)(i) for i in range(2))  # connect once, up front
+        thread = threading.Thread(target=other_caller)
+        thread.start()
+        try:
+            assert wait_for(lambda: len(list(marks.iterdir())) == 2, 20)
+            with pytest.raises(Exception) as info:
+                Parallel(n_jobs=2, timeout=0.5)(delayed(time.sleep)(30) for _ in range(2))
+            assert "Timeout" in type(info.value).__name__
+        finally:
+            thread.join(60)
+    assert results == [0, 1]
+    starts = {p.name: p.read_text().split() for p in marks.iterdir()}
+    assert all(len(pids) == 1 for pids in starts.values()), starts
