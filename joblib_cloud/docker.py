@@ -8,7 +8,7 @@ the bootstrap code changes.  The container shares with the VM:
 - ``$JOBLIB_CLOUD_HOME`` (same path inside): the data cache, the shipped agent code and the
   activity file the on-VM kill switch watches;
 - the network and IPC namespaces (``--network host``, ``--ipc host``): tasks reach what
-  the VM reaches, and loky's semaphores are not capped by Docker's 64 MB ``/dev/shm``;
+  the VM reaches, and tasks' shared memory is not capped by Docker's 64 MB ``/dev/shm``;
 - the user id (``--user``), so files it writes stay the VM user's to clean up.
 
 ``--init`` reaps and forwards signals, ``--rm`` leaves nothing behind, and ``-i`` without
