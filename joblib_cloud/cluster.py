@@ -262,10 +262,14 @@ class HostSession:
     def can_send_now(self, job: Job) -> bool:
         """Whether the thread submitting ``job`` may send it itself, skipping the hand-off
         to this host's sender thread: a small batch whose cached arguments are all here,
-        with nothing ahead of it.  Called with ``cluster.lock`` held."""
+        with nothing ahead of it, that the stream takes without waiting.  That thread is
+        often another host's reader (joblib dispatches from the result callback), which
+        a stalled host must never block.  Called with ``cluster.lock`` held."""
+        size = len(job.payload)
         return (self.alive and not self.sending and not self.outbox
-                and len(job.payload) <= JOIN_BELOW and self._may_take()
-                and all(digest in self.cache for digest in job.refs))
+                and size <= JOIN_BELOW and self._may_take()
+                and all(digest in self.cache for digest in job.refs)
+                and self.stream.can_write_now(size + 1024))
 
     def send_now(self, job: Job) -> None:
         """Send ``job`` from this thread; ``can_send_now`` said yes and marked us sending."""

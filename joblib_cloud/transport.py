@@ -111,6 +111,11 @@ class AgentStream:
     def recv(self, n: int) -> bytes:
         raise NotImplementedError
 
+    def can_write_now(self, nbytes: int) -> bool:
+        """Whether ``nbytes`` can be written without waiting for the other side to read
+        (a stalled host must never block a thread that is not its own sender)."""
+        return True
+
     def close(self) -> None:
         raise NotImplementedError
 
@@ -332,6 +337,9 @@ class SSHAgent(AgentStream):
 
     def recv(self, n: int) -> bytes:
         return self.channel.recv(n)
+
+    def can_write_now(self, nbytes: int) -> bool:
+        return self.channel.out_window_size >= nbytes
 
     def close(self) -> None:
         self.channel.close()
