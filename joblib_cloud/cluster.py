@@ -197,17 +197,8 @@ class HostSession:
         return 2 * self.workers
 
     def _may_take(self) -> bool:
-        """Fill idle workers first, anywhere in the fleet; prefetch only when none is idle.
-
-        Without the second condition one host could queue 2x its workers while another
-        sits idle, which leaves a few long tasks running one after another.
-        Called with ``cluster.lock`` held.
-        """
-        busy = len(self.inflight)
-        if busy < self.workers:
-            return True
-        return busy < self.capacity and not any(
-            len(h.inflight) < h.workers for h in self.cluster.alive_hosts if h is not self)
+        """Called with ``cluster.lock`` held; the rule is ``Cluster.takers``."""
+        return self in self.cluster.takers()
 
     # -- sending -------------------------------------------------------------------
     def _send(self, kind: Kind, meta: dict[str, Any] | None = None,
@@ -266,8 +257,7 @@ class HostSession:
         often another host's reader (joblib dispatches from the result callback), which
         a stalled host must never block.  Called with ``cluster.lock`` held."""
         size = len(job.payload)
-        return (self.alive and not self.sending and not self.outbox
-                and size <= JOIN_BELOW and self._may_take()
+        return (not self.sending and not self.outbox and size <= JOIN_BELOW
                 and all(digest in self.cache for digest in job.refs)
                 and self.stream.can_write_now(size + 1024))
 
@@ -451,10 +441,21 @@ class Cluster:
         for host in self.hosts:
             host.wake.notify()
 
+    def takers(self) -> list[HostSession]:
+        """The hosts that may take the next batch (with ``lock`` held): those with an idle
+        worker; only when there is none, those below their capacity.
+
+        Without that order one host could queue 2x its workers while another sits idle,
+        which leaves a few long tasks running one after another.
+        """
+        alive = self.alive_hosts
+        idle = [h for h in alive if len(h.inflight) < h.workers]
+        return idle or [h for h in alive if len(h.inflight) < h.capacity]
+
     def wake_one(self, exclude: HostSession | None = None) -> None:
         """The sender of a host that may take the next queued batch (with ``lock`` held)."""
-        for host in self.hosts:
-            if host is not exclude and host.alive and host._may_take():
+        for host in self.takers():
+            if host is not exclude:
                 host.wake.notify()
                 return
 
@@ -473,7 +474,7 @@ class Cluster:
                 _resolve(job, exc=self._lost_error())
                 return job.future
             direct = None if self.pending else next(
-                (h for h in self.hosts if h.can_send_now(job)), None)
+                (h for h in self.takers() if h.can_send_now(job)), None)
             if direct is None:
                 self.pending.append(job)
                 self.wake_one()
