@@ -31,7 +31,7 @@ from .errors import (
 __version__ = "0.1.0"
 
 # Hosts import this package too (the agent and every worker process), and they need only
-# joblib, loky and cloudpickle: the client side (paramiko, boto3, psutil) loads on first use.
+# joblib and cloudpickle: the client side (paramiko, boto3, psutil) loads on first use.
 _LAZY = {"CloudBackend": "backend", "DistributedPool": "pool"}
 
 

@@ -171,8 +171,8 @@ class HostSession:
             detail = self._stderr_tail.decode(errors="replace").strip() or str(exc)
             raise HostConnectError(
                 f"the joblib-cloud agent on {self.name} did not start with python="
-                f"{config.python or 'python3'!r}: {detail}. It needs Python with joblib, "
-                "loky and cloudpickle installed (set python= to the right interpreter).") from None
+                f"{config.python or 'python3'!r}: {detail}. It needs Python with joblib "
+                "and cloudpickle installed (set python= to the right interpreter).") from None
         if kind != Kind.HELLO or hello.get("protocol") != PROTOCOL_VERSION:
             raise HostConnectError(f"host {self.name} speaks another protocol: {hello!r}")
         self.hello = hello

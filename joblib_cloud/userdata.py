@@ -27,7 +27,7 @@ from typing import Any
 VENV = "/opt/joblib-cloud/venv"
 HOST_PYTHON = f"{VENV}/bin/python"
 #: Pinned to the client's versions so pickles and results match (DESIGN §7).  The agent
-#: itself needs only joblib, loky and cloudpickle (tests/test_host_requirements.py).
+#: itself needs only joblib and cloudpickle (tests/test_host_requirements.py).
 CLIENT_PACKAGES = ("joblib", "cloudpickle", "loky", "numpy", "scipy", "scikit-learn",
                    "pandas", "threadpoolctl")
 CLIENT_KEY_PATH = "/opt/joblib-cloud/client_key.pub"

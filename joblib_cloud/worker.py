@@ -27,7 +27,7 @@ from .worker_pool import WorkerPool, grow_pipe, write_all
 
 THREAD_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS",
                "BLIS_NUM_THREADS", "VECLIB_MAXIMUM_THREADS", "NUMEXPR_NUM_THREADS")
-REPORTED_PACKAGES = ("joblib", "cloudpickle", "numpy", "scipy", "scikit-learn", "loky",
+REPORTED_PACKAGES = ("joblib", "cloudpickle", "numpy", "scipy", "scikit-learn",
                      "pandas")
 #: The on-VM kill switch reads this file's mtime: "a client was here, or work ran".
 ACTIVITY_FILE = "activity"
@@ -50,12 +50,10 @@ def host_versions() -> dict[str, str | None]:
 
 
 def _cpu_count() -> int:
-    try:
-        import loky
+    """The cores this process may use (joblib reads cgroup and affinity limits)."""
+    import joblib
 
-        return loky.cpu_count()
-    except Exception:
-        return os.cpu_count() or 1
+    return joblib.cpu_count()
 
 
 class Agent:

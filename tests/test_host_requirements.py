@@ -1,4 +1,4 @@
-"""A host needs Python with joblib, loky and cloudpickle, and nothing of the client side."""
+"""A host needs Python with joblib and cloudpickle, and nothing of the client side."""
 
 from __future__ import annotations
 
@@ -6,7 +6,9 @@ import sys
 
 from joblib import Parallel, delayed, parallel_backend
 
-CLIENT_ONLY = ("paramiko", "psutil", "boto3", "botocore", "moto")
+#: What a host may lack: the client's SSH/AWS packages, and standalone loky (joblib
+#: carries its own copy for the nested Parallel calls of tasks).
+CLIENT_ONLY = ("paramiko", "psutil", "boto3", "botocore", "moto", "loky")
 
 
 def _imported_client_modules(_):
