@@ -365,6 +365,11 @@ class HostSession:
                 f"({meta.get('message')}). The likely causes are a segmentation fault, "
                 "os._exit, or the out-of-memory killer (try fewer workers_per_host or a "
                 "larger instance); the host has started fresh workers."))
+        elif status == "broken":
+            _resolve(job, exc=TerminatedWorkerError(
+                f"host {self.name} cannot start worker processes, so {job.label} did not "
+                f"run: {meta.get('message')}. Check that python= on the host imports "
+                "joblib, cloudpickle and what your tasks need."))
         elif status == "too_large":
             _resolve(job, exc=ResultTooLargeError(
                 f"the result of {job.label} on host {self.name} is {meta['size']:,} bytes "

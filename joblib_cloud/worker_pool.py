@@ -35,6 +35,8 @@ WORKER_BOOTSTRAP = (
 MAX_FAILED_STARTS = 3
 
 Send = Callable[[Kind, dict[str, Any], bytes], None]
+#: (batch id, frame meta, cloudpickled batch)
+Batch = tuple[int, dict[str, Any], bytes]
 
 
 def write_all(fd: int, parts: list[bytes | memoryview]) -> None:
@@ -83,7 +85,7 @@ class WorkerProcess:
         os.close(from_w)
         self.to_worker = to_w
         self.from_worker = from_r
-        self.batch_id: int | None = None
+        self.batch: Batch | None = None  # kept until its result: re-run if we die starting
         self.ready = False
         self.doomed = False  # being killed by an abort: hand it nothing more
 
@@ -110,7 +112,7 @@ class WorkerPool:
         self.max_result_size = max_result_size
         self.send = send
         self.lock = threading.Lock()
-        self.queue: collections.deque[tuple[int, dict[str, Any], bytes]] = collections.deque()
+        self.queue: collections.deque[Batch] = collections.deque()
         self.idle: list[WorkerProcess] = []
         self.running: dict[int, WorkerProcess] = {}
         self.workers: list[WorkerProcess] = []
@@ -143,14 +145,13 @@ class WorkerPool:
             if not self.queue:
                 self.idle.append(worker)
                 return
-            batch_id, meta, payload = self.queue.popleft()
-            worker.batch_id = batch_id
-            self.running[batch_id] = worker
-        self._write(worker, meta, payload)
+            worker.batch = batch = self.queue.popleft()
+            self.running[batch[0]] = worker
+        self._write(worker, batch)
 
-    def _write(self, worker: WorkerProcess, meta: dict[str, Any], payload: bytes) -> None:
+    def _write(self, worker: WorkerProcess, batch: Batch) -> None:
         try:
-            write_all(worker.to_worker, encode(Kind.BATCH, meta, payload))
+            write_all(worker.to_worker, encode(Kind.BATCH, batch[1], batch[2]))
         except OSError:
             pass  # it died: its relay thread reports the batch as crashed
 
@@ -168,12 +169,12 @@ class WorkerPool:
                     self.failed_starts = 0
                 continue
             with self.lock:
-                batch_id, worker.batch_id = worker.batch_id, None
-                if batch_id is not None:
-                    del self.running[batch_id]
+                batch, worker.batch = worker.batch, None
+                if batch is not None:
+                    del self.running[batch[0]]
             self._hand_next(worker)  # first: the worker starts on it while we forward
-            if batch_id is not None:  # None: an abort already answered for it
-                meta["id"] = batch_id
+            if batch is not None:  # None: an abort already answered for it
+                meta["id"] = batch[0]
                 self._send(Kind.RESULT, meta, data)
         self._buried(worker)
 
@@ -186,26 +187,38 @@ class WorkerPool:
             self.workers.remove(worker)
             if worker in self.idle:
                 self.idle.remove(worker)
-            batch_id, worker.batch_id = worker.batch_id, None
-            if batch_id is not None:
-                del self.running[batch_id]
+            batch, worker.batch = worker.batch, None
+            if batch is not None:
+                del self.running[batch[0]]
             if not worker.ready and not worker.doomed:
                 self.failed_starts += 1
+                if batch is not None:  # it never ran: the next worker takes it
+                    self.queue.appendleft(batch)
+                    batch = None
             restart = not self.closed and self.failed_starts < MAX_FAILED_STARTS
             stranded: list[int] = []
             if not restart and not self.closed and not self.workers:
                 self.broken = (f"{MAX_FAILED_STARTS} worker processes in a row died while "
                                f"starting (the last: {how}); see the host's stderr above")
-                stranded = [item[0] for item in self.queue]
+                stranded = [queued[0] for queued in self.queue]
                 self.queue.clear()
-        if batch_id is not None and not self.closed:
-            self._send(Kind.RESULT, {"id": batch_id, "status": "crashed",
+        if batch is not None and not self.closed:
+            self._send(Kind.RESULT, {"id": batch[0], "status": "crashed",
                                      "message": f"worker process {worker.pid}: {how}"})
         for stranded_id in stranded:
-            self._send(Kind.RESULT, {"id": stranded_id, "status": "crashed",
+            self._send(Kind.RESULT, {"id": stranded_id, "status": "broken",
                                      "message": self.broken})
         if restart:
             self._start_worker()
+        else:
+            self._feed_idle()  # a batch given back above may wait for a ready worker
+
+    def _feed_idle(self) -> None:
+        with self.lock:
+            if not (self.idle and self.queue) or self.closed:
+                return
+            worker = self.idle.pop()
+        self._hand_next(worker)
 
     def _send(self, kind: Kind, meta: dict[str, Any], data: bytes = b"") -> None:
         try:
@@ -215,26 +228,27 @@ class WorkerPool:
 
     # ----------------------------------------------------------------- work
     def submit(self, batch_id: int, meta: dict[str, Any], payload: bytes) -> None:
+        batch = (batch_id, meta, payload)
         with self.lock:
             broken = self.broken
             if not broken and (not self.idle or self.closed):
-                self.queue.append((batch_id, meta, payload))
+                self.queue.append(batch)
                 return
             if not broken:
                 worker = self.idle.pop()
-                worker.batch_id = batch_id
+                worker.batch = batch
                 self.running[batch_id] = worker
         if broken:
-            self._send(Kind.RESULT, {"id": batch_id, "status": "crashed", "message": broken})
+            self._send(Kind.RESULT, {"id": batch_id, "status": "broken", "message": broken})
         else:
-            self._write(worker, meta, payload)
+            self._write(worker, batch)
 
     def abort(self, batch_ids: list[int] | None = None) -> list[int]:
         """Cancel these batches (all when ``None``): drop queued ones, kill the workers
         running the others (fresh ones replace them).  Returns the cancelled ids."""
         wanted = None if batch_ids is None else set(batch_ids)
         with self.lock:
-            keep: collections.deque[tuple[int, dict[str, Any], bytes]] = collections.deque()
+            keep: collections.deque[Batch] = collections.deque()
             cancelled = []
             for item in self.queue:
                 (cancelled if wanted is None or item[0] in wanted else keep).append(item)
@@ -242,9 +256,10 @@ class WorkerPool:
             cancelled_ids = [item[0] for item in cancelled]
             victims = [w for bid, w in self.running.items() if wanted is None or bid in wanted]
             for worker in victims:
-                cancelled_ids.append(worker.batch_id)
-                del self.running[worker.batch_id]
-                worker.batch_id = None
+                batch_id = worker.batch[0]
+                cancelled_ids.append(batch_id)
+                del self.running[batch_id]
+                worker.batch = None
                 worker.doomed = True
         for worker in victims:
             worker.kill()

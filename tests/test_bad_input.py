@@ -21,6 +21,7 @@ from joblib_cloud.errors import (
     RemoteTaskError,
     ResultTooLargeError,
     TaskPicklingError,
+    TerminatedWorkerError,
 )
 
 # ----------------------------------------------------------------------- settings
@@ -222,3 +223,49 @@ def test_local_state_files_are_private(fleet):
     for path in home.rglob("*"):
         mode = stat.S_IMODE(path.stat().st_mode)
         assert mode & 0o077 == 0, f"{path} is readable by others ({oct(mode)})"
+
+
+def test_workers_that_cannot_start_fail_the_call_not_hang(tmp_path):
+    """A host whose worker processes die while starting (a broken site-packages, say)
+    fails the call with the reason instead of waiting for workers forever."""
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    # Only the agent's worker processes carry JOBLIB_CLOUD_SYS_PATH; the agent starts fine.
+    (broken / "sitecustomize.py").write_text(
+        "import os\nif 'JOBLIB_CLOUD_SYS_PATH' in os.environ:\n    os._exit(7)\n")
+    wrapper = tmp_path / "python-with-broken-workers"
+    wrapper.write_text(f'#!/bin/sh\nPYTHONPATH={broken} exec {sys.executable} "$@"\n')
+    wrapper.chmod(0o755)
+    kwargs = {"provider": "local", "n": 1, "workers_per_host": 2, "python": str(wrapper),
+              "cluster": "broken-workers"}
+    with parallel_backend("cloud", **kwargs):
+        with pytest.raises(TerminatedWorkerError) as info:
+            Parallel(n_jobs=-1, timeout=60)(delayed(abs)(i) for i in range(4))
+    message = str(info.value)
+    assert "cannot start worker processes" in message and "exited with code 7" in message
+
+
+def test_worker_that_dies_while_starting_is_replaced_and_its_batch_runs(tmp_path):
+    """One worker process dies before it is ready (the first to start, once, a second in):
+    the batch it was given runs on its replacement, and the call succeeds."""
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    marker = tmp_path / "first-worker-died"
+    (hook / "sitecustomize.py").write_text(
+        "import os\n"
+        "if 'JOBLIB_CLOUD_SYS_PATH' in os.environ:\n"
+        "    try:\n"
+        f"        os.close(os.open({str(marker)!r}, os.O_CREAT | os.O_EXCL))\n"
+        "    except FileExistsError:\n"
+        "        pass\n"
+        "    else:  # dies slowly: after the agent has handed it a batch\n"
+        "        import time; time.sleep(1.0); os._exit(7)\n")
+    wrapper = tmp_path / "python-with-one-failing-worker"
+    wrapper.write_text(f'#!/bin/sh\nPYTHONPATH={hook} exec {sys.executable} "$@"\n')
+    wrapper.chmod(0o755)
+    kwargs = {"provider": "local", "n": 1, "workers_per_host": 2, "python": str(wrapper),
+              "cluster": "one-failing-worker"}
+    with parallel_backend("cloud", **kwargs):
+        assert Parallel(n_jobs=-1, batch_size=1)(
+            delayed(abs)(-i) for i in range(8)) == list(range(8))
+    assert marker.exists()
