@@ -9,7 +9,9 @@ Prints, per host:
     processes mapping it, so the memory-mapped cached ``X`` counts once) and the ratio to
     size(X) (target: <= 1.5 with 2 workers per host), with its parts: the processes' own
     baseline before the search, the cached ``X``'s mapped pages (shared by all workers),
-    and the rest (scikit-learn's per-fold copies ``X[train]``, ``X[test]`` and the fit).
+    and the rest (scikit-learn's per-fold copies ``X[train]``, ``X[test]`` and the fit);
+  * the same search with loky on this machine (2 workers; joblib memory-maps ``X`` for
+    them): the peak PSS of loky's workers, and each host's peak as a ratio to it.
 Usage::
 
     python bench/big_data.py [--mb 240] [--features 100] [--repeat 3]
@@ -24,6 +26,7 @@ import statistics
 import struct
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -62,44 +65,54 @@ def _mapped_pss(pid: int, marker: str) -> int:
     return total
 
 
-class HostMemory(threading.Thread):
-    """Samples the PSS of each host's agent and workers until stopped; keeps the peak."""
+def host_processes(host: Any) -> list[psutil.Process]:
+    """A fleet host's agent and everything below it (its workers)."""
+    out = []
+    for agent in host.agent_processes():
+        try:
+            out.extend([agent, *agent.children(recursive=True)])
+        except psutil.Error:
+            continue
+    return out
 
-    def __init__(self, fleet: Any, cache_marker: str, every: float = 0.2) -> None:
+
+def fleet_groups(fleet: Any) -> dict[str, Callable[[], list[psutil.Process]]]:
+    return {h.address: (lambda h=h: host_processes(h)) for h in fleet.hosts}
+
+
+def loky_workers() -> list[psutil.Process]:
+    """loky's worker processes (and its resource tracker): this process's children."""
+    return psutil.Process().children(recursive=True)
+
+
+class HostMemory(threading.Thread):
+    """Samples the PSS of groups of processes (each host's agent and workers, or loky's
+    workers) until stopped; keeps each group's peak."""
+
+    def __init__(self, groups: dict[str, Callable[[], list[psutil.Process]]],
+                 mapped_marker: str, every: float = 0.2) -> None:
         super().__init__(daemon=True)
-        self.fleet, self.marker, self.every = fleet, cache_marker, every
-        self.peak = {h.address: 0 for h in fleet.hosts}
-        self.peak_mapped = {h.address: 0 for h in fleet.hosts}
-        self.peak_procs = {h.address: 0 for h in fleet.hosts}
-        self.per_process: dict[int, int] = {}
+        self.groups, self.marker, self.every = groups, mapped_marker, every
+        self.peak = dict.fromkeys(groups, 0)
+        self.peak_mapped = dict.fromkeys(groups, 0)
+        self.peak_procs = dict.fromkeys(groups, 0)
         self._stop_event = threading.Event()
 
-    def procs(self, host: Any) -> list[psutil.Process]:
-        """The agent and everything below it (loky workers, resource tracker)."""
-        out = []
-        for agent in host.agent_processes():
-            try:
-                out.extend([agent, *agent.children(recursive=True)])
-            except psutil.Error:
-                continue
-        return out
-
     def sample(self, with_maps: bool) -> None:
-        for host in self.fleet.hosts:
-            total, mapped, procs = 0, 0, self.procs(host)
+        for name, processes in self.groups.items():
+            total, mapped, procs = 0, 0, processes()
             for proc in procs:
                 try:
                     pss = proc.memory_full_info().pss
                 except psutil.Error:
                     continue
                 total += pss
-                self.per_process[proc.pid] = max(self.per_process.get(proc.pid, 0), pss)
                 if with_maps:
                     mapped += _mapped_pss(proc.pid, self.marker)
-            self.peak[host.address] = max(self.peak[host.address], total)
-            self.peak_procs[host.address] = max(self.peak_procs[host.address], len(procs))
+            self.peak[name] = max(self.peak[name], total)
+            self.peak_procs[name] = max(self.peak_procs[name], len(procs))
             if with_maps:
-                self.peak_mapped[host.address] = max(self.peak_mapped[host.address], mapped)
+                self.peak_mapped[name] = max(self.peak_mapped[name], mapped)
 
     def run(self) -> None:
         tick = 0
@@ -113,10 +126,31 @@ class HostMemory(threading.Thread):
         self.sample(with_maps=True)
 
 
-def baseline_pss(fleet: Any) -> dict[str, int]:
-    probe = HostMemory(fleet, "/cache/")
+def baseline_pss(groups: dict[str, Callable[[], list[psutil.Process]]]) -> dict[str, int]:
+    probe = HostMemory(groups, "")
     probe.sample(with_maps=False)
     return probe.peak
+
+
+def search(cv: Any) -> GridSearchCV:
+    return GridSearchCV(Ridge(fit_intercept=False, copy_X=False), {"alpha": ALPHAS}, cv=cv,
+                        n_jobs=-1)
+
+
+def loky_once(X: np.ndarray, y: np.ndarray, cv: Any, workers: int) -> dict[str, Any]:
+    """The same search with loky on this machine: the peak PSS of its workers (joblib
+    memory-maps ``X`` for them), the reference for the hosts' figure."""
+    with parallel_backend("loky", n_jobs=workers):  # workers import scikit-learn
+        GridSearchCV(Ridge(), {"alpha": ALPHAS[:4]}, n_jobs=-1).fit(X[:500], y[:500])
+        base = baseline_pss({"loky": loky_workers})["loky"]
+        monitor = HostMemory({"loky": loky_workers}, "joblib_memmapping_folder")
+        monitor.start()
+        start = time.perf_counter()
+        search(cv).fit(X, y)
+        wall = time.perf_counter() - start
+        monitor.stop()
+    return {"wall": wall, "peak": monitor.peak["loky"], "base": base,
+            "mapped": monitor.peak_mapped["loky"]}
 
 
 def run_once(fleet: Any, kwargs: dict, X: np.ndarray, y: np.ndarray, cv: Any
@@ -125,19 +159,18 @@ def run_once(fleet: Any, kwargs: dict, X: np.ndarray, y: np.ndarray, cv: Any
     names = {h.connection.spec.address: h for h in cluster.hosts}
     with parallel_backend("cloud", **kwargs):  # workers import scikit-learn: baseline
         GridSearchCV(Ridge(), {"alpha": ALPHAS[:4]}, n_jobs=-1).fit(X[:500], y[:500])
-    base = baseline_pss(fleet)
+    base = baseline_pss(fleet_groups(fleet))
     sent0 = {a: tcp_bytes_acked(h.connection.transport.sock) for a, h in names.items()}
     uploaded0 = {a: h.bytes_uploaded for a, h in names.items()}
-    monitor = HostMemory(fleet, os.sep + "cache" + os.sep)
+    monitor = HostMemory(fleet_groups(fleet), os.sep + "cache" + os.sep)
     monitor.start()
     start = time.perf_counter()
     with parallel_backend("cloud", **kwargs):
-        search = GridSearchCV(Ridge(fit_intercept=False, copy_X=False), {"alpha": ALPHAS}, cv=cv,
-                              n_jobs=-1).fit(X, y)
+        fitted = search(cv).fit(X, y)
     wall = time.perf_counter() - start
     monitor.stop()
     return {
-        "wall": wall, "best": search.best_params_,
+        "wall": wall, "best": fitted.best_params_,
         "sent": {a: tcp_bytes_acked(h.connection.transport.sock) - sent0[a]
                  for a, h in names.items()},
         "uploaded": {a: h.bytes_uploaded - uploaded0[a] for a, h in names.items()},
@@ -166,15 +199,21 @@ def main() -> None:
           f"on X {X.shape} = {X.nbytes / 1e6:.0f} MB, y {y.nbytes / 1e6:.1f} MB; 2 loopback "
           f"ssh hosts x 2 workers; median of {args.repeat} (each on a fresh fleet); {MACHINE}")
     print(f"before: {load_note()}")
-    runs = []
+    runs, lokys = [], []
     for i in range(args.repeat):
+        loky = loky_once(X, y, cv, workers=2)
+        lokys.append(loky)
+        print(f"  run {i + 1}: loky on this machine, 2 workers: {loky['wall']:.1f} s; peak PSS "
+              f"of its workers {loky['peak'] / 1e6:.0f} MB ({loky['peak'] / X.nbytes:.2f} x "
+              f"size(X)): baseline {loky['base'] / 1e6:.0f} MB, memory-mapped X "
+              f"{loky['mapped'] / 1e6:.0f} MB", flush=True)
         # A fresh fleet per run: a warm host would already hold X and send nothing.
         with ssh_fleet(2) as fleet:
             kwargs = fleet.kwargs(workers_per_host=2)
             get_cluster(resolve_config(**kwargs))  # connect first: not part of the figures
             run = run_once(fleet, kwargs, X, y, cv)
             runs.append(run)
-            print(f"  run {i + 1}: {run['wall']:.1f} s, best {run['best']}", flush=True)
+            print(f"  run {i + 1}: cloud, {run['wall']:.1f} s, best {run['best']}", flush=True)
             for a in sorted(run["sent"]):
                 print(f"    host {a}: sent {run['sent'][a] / 1e6:7.1f} MB "
                       f"({run['sent'][a] / data:.3f} x size(X)+size(y); cache uploads "
@@ -197,7 +236,16 @@ def main() -> None:
               f"{mapped / X.nbytes:.2f} (shared) + per-fit copies "
               f"{(peak - base - mapped) / X.nbytes:.2f} (X[train], X[test], fit); "
               f"peak - baseline = {(peak - base) / X.nbytes:.2f} x size(X)")
-    print(f"  wall time: {statistics.median(r['wall'] for r in runs):.1f} s")
+    loky_peak = statistics.median(r["peak"] for r in lokys)
+    loky_base = statistics.median(r["base"] for r in lokys)
+    print(f"  loky's 2 workers on one machine: peak PSS / size(X) = "
+          f"{loky_peak / X.nbytes:.2f} (baseline {loky_base / X.nbytes:.2f}); "
+          f"peak - baseline = {(loky_peak - loky_base) / X.nbytes:.2f} x size(X)")
+    for a in hosts:
+        peak = statistics.median(r["peak"][a] for r in runs)
+        print(f"  host {a}: peak PSS = {peak / loky_peak:.2f} x loky's workers' peak")
+    print(f"  wall time: cloud {statistics.median(r['wall'] for r in runs):.1f} s, "
+          f"loky {statistics.median(r['wall'] for r in lokys):.1f} s")
 
 
 if __name__ == "__main__":
