@@ -59,9 +59,7 @@ def grow_pipe(fd: int, size: int = 1 << 20) -> None:
         pass
 
 
-def describe_exit(returncode: int | None) -> str:
-    if returncode is None:
-        return "it stopped answering"
+def describe_exit(returncode: int) -> str:
     if returncode < 0:
         try:
             return f"it was killed by {signal.Signals(-returncode).name}"
@@ -106,7 +104,6 @@ class WorkerPool:
 
     def __init__(self, workers: int, env: dict[str, str], cache_dir: str,
                  max_result_size: int, send: Send) -> None:
-        self.size = workers
         self.env = {**env, "JOBLIB_CLOUD_SYS_PATH": _json_sys_path()}
         self.cache_dir = cache_dir
         self.max_result_size = max_result_size
@@ -119,8 +116,7 @@ class WorkerPool:
         self.failed_starts = 0
         self.broken = ""  # why no worker can start: batches fail at once instead of waiting
         self.closed = False
-        self.lifeline, self._lifeline_w = os.pipe()
-        os.set_inheritable(self._lifeline_w, False)
+        self.lifeline, self._lifeline_w = os.pipe()  # not inherited, unless passed
         for _ in range(workers):
             self._start_worker()
 
