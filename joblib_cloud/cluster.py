@@ -141,6 +141,7 @@ class HostSession:
         self.bytes_uploaded = 0
         self.last_recv = time.monotonic()
         self.last_send = time.monotonic()
+        self.in_callback = False  # the reader thread is running a result's callbacks
         self.workers = 0
         self.cpu_count = 0
         self.hello: dict[str, Any] = {}
@@ -321,7 +322,15 @@ class HostSession:
             while True:
                 kind, meta, data = self._reader.read()
                 if kind == Kind.RESULT:
-                    self._on_result(meta, data)
+                    # joblib's callback runs here and dispatches the next batch, which
+                    # pulls the user's task generator: for as long as that takes, this
+                    # host's silence is ours, not the host's.
+                    self.in_callback = True
+                    try:
+                        self._on_result(meta, data)
+                    finally:
+                        self.in_callback = False
+                        self.last_recv = time.monotonic()
                 elif kind == Kind.OUTPUT:
                     self._print(meta["stream"], data)
                 elif kind == Kind.STATUS and meta.get("warning"):
@@ -567,7 +576,7 @@ class Cluster:
             now = time.monotonic()
             for host in self.alive_hosts:
                 silent = now - host.last_recv
-                if silent > timeout:
+                if silent > timeout and not host.in_callback:
                     self.host_lost(host, f"no heartbeat for {silent:.1f}s (the host or its "
                                          "network stalled)")
 

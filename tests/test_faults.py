@@ -337,3 +337,18 @@ def test_timeout_of_one_caller_leaves_another_callers_tasks_alone(tmp_path):
     assert results == [0, 1]
     starts = {p.name: p.read_text().split() for p in marks.iterdir()}
     assert all(len(pids) == 1 for pids in starts.values()), starts
+
+
+def test_slow_task_generator_is_not_taken_for_a_dead_host(fleet):
+    """joblib pulls the next task from the user's generator inside a result callback; a
+    generator slower than heartbeat_timeout must not make the client drop a healthy host."""
+    def tasks():
+        for i in range(8):
+            if i == 5:
+                time.sleep(3)  # the user's own slow step (loading data, say): > 1.5 s
+            yield delayed(abs)(-i)
+
+    kwargs = fleet.kwargs(fleet.hosts[:1], workers_per_host=1, heartbeat_timeout=1.5,
+                          cluster="slow-generator")  # one host: losing it loses the call
+    with parallel_backend("cloud", **kwargs):
+        assert Parallel(n_jobs=2, batch_size=1, pre_dispatch=2)(tasks()) == list(range(8))
