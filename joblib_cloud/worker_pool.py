@@ -126,7 +126,13 @@ class WorkerPool:
 
     # ----------------------------------------------------------------- workers
     def _start_worker(self) -> None:
-        worker = WorkerProcess(self)
+        try:
+            worker = WorkerProcess(self)
+        except OSError as exc:  # out of processes, memory or file descriptors
+            with self.lock:
+                self.failed_starts += 1
+            self._give_up_if_none_left(f"starting a worker process failed: {exc}")
+            return
         with self.lock:
             self.workers.append(worker)
         threading.Thread(target=self._relay, args=(worker,), daemon=True,
@@ -192,22 +198,27 @@ class WorkerPool:
                     self.queue.appendleft(batch)
                     batch = None
             restart = not self.closed and self.failed_starts < MAX_FAILED_STARTS
-            stranded: list[int] = []
-            if not restart and not self.closed and not self.workers:
-                self.broken = (f"{MAX_FAILED_STARTS} worker processes in a row died while "
-                               f"starting (the last: {how}); see the host's stderr above")
-                stranded = [queued[0] for queued in self.queue]
-                self.queue.clear()
         if batch is not None and not self.closed:
             self._send(Kind.RESULT, {"id": batch[0], "status": "crashed",
                                      "message": f"worker process {worker.pid}: {how}"})
-        for stranded_id in stranded:
-            self._send(Kind.RESULT, {"id": stranded_id, "status": "broken",
-                                     "message": self.broken})
         if restart:
             self._start_worker()
         else:
+            self._give_up_if_none_left(f"{MAX_FAILED_STARTS} worker processes in a row died "
+                                       f"while starting (the last: {how}); see the host's "
+                                       "stderr above")
             self._feed_idle()  # a batch given back above may wait for a ready worker
+
+    def _give_up_if_none_left(self, reason: str) -> None:
+        """No worker is left and none can start: fail what waits, and all that comes."""
+        with self.lock:
+            if self.closed or self.workers:
+                return
+            self.broken = reason
+            stranded = [queued[0] for queued in self.queue]
+            self.queue.clear()
+        for batch_id in stranded:
+            self._send(Kind.RESULT, {"id": batch_id, "status": "broken", "message": reason})
 
     def _feed_idle(self) -> None:
         with self.lock:
