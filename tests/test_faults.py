@@ -290,16 +290,32 @@ def test_host_never_up_clear_error_naming_host(fresh_fleet):
     assert 1.5 < elapsed < 15
 
 
-def test_agent_killed_its_workers_exit_and_cluster_carries_on(fresh_fleet):
-    """An agent SIGKILLed (no chance to clean up) takes its workers with it, and the
-    client carries on with the other hosts."""
+def test_agent_killed_its_busy_workers_exit_and_cluster_carries_on(fresh_fleet, tmp_path):
+    """An agent SIGKILLed (no chance to clean up) takes its workers with it, even those in
+    the middle of a long task, and the client carries on with the other hosts."""
+    marks = tmp_path / "marks"
+    marks.mkdir()
+    outcome: list = []
+
+    def long_call():
+        try:
+            with parallel_backend("cloud", **kwargs):
+                Parallel(n_jobs=2)(
+                    delayed(_mark_and_sleep)(str(marks), i, 60.0) for i in range(2))
+        except ClusterLostError as exc:  # that call lost its only host
+            outcome.append(exc)
+
+    victim = fresh_fleet.hosts[0]
+    kwargs = fresh_fleet.kwargs([victim], workers_per_host=2, cluster="agent-kill")
+    thread = threading.Thread(target=long_call, daemon=True)
+    thread.start()
+    assert wait_for(lambda: len(list(marks.iterdir())) == 2, 30), "tasks did not start"
+    workers = [int(f.read_text()) for f in marks.iterdir()]
+    victim.agent_processes()[0].kill()
+    assert wait_for(lambda: _gone(workers), 10), "busy workers outlived their agent"
+    thread.join(30)
+    assert not thread.is_alive() and len(outcome) == 1, outcome
     with parallel_backend("cloud", **fresh_fleet.kwargs(workers_per_host=2)):
-        assert Parallel(n_jobs=-1)(delayed(abs)(-i) for i in range(6)) == list(range(6))
-        agent = fresh_fleet.hosts[0].agent_processes()[0]
-        workers = [p.pid for p in agent.children(recursive=True)]
-        assert len(workers) == 2
-        agent.kill()
-        assert wait_for(lambda: _gone(workers), 10), "workers outlived their agent"
         assert Parallel(n_jobs=-1)(delayed(abs)(-i) for i in range(20)) == list(range(20))
 
 
