@@ -12,6 +12,7 @@ from pathlib import Path
 
 import psutil
 import pytest
+from hostenv import python_with_sitecustomize
 from joblib import Parallel, delayed, parallel_backend
 
 from joblib_cloud import CloudBackend
@@ -228,14 +229,10 @@ def test_local_state_files_are_private(fleet):
 def test_workers_that_cannot_start_fail_the_call_not_hang(tmp_path):
     """A host whose worker processes die while starting (a broken site-packages, say)
     fails the call with the reason instead of waiting for workers forever."""
-    broken = tmp_path / "broken"
-    broken.mkdir()
     # Only the agent's worker processes carry JOBLIB_CLOUD_SYS_PATH; the agent starts fine.
-    (broken / "sitecustomize.py").write_text(
+    wrapper = python_with_sitecustomize(
+        tmp_path, "python-with-broken-workers",
         "import os\nif 'JOBLIB_CLOUD_SYS_PATH' in os.environ:\n    os._exit(7)\n")
-    wrapper = tmp_path / "python-with-broken-workers"
-    wrapper.write_text(f'#!/bin/sh\nPYTHONPATH={broken} exec {sys.executable} "$@"\n')
-    wrapper.chmod(0o755)
     kwargs = {"provider": "local", "n": 1, "workers_per_host": 2, "python": str(wrapper),
               "cluster": "broken-workers"}
     with parallel_backend("cloud", **kwargs):
@@ -248,10 +245,9 @@ def test_workers_that_cannot_start_fail_the_call_not_hang(tmp_path):
 def test_worker_that_dies_while_starting_is_replaced_and_its_batch_runs(tmp_path):
     """One worker process dies before it is ready (the first to start, once, a second in):
     the batch it was given runs on its replacement, and the call succeeds."""
-    hook = tmp_path / "hook"
-    hook.mkdir()
     marker = tmp_path / "first-worker-died"
-    (hook / "sitecustomize.py").write_text(
+    wrapper = python_with_sitecustomize(
+        tmp_path, "python-with-one-failing-worker",
         "import os\n"
         "if 'JOBLIB_CLOUD_SYS_PATH' in os.environ:\n"
         "    try:\n"
@@ -260,9 +256,6 @@ def test_worker_that_dies_while_starting_is_replaced_and_its_batch_runs(tmp_path
         "        pass\n"
         "    else:  # dies slowly: after the agent has handed it a batch\n"
         "        import time; time.sleep(1.0); os._exit(7)\n")
-    wrapper = tmp_path / "python-with-one-failing-worker"
-    wrapper.write_text(f'#!/bin/sh\nPYTHONPATH={hook} exec {sys.executable} "$@"\n')
-    wrapper.chmod(0o755)
     kwargs = {"provider": "local", "n": 1, "workers_per_host": 2, "python": str(wrapper),
               "cluster": "one-failing-worker"}
     with parallel_backend("cloud", **kwargs):

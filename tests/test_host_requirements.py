@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sys
 
+from hostenv import python_with_sitecustomize
 from joblib import Parallel, delayed, parallel_backend
 
 #: What a host may lack: the client's SSH/AWS packages, and standalone loky (joblib
@@ -17,13 +18,9 @@ def _imported_client_modules(_):
 
 def test_agent_and_workers_run_without_client_only_packages(tmp_path):
     # A "host" whose Python cannot import the client's SSH/AWS packages at all.
-    block = tmp_path / "block"
-    block.mkdir()
-    (block / "sitecustomize.py").write_text(
+    wrapper = python_with_sitecustomize(
+        tmp_path, "python-without-client-packages",
         "import sys\n" + "".join(f"sys.modules[{m!r}] = None\n" for m in CLIENT_ONLY))
-    wrapper = tmp_path / "python-without-client-packages"
-    wrapper.write_text(f'#!/bin/sh\nPYTHONPATH={block} exec {sys.executable} "$@"\n')
-    wrapper.chmod(0o755)
     kwargs = {"provider": "local", "n": 1, "workers_per_host": 2, "python": str(wrapper),
               "cluster": "no-client-packages"}
     with parallel_backend("cloud", **kwargs):
