@@ -351,11 +351,8 @@ class HostSession:
         if job is None:
             return
         status = meta["status"]
-        if status == "cancelled":
-            if job.aborted:
-                _resolve(job, exc=AbortedError(f"{job.label} was cancelled"))
-            else:  # collateral of another caller's abort on this host: run it again
-                cluster.requeue([job])
+        if status == "cancelled":  # only batches this client aborted, by id
+            _resolve(job, exc=AbortedError(f"{job.label} was cancelled"))
             return
         if job.aborted:
             return

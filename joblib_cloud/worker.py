@@ -93,8 +93,8 @@ class Agent:
         self.pool = WorkerPool(self.workers, env, str(self.cache_dir), self.max_result_size,
                                self.send)
 
-    def abort(self, batch_ids: list[int] | None) -> None:
-        """Kill the tasks running these batches (all when ``None``); report them cancelled."""
+    def abort(self, batch_ids: list[int]) -> None:
+        """Kill the tasks running these batches; report them cancelled."""
         if self.pool is not None:
             for batch_id in self.pool.abort(batch_ids):
                 self.send(Kind.RESULT, {"id": batch_id, "status": "cancelled"})
@@ -178,7 +178,7 @@ class Agent:
             elif kind == Kind.EVICT:
                 self.evict(meta["digests"])
             elif kind == Kind.ABORT:
-                self.abort(meta.get("ids"))
+                self.abort(meta["ids"])
             elif kind == Kind.BYE:
                 return
 

@@ -250,18 +250,14 @@ class WorkerPool:
         else:
             self._write(worker, batch)
 
-    def abort(self, batch_ids: list[int] | None = None) -> list[int]:
-        """Cancel these batches (all when ``None``): drop queued ones, kill the workers
-        running the others (fresh ones replace them).  Returns the cancelled ids."""
-        wanted = None if batch_ids is None else set(batch_ids)
+    def abort(self, batch_ids: list[int]) -> list[int]:
+        """Cancel these batches: drop queued ones, kill the workers running the others
+        (fresh ones replace them).  Returns the cancelled ids."""
+        wanted = set(batch_ids)
         with self.lock:
-            keep: collections.deque[Batch] = collections.deque()
-            cancelled = []
-            for item in self.queue:
-                (cancelled if wanted is None or item[0] in wanted else keep).append(item)
-            self.queue = keep
-            cancelled_ids = [item[0] for item in cancelled]
-            victims = [w for bid, w in self.running.items() if wanted is None or bid in wanted]
+            cancelled_ids = [item[0] for item in self.queue if item[0] in wanted]
+            self.queue = collections.deque(item for item in self.queue if item[0] not in wanted)
+            victims = [w for bid, w in self.running.items() if bid in wanted]
             for worker in victims:
                 batch_id = worker.batch[0]
                 cancelled_ids.append(batch_id)
