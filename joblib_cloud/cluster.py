@@ -36,7 +36,17 @@ from .errors import (
     ResultTooLargeError,
     TerminatedWorkerError,
 )
-from .protocol import JOIN_BELOW, PROTOCOL_VERSION, FrameReader, Kind, encode
+from .protocol import (
+    JOIN_BELOW,
+    PROTOCOL_VERSION,
+    FrameBuffer,
+    FrameReader,
+    Kind,
+    RawFrame,
+    encode,
+    frame_data,
+    frame_meta,
+)
 from .serialization import ObjectStore
 from .transport import AgentStream, SSHConnection, agent_preamble
 from .worker import host_versions
@@ -147,7 +157,8 @@ class HostSession:
         self.hello: dict[str, Any] = {}
         self._line_buffers: dict[str, bytes] = {}
         self._stderr_tail = b""
-        self._reader = FrameReader(self._recv)
+        self._reader = FrameReader(self._recv)  # the handshake's; then _frames
+        self._frames = FrameBuffer()
         self.stream = open_stream(self.on_agent_stderr)
 
     # -- start ---------------------------------------------------------------------
@@ -188,9 +199,12 @@ class HostSession:
         self.workers = int(status["workers"])
         self.alive = True
         self.last_recv = time.monotonic()
-        for target, kind_name in ((self._send_loop, "send"), (self._read_loop, "read")):
-            threading.Thread(target=target, daemon=True,
-                             name=f"joblib-cloud-{kind_name}-{self.name}").start()
+        self._on_bytes(self._reader.leftover())
+        threading.Thread(target=self._send_loop, daemon=True,
+                         name=f"joblib-cloud-send-{self.name}").start()
+        if not self.stream.deliver(self._on_bytes, self._on_stream_closed):
+            threading.Thread(target=self._read_loop, daemon=True,
+                             name=f"joblib-cloud-read-{self.name}").start()
 
     @property
     def capacity(self) -> int:
@@ -318,31 +332,60 @@ class HostSession:
 
     # -- receiving -------------------------------------------------------------------
     def _read_loop(self) -> None:
-        try:
-            while True:
-                kind, meta, data = self._reader.read()
-                if kind == Kind.RESULT:
-                    # joblib's callback runs here and dispatches the next batch, which
-                    # pulls the user's task generator: for as long as that takes, this
-                    # host's silence is ours, not the host's.
-                    self.in_callback = True
-                    try:
-                        self._on_result(meta, data)
-                    finally:
-                        self.in_callback = False
-                        self.last_recv = time.monotonic()
-                elif kind == Kind.OUTPUT:
-                    self._print(meta["stream"], data)
-                elif kind == Kind.STATUS and meta.get("warning"):
-                    log.warning("host %s: %s", self.name, meta["warning"])
-        except Exception as exc:  # noqa: BLE001 - any failure here means the host is gone
-            reason = "connection closed" if isinstance(exc, EOFError) else \
-                f"{type(exc).__name__}: {exc}"
-            tail = self._stderr_tail.decode(errors="replace").strip()
-            self.cluster.host_lost(self, reason + (f" (agent said: {tail[-500:]})"
-                                                   if tail else ""))
+        """For streams that do not deliver from a thread of their own (pipes)."""
+        while self.alive:
+            try:
+                data = self.stream.recv(self._frames.want())
+            except Exception:  # noqa: BLE001 - a broken pipe is a closed stream
+                data = b""
+            if not data:
+                self._on_stream_closed()
+                return
+            self._on_bytes(data)
 
-    def _on_result(self, meta: dict[str, Any], data: bytes) -> None:
+    def _on_stream_closed(self) -> None:
+        """The agent's stream ended.  paramiko may call this holding the channel's lock,
+        which closing the host takes again: so close from a thread of its own."""
+        if not self.alive:
+            return
+        tail = self._stderr_tail.decode(errors="replace").strip()
+        reason = "connection closed" + (f" (agent said: {tail[-500:]})" if tail else "")
+        threading.Thread(target=self.cluster.host_lost, args=(self, reason), daemon=True,
+                         name=f"joblib-cloud-lost-{self.name}").start()
+
+    def _on_bytes(self, data: bytes) -> None:
+        """What the agent sent, in order: from the SSH transport's own thread, or from
+        ``_read_loop``."""
+        if not self.alive:
+            return
+        self.last_recv = time.monotonic()
+        try:
+            self._frames.feed(data)
+            while (frame := self._frames.pop()) is not None:
+                self._on_frame(frame)
+        except Exception as exc:  # noqa: BLE001 - a garbled stream: the host is gone
+            self.cluster.host_lost(self, f"{type(exc).__name__}: {exc}")
+
+    def _on_frame(self, frame: RawFrame) -> None:
+        kind = frame[0]
+        if kind == Kind.RESULT:
+            # joblib's callback runs here and dispatches the next batch, which pulls the
+            # user's task generator: for as long as that takes, this host's silence is
+            # ours, not the host's.
+            self.in_callback = True
+            try:
+                self._on_result(frame_meta(frame), frame_data(frame))
+            finally:
+                self.in_callback = False
+                self.last_recv = time.monotonic()
+        elif kind == Kind.OUTPUT:
+            self._print(frame_meta(frame)["stream"], bytes(frame_data(frame)))
+        elif kind == Kind.STATUS:
+            meta = frame_meta(frame)
+            if meta.get("warning"):
+                log.warning("host %s: %s", self.name, meta["warning"])
+
+    def _on_result(self, meta: dict[str, Any], data: bytes | memoryview) -> None:
         cluster = self.cluster
         with cluster.lock:
             job = self.inflight.pop(meta["id"], None)

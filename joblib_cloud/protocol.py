@@ -101,6 +101,13 @@ class FrameReader:
             return pieces[0]  # one recv brought exactly this frame: no copy
         return b"".join(pieces)
 
+    def leftover(self) -> bytes:
+        """Bytes read ahead past the last frame returned (for a ``FrameBuffer`` to go on)."""
+        rest = bytes(self._buf[self._pos :])
+        self._buf.clear()
+        self._pos = 0
+        return rest
+
     def skip_to_magic(self, limit: int = 1 << 20) -> bytes:
         """Discard bytes up to and including AGENT_MAGIC; return what was discarded."""
         if self._pos:
@@ -132,3 +139,88 @@ class FrameReader:
         except KeyError:
             raise ProtocolError(f"unknown frame kind {kind}") from None
         return kind_, meta, self._take(data_len)
+
+
+#: A frame this large is collected in pieces and joined once, not appended to a buffer.
+_LARGE_FRAME = 1 << 20
+
+#: (kind, the whole frame as it came, length of its meta)
+RawFrame = tuple[Kind, "bytes | memoryview", int]
+
+
+def frame_meta(frame: RawFrame) -> dict[str, Any]:
+    _, raw, meta_len = frame
+    return pickle.loads(raw[HEADER.size : HEADER.size + meta_len]) if meta_len else {}
+
+
+def frame_data(frame: RawFrame) -> memoryview:
+    _, raw, meta_len = frame
+    return memoryview(raw)[HEADER.size + meta_len :]
+
+
+class FrameBuffer:
+    """Frames cut from bytes fed as they arrive, for an event loop that never blocks on a
+    partial frame.  Each frame comes out whole and unparsed, so it can be forwarded as it
+    is; ``frame_meta``/``frame_data`` parse the parts that are needed."""
+
+    def __init__(self) -> None:
+        self._buf = bytearray()
+        self._pos = 0
+        self._pieces: list[bytes] = []  # a large frame being collected
+        self._have = 0
+        self._need = 0
+
+    def want(self) -> int:
+        """How much to ask the next read for: all the rest of a large frame at once."""
+        return max(self._need - self._have, 1 << 16)
+
+    def feed(self, chunk: bytes) -> None:
+        if self._need:
+            self._pieces.append(chunk)
+            self._have += len(chunk)
+            return
+        if self._pos == len(self._buf):
+            self._buf.clear()
+            self._pos = 0
+        elif self._pos > _LARGE_FRAME:
+            del self._buf[: self._pos]
+            self._pos = 0
+        self._buf += chunk
+
+    def pop(self) -> RawFrame | None:
+        """The next whole frame, or None until more bytes come."""
+        if self._need:
+            if self._have < self._need:
+                return None
+            joined = self._pieces[0] if len(self._pieces) == 1 else b"".join(self._pieces)
+            raw = memoryview(joined)[: self._need]
+            self._buf = bytearray(memoryview(joined)[self._need :])
+            self._pos = 0
+            self._pieces, self._have, self._need = [], 0, 0
+            return self._cut(raw)
+        buf, pos = self._buf, self._pos
+        if len(buf) - pos < HEADER.size:
+            return None
+        _, meta_len, data_len = HEADER.unpack_from(buf, pos)
+        if meta_len > MAX_FRAME or data_len > MAX_FRAME:
+            raise ProtocolError(f"corrupt frame header (meta {meta_len}, data {data_len})")
+        size = HEADER.size + meta_len + data_len
+        if len(buf) - pos >= size:
+            with memoryview(buf) as view:
+                raw = bytes(view[pos : pos + size])
+            self._pos = pos + size
+            return self._cut(raw)
+        if size > _LARGE_FRAME:
+            self._pieces = [bytes(buf[pos:])]
+            self._have, self._need = len(buf) - pos, size
+            buf.clear()
+            self._pos = 0
+        return None
+
+    @staticmethod
+    def _cut(raw: bytes | memoryview) -> RawFrame:
+        kind, meta_len, _ = HEADER.unpack_from(raw, 0)
+        try:
+            return _KIND_BY_VALUE[kind], raw, meta_len
+        except KeyError:
+            raise ProtocolError(f"unknown frame kind {kind}") from None

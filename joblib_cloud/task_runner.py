@@ -75,13 +75,24 @@ def run_batch(payload: bytes, cache_dir: str, max_result_size: int,
     except BaseException as exc:  # noqa: BLE001
         return _error(exc, "run")
     try:
-        data = cloudpickle.dumps(result, protocol=pickle.HIGHEST_PROTOCOL)
+        data = _dumps_result(result)
     except BaseException as exc:  # noqa: BLE001
         return _error(exc, "pickle-result")
     if len(data) > max_result_size:
         return "too_large", {"status": "too_large", "size": len(data),
                              "limit": max_result_size}, b""
     return "ok", {"status": "ok"}, data
+
+
+def _dumps_result(result: Any) -> bytes:
+    """Plain pickle first (~6x faster for small results); cloudpickle for what plain pickle
+    refuses.  Plain pickle never gets a reference wrong: it pickles a class or function by
+    name only if that name leads back to the very same object here, so anything defined
+    by value (in ``__main__`` on the client, say) falls through to cloudpickle."""
+    try:
+        return pickle.dumps(result, protocol=pickle.HIGHEST_PROTOCOL)
+    except Exception:  # noqa: BLE001 - PicklingError, TypeError, AttributeError, ...
+        return cloudpickle.dumps(result, protocol=pickle.HIGHEST_PROTOCOL)
 
 
 def serve(in_fd: int, out_fd: int, lifeline: int, max_result_size: int,
@@ -97,6 +108,7 @@ def serve(in_fd: int, out_fd: int, lifeline: int, max_result_size: int,
             return
         _, result_meta, data = run_batch(payload, cache_dir, max_result_size,
                                          meta.get("threads"))
+        result_meta["id"] = meta["id"]  # the agent forwards the frame as it is
         write_all(out_fd, encode(Kind.RESULT, result_meta, data))
 
 

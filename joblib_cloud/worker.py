@@ -13,15 +13,24 @@ import importlib.metadata
 import os
 import platform
 import select
+import selectors
 import shutil
 import signal
 import sys
-import threading
 import time
 from pathlib import Path
 from typing import Any
 
-from .protocol import AGENT_MAGIC, PROTOCOL_VERSION, FrameReader, Kind, encode
+from .protocol import (
+    AGENT_MAGIC,
+    PROTOCOL_VERSION,
+    FrameBuffer,
+    Kind,
+    RawFrame,
+    encode,
+    frame_data,
+    frame_meta,
+)
 from .task_runner import CORES_PER_WORKER_ENV
 from .worker_pool import WorkerPool, grow_pipe, write_all
 
@@ -57,50 +66,91 @@ def _cpu_count() -> int:
 
 
 class Agent:
-    def __init__(self, in_fd: int, out_fd: int) -> None:
+    """One thread, one event loop: the client's stream, every worker's result pipe and
+    the tasks' output pipes, with heartbeats on the loop's timeout."""
+
+    def __init__(self, in_fd: int, out_fd: int, outputs: list[tuple[int, str]]) -> None:
         self.in_fd = in_fd
         self.out_fd = out_fd
-        self.send_lock = threading.Lock()
+        self.outputs = outputs
+        self.selector = selectors.DefaultSelector()
+        self.frames = FrameBuffer()
         self.last_recv = time.monotonic()
         self.pool: WorkerPool | None = None
         self.home = agent_home()
         self.cache_dir = self.home / "cache" / str(os.getpid())
         self.uploads: dict[str, Any] = {}
-        self.stopping = threading.Event()
         self.heartbeat_timeout = 30.0
+        self.done = False
 
     # ------------------------------------------------------------------ sending
     def send(self, kind: Kind, meta: dict[str, Any] | None = None,
              data: bytes | memoryview = b"") -> None:
-        parts = encode(kind, meta, data)
-        with self.send_lock:
-            write_all(self.out_fd, parts)
+        write_all(self.out_fd, encode(kind, meta, data))
 
-    def _recv(self, n: int) -> bytes:
-        while True:
-            ready, _, _ = select.select([self.in_fd], [], [], 1.0)
-            if ready:
-                data = os.read(self.in_fd, n)
-                self.last_recv = time.monotonic()
-                return data
-            if time.monotonic() - self.last_recv > self.heartbeat_timeout:
+    def send_raw(self, frame: RawFrame) -> None:
+        write_all(self.out_fd, [frame[1]])
+
+    # ------------------------------------------------------------------ receiving
+    def _read_client(self) -> None:
+        data = os.read(self.in_fd, self.frames.want())
+        if not data:
+            raise EOFError("the client closed the connection")
+        self.last_recv = time.monotonic()
+        self.frames.feed(data)
+
+    def _next_frame_blocking(self) -> RawFrame:
+        """For the handshake, before the event loop runs."""
+        while (frame := self.frames.pop()) is None:
+            if not select.select([self.in_fd], [], [], self.heartbeat_timeout)[0]:
                 raise TimeoutError(f"no word from the client for {self.heartbeat_timeout:.0f}s")
+            self._read_client()
+        return frame
+
+    def _on_client(self, _fd: int) -> None:
+        self._read_client()
+        self._handle_frames()
+
+    def _handle_frames(self) -> None:
+        while (frame := self.frames.pop()) is not None:
+            kind = frame[0]
+            if kind == Kind.BATCH:
+                self.pool.submit(frame_meta(frame)["id"], frame)
+            elif kind == Kind.PUT:
+                self.put(frame_meta(frame), frame_data(frame))
+            elif kind == Kind.EVICT:
+                self.evict(frame_meta(frame)["digests"])
+            elif kind == Kind.ABORT:
+                self.abort(frame_meta(frame)["ids"])
+            elif kind == Kind.BYE:
+                self.done = True
+                return
+
+    def _on_output(self, fd: int, stream: str) -> None:
+        """What tasks print (the workers' fds 1 and 2) goes to the client."""
+        try:
+            data = os.read(fd, 1 << 16)
+        except OSError:
+            data = b""
+        if data:
+            self.send(Kind.OUTPUT, {"stream": stream}, data)
+        else:
+            self.selector.unregister(fd)
 
     # ------------------------------------------------------------------ workers
     def _start_pool(self) -> None:
         env = {**os.environ, CORES_PER_WORKER_ENV: str(self.cores_per_worker)}
         env.update((var, str(self.cores_per_worker)) for var in THREAD_VARS)
         self.pool = WorkerPool(self.workers, env, str(self.cache_dir), self.max_result_size,
-                               self.send)
+                               self.selector, self.send, self.send_raw)
 
     def abort(self, batch_ids: list[int]) -> None:
         """Kill the tasks running these batches; report them cancelled."""
-        if self.pool is not None:
-            for batch_id in self.pool.abort(batch_ids):
-                self.send(Kind.RESULT, {"id": batch_id, "status": "cancelled"})
+        for batch_id in self.pool.abort(batch_ids):
+            self.send(Kind.RESULT, {"id": batch_id, "status": "cancelled"})
 
     # ------------------------------------------------------------------ cache
-    def put(self, meta: dict[str, Any], data: bytes) -> None:
+    def put(self, meta: dict[str, Any], data: memoryview) -> None:
         digest = meta["digest"]
         final = self.cache_dir / digest
         if meta["offset"] == 0:
@@ -121,69 +171,54 @@ class Agent:
             except FileNotFoundError:
                 pass
 
-    # ------------------------------------------------------------------ loops
-    def _forward_output(self, fd: int, stream: str) -> None:
-        while True:
-            try:
-                data = os.read(fd, 1 << 16)
-            except OSError:
-                return
-            if not data:
-                return
-            try:
-                self.send(Kind.OUTPUT, {"stream": stream}, data)
-            except OSError:
-                return
-
-    def _heartbeat(self, interval: float) -> None:
-        activity = self.home / ACTIVITY_FILE
-        while not self.stopping.wait(interval):
-            try:
-                self.send(Kind.PING, {"busy": self.pool.busy if self.pool else 0})
-                activity.touch(mode=0o600)
-            except OSError:
-                return
+    # ------------------------------------------------------------------ loop
+    def _heartbeat(self, activity: Path) -> None:
+        silent = time.monotonic() - self.last_recv
+        if silent > self.heartbeat_timeout:
+            raise TimeoutError(f"no word from the client for {silent:.0f}s")
+        self.send(Kind.PING, {"busy": self.pool.busy})
+        activity.touch(mode=0o600)
 
     def run(self) -> None:
         self.cache_dir.parent.mkdir(exist_ok=True, mode=0o700)
         self.cache_dir.mkdir(exist_ok=True, mode=0o700)
         _remove_stale_caches(self.cache_dir.parent)
-        reader = FrameReader(self._recv)
         os.write(self.out_fd, AGENT_MAGIC)
         cores = _cpu_count()
         self.send(Kind.HELLO, {"protocol": PROTOCOL_VERSION, "versions": host_versions(),
                                "cpu_count": cores, "pid": os.getpid(),
                                "hostname": platform.node(), "home": str(self.home)})
-        kind, config, _ = reader.read()
-        if kind != Kind.CONFIG:
-            raise RuntimeError(f"expected CONFIG, got {kind!r}")
+        frame = self._next_frame_blocking()
+        if frame[0] != Kind.CONFIG:
+            raise RuntimeError(f"expected CONFIG, got {frame[0]!r}")
+        config = frame_meta(frame)
         self.workers = int(config.get("workers") or cores)
         self.cores_per_worker = max(cores // self.workers, 1)
         self.max_result_size = int(config["max_result_size"])
         self.heartbeat_timeout = float(config["heartbeat_timeout"])
+        selector = self.selector
+        for fd, stream in self.outputs:
+            selector.register(fd, selectors.EVENT_READ,
+                              lambda fd, stream=stream: self._on_output(fd, stream))
         self._start_pool()
         self.send(Kind.STATUS, {"ready": True, "workers": self.workers,
                                 "cores_per_worker": self.cores_per_worker})
-        (self.home / ACTIVITY_FILE).touch(mode=0o600)
-        threading.Thread(target=self._heartbeat, args=(max(self.heartbeat_timeout / 5, 0.2),),
-                         daemon=True, name="heartbeat").start()
-        while True:
-            kind, meta, data = reader.read()
-            if kind == Kind.BATCH:
-                self.pool.submit(meta["id"], meta, data)
-            elif kind == Kind.PUT:
-                self.put(meta, data)
-            elif kind == Kind.PING:
-                pass
-            elif kind == Kind.EVICT:
-                self.evict(meta["digests"])
-            elif kind == Kind.ABORT:
-                self.abort(meta["ids"])
-            elif kind == Kind.BYE:
-                return
+        activity = self.home / ACTIVITY_FILE
+        activity.touch(mode=0o600)
+        selector.register(self.in_fd, selectors.EVENT_READ, self._on_client)
+        self._handle_frames()  # any that came with CONFIG
+        interval = max(self.heartbeat_timeout / 5, 0.2)
+        next_beat = time.monotonic() + interval
+        while not self.done:
+            for key, _ in selector.select(max(next_beat - time.monotonic(), 0)):
+                key.data(key.fd)
+                if self.done:
+                    return
+            if time.monotonic() >= next_beat:
+                self._heartbeat(activity)
+                next_beat = time.monotonic() + interval
 
     def shutdown(self) -> None:
-        self.stopping.set()
         if self.pool is not None:
             self.pool.close()
         for fh in self.uploads.values():
@@ -234,10 +269,7 @@ def _redirect_std_streams() -> tuple[int, int, list[tuple[int, str]]]:
 
 def main() -> None:
     proto_in, proto_out, forwards = _redirect_std_streams()
-    agent = Agent(proto_in, proto_out)
-    for fd, stream in forwards:
-        threading.Thread(target=agent._forward_output, args=(fd, stream), daemon=True,
-                         name=f"forward-{stream}").start()
+    agent = Agent(proto_in, proto_out, forwards)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     signal.signal(signal.SIGHUP, lambda *_: sys.exit(0))
     try:
