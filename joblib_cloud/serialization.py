@@ -25,12 +25,14 @@ import struct
 import sys
 import sysconfig
 import threading
+import types
 import weakref
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import cloudpickle
+from joblib.parallel import BatchedCalls
 
 ALIGN = 64
 _LEN = struct.Struct("!Q")
@@ -270,6 +272,7 @@ def register_local_modules(roots: list[str] | None = None) -> None:
     roots_p = [Path(r).resolve() for r in roots]
     # Resolving every module's path took ~200 ms per Parallel call with scikit-learn
     # imported: look only at modules imported since the last call with these roots.
+    _named_functions.clear()  # a module may be registered by value from now on
     seen = _modules_seen.setdefault(tuple(roots_p), set())
     fresh = [(n, m) for n, m in list(sys.modules.items()) if (n, id(m)) not in seen]
     if not fresh:
@@ -302,10 +305,69 @@ def register_local_modules(roots: list[str] | None = None) -> None:
 
 def dumps_batch(batch: Any, store: ObjectStore) -> tuple[bytes, set[str]]:
     """Cloudpickle ``batch``; large arguments become cache references."""
+    if _is_plain_batch(batch):
+        return pickle.dumps(batch, protocol=pickle.HIGHEST_PROTOCOL), set()
     buffer = io.BytesIO()
     pickler = _CachingPickler(buffer, store)
     pickler.dump(batch)
     return buffer.getvalue(), pickler.refs
+
+
+# Plain pickle, in C, is ~4x faster than cloudpickle's per-object Python hooks; at
+# ``batch_size=1`` that was a tenth of the client's time per task (bench/tiny_tasks.py).
+# It gives the same bytes cloudpickle would for a batch of functions that cloudpickle
+# itself pickles by name, called with small builtin values: nothing in it can be large,
+# cached, or defined by value.
+_PLAIN_VALUES = frozenset({int, float, bool, complex, type(None)})
+_PLAIN_TEXT_MAX = 1 << 16
+_PLAIN_BUDGET = 10_000  # values looked at per batch before giving up on the fast path
+_by_name = getattr(cloudpickle.cloudpickle, "_should_pickle_by_reference", None)
+_named_functions: dict[Any, bool] = {}
+
+
+def _is_plain_batch(batch: Any) -> bool:
+    if type(batch) is not BatchedCalls or _by_name is None:
+        return False
+    budget = [_PLAIN_BUDGET]
+    try:
+        for func, args, kwargs in batch.items:
+            if not (_is_named_function(func) and _is_plain(args, budget)
+                    and _is_plain(kwargs, budget)):
+                return False
+    except (TypeError, ValueError):  # not joblib's (func, args, kwargs) triples
+        return False
+    return True
+
+
+def _is_named_function(func: Any) -> bool:
+    try:
+        return _named_functions[func]
+    except KeyError:
+        pass
+    if isinstance(func, types.BuiltinFunctionType):
+        named = isinstance(func.__self__, types.ModuleType)
+    else:
+        named = isinstance(func, types.FunctionType) and _by_name(func)
+    if len(_named_functions) > 1000:
+        _named_functions.clear()
+    _named_functions[func] = named
+    return named
+
+
+def _is_plain(value: Any, budget: list[int]) -> bool:
+    kind = type(value)
+    if kind in _PLAIN_VALUES:
+        return True
+    if kind is str or kind is bytes:
+        return len(value) < _PLAIN_TEXT_MAX
+    if kind is tuple or kind is list:
+        budget[0] -= len(value)
+        return budget[0] >= 0 and all(_is_plain(v, budget) for v in value)
+    if kind is dict:
+        budget[0] -= 2 * len(value)
+        return budget[0] >= 0 and all(_is_plain(k, budget) and _is_plain(v, budget)
+                                      for k, v in value.items())
+    return False
 
 
 # --------------------------------------------------------------------------- host side

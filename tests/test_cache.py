@@ -241,3 +241,36 @@ def test_lru_eviction_at_cache_size_and_resend_when_needed(fleet):
                 sorted([digests[0], digests[2]])
     finally:
         _cluster(kwargs).close()
+
+
+def test_batches_of_named_functions_and_small_values_skip_cloudpickle():
+    """The fast path is plain pickle, and only where that gives what cloudpickle would."""
+    import json
+    import pickle
+
+    from joblib.parallel import BatchedCalls
+
+    from joblib_cloud import serialization
+    from joblib_cloud.nested import HostThreadingBackend
+    from joblib_cloud.serialization import ObjectStore, dumps_batch, loads_batch
+
+    store = ObjectStore(threshold=MB)
+
+    def batch(*items):
+        return BatchedCalls(list(items), (HostThreadingBackend(nesting_level=1), 1))
+
+    plain = batch(delayed(json.dumps)({"a": [1, 2.5, None]}, sort_keys=True),
+                  delayed(abs)(-3), delayed(divmod)(7, 120))
+    payload, refs = dumps_batch(plain, store)
+    assert payload == pickle.dumps(plain, protocol=pickle.HIGHEST_PROTOCOL) and not refs
+    assert loads_batch(payload, "/nonexistent")() == plain() == ['{"a": [1, 2.5, null]}', 3,
+                                                                 (0, 7)]
+
+    slow_paths = [
+        batch(delayed(lambda x: x + 1)(1)),  # defined by value
+        batch(delayed(abs)(np.int64(-3))),  # not a builtin value
+        batch(delayed(_total)(_data(99, mb=2), 0)),  # large: a cache reference
+        batch(delayed(abs)(-1), delayed(len)("x" * (1 << 17))),  # one long string
+    ]
+    assert serialization._is_plain_batch(plain)
+    assert not any(serialization._is_plain_batch(other) for other in slow_paths)
