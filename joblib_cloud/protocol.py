@@ -171,8 +171,14 @@ class FrameBuffer:
         self._need = 0
 
     def want(self) -> int:
-        """How much to ask the next read for: all the rest of a large frame at once."""
-        return max(self._need - self._have, 1 << 16)
+        """How much to ask the next read for: all the rest of the frame under way."""
+        if self._need:
+            return max(self._need - self._have, 1 << 16)
+        buf, pos = self._buf, self._pos
+        if len(buf) - pos >= HEADER.size:
+            _, meta_len, data_len = HEADER.unpack_from(buf, pos)
+            return max(HEADER.size + meta_len + data_len - (len(buf) - pos), 1 << 16)
+        return 1 << 16
 
     def feed(self, chunk: bytes) -> None:
         if self._need:
