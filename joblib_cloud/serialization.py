@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 import cloudpickle
-from joblib.parallel import BatchedCalls
+from joblib.parallel import BatchedCalls, ParallelBackendBase
 
 ALIGN = 64
 _LEN = struct.Struct("!Q")
@@ -272,7 +272,7 @@ def register_local_modules(roots: list[str] | None = None) -> None:
     roots_p = [Path(r).resolve() for r in roots]
     # Resolving every module's path took ~200 ms per Parallel call with scikit-learn
     # imported: look only at modules imported since the last call with these roots.
-    _named_functions.clear()  # a module may be registered by value from now on
+    _named_cache.clear()  # a module may be pickled by value from now on
     seen = _modules_seen.setdefault(tuple(roots_p), set())
     fresh = [(n, m) for n, m in list(sys.modules.items()) if (n, id(m)) not in seen]
     if not fresh:
@@ -305,69 +305,68 @@ def register_local_modules(roots: list[str] | None = None) -> None:
 
 def dumps_batch(batch: Any, store: ObjectStore) -> tuple[bytes, set[str]]:
     """Cloudpickle ``batch``; large arguments become cache references."""
-    if _is_plain_batch(batch):
-        return pickle.dumps(batch, protocol=pickle.HIGHEST_PROTOCOL), set()
+    payload = plain_payload(batch, store.threshold)
+    if payload is not None:
+        return payload, set()
     buffer = io.BytesIO()
     pickler = _CachingPickler(buffer, store)
     pickler.dump(batch)
     return buffer.getvalue(), pickler.refs
 
 
-# Plain pickle, in C, is ~4x faster than cloudpickle's per-object Python hooks; at
-# ``batch_size=1`` that was a tenth of the client's time per task (bench/tiny_tasks.py).
-# It gives the same bytes cloudpickle would for a batch of functions that cloudpickle
-# itself pickles by name, called with small builtin values: nothing in it can be large,
-# cached, or defined by value.
-_PLAIN_VALUES = frozenset({int, float, bool, complex, type(None)})
-_PLAIN_TEXT_MAX = 1 << 16
-_PLAIN_BUDGET = 10_000  # values looked at per batch before giving up on the fast path
 _by_name = getattr(cloudpickle.cloudpickle, "_should_pickle_by_reference", None)
-_named_functions: dict[Any, bool] = {}
 
 
-def _is_plain_batch(batch: Any) -> bool:
-    if type(batch) is not BatchedCalls or _by_name is None:
-        return False
-    budget = [_PLAIN_BUDGET]
+class _NotPlain(Exception):
+    pass
+
+
+class _PlainPickler(pickle.Pickler):
+    """Plain pickle (C, ~4x faster than cloudpickle's hooks, which at ``batch_size=1``
+    were a tenth of the client's time per task) that gives up on anything cloudpickle or
+    the cache would treat differently.
+
+    Builtin values and containers never reach ``reducer_override``; everything else
+    does, and only what plain pickle saves exactly as cloudpickle would is let through:
+    functions and classes that cloudpickle itself pickles by name, and joblib's batch
+    around them.  An array, an estimator, a lambda: cloudpickle and the cache take it.
+    """
+
+    def reducer_override(self, obj: Any) -> Any:
+        if isinstance(obj, (types.BuiltinFunctionType, BatchedCalls, ParallelBackendBase)):
+            return NotImplemented
+        if isinstance(obj, (types.FunctionType, type)) and _named(obj):
+            return NotImplemented
+        raise _NotPlain
+
+
+_named_cache: dict[Any, bool] = {}
+
+
+def _named(obj: Any) -> bool:
+    """cloudpickle's own verdict, remembered until the next call registers modules."""
     try:
-        for func, args, kwargs in batch.items:
-            if not (_is_named_function(func) and _is_plain(args, budget)
-                    and _is_plain(kwargs, budget)):
-                return False
-    except (TypeError, ValueError):  # not joblib's (func, args, kwargs) triples
-        return False
-    return True
-
-
-def _is_named_function(func: Any) -> bool:
-    try:
-        return _named_functions[func]
+        return _named_cache[obj]
     except KeyError:
-        pass
-    if isinstance(func, types.BuiltinFunctionType):
-        named = isinstance(func.__self__, types.ModuleType)
-    else:
-        named = isinstance(func, types.FunctionType) and _by_name(func)
-    if len(_named_functions) > 1000:
-        _named_functions.clear()
-    _named_functions[func] = named
-    return named
+        if len(_named_cache) > 1000:
+            _named_cache.clear()
+        named = _named_cache[obj] = bool(_by_name(obj))
+        return named
+    except TypeError:  # unhashable
+        return bool(_by_name(obj))
 
 
-def _is_plain(value: Any, budget: list[int]) -> bool:
-    kind = type(value)
-    if kind in _PLAIN_VALUES:
-        return True
-    if kind is str or kind is bytes:
-        return len(value) < _PLAIN_TEXT_MAX
-    if kind is tuple or kind is list:
-        budget[0] -= len(value)
-        return budget[0] >= 0 and all(_is_plain(v, budget) for v in value)
-    if kind is dict:
-        budget[0] -= 2 * len(value)
-        return budget[0] >= 0 and all(_is_plain(k, budget) and _is_plain(v, budget)
-                                      for k, v in value.items())
-    return False
+def plain_payload(batch: Any, threshold: int) -> bytes | None:
+    """``batch`` pickled plainly, if that is the same as cloudpickle and holds nothing the
+    cache would take (a str or bytes over ``threshold``); else None."""
+    if _by_name is None or type(batch) is not BatchedCalls:
+        return None
+    buffer = io.BytesIO()
+    try:
+        _PlainPickler(buffer, protocol=pickle.HIGHEST_PROTOCOL).dump(batch)
+    except Exception:  # noqa: BLE001 - _NotPlain, or anything plain pickle refuses
+        return None
+    return buffer.getvalue() if buffer.tell() < threshold else None
 
 
 # --------------------------------------------------------------------------- host side

@@ -250,11 +250,17 @@ def test_batches_of_named_functions_and_small_values_skip_cloudpickle():
 
     from joblib.parallel import BatchedCalls
 
-    from joblib_cloud import serialization
     from joblib_cloud.nested import HostThreadingBackend
-    from joblib_cloud.serialization import ObjectStore, dumps_batch, loads_batch
+    from joblib_cloud.serialization import (
+        ObjectStore,
+        dumps_batch,
+        loads_batch,
+        plain_payload,
+        register_local_modules,
+    )
 
     store = ObjectStore(threshold=MB)
+    register_local_modules([os.path.dirname(__file__)])
 
     def batch(*items):
         return BatchedCalls(list(items), (HostThreadingBackend(nesting_level=1), 1))
@@ -270,7 +276,7 @@ def test_batches_of_named_functions_and_small_values_skip_cloudpickle():
         batch(delayed(lambda x: x + 1)(1)),  # defined by value
         batch(delayed(abs)(np.int64(-3))),  # not a builtin value
         batch(delayed(_total)(_data(99, mb=2), 0)),  # large: a cache reference
-        batch(delayed(abs)(-1), delayed(len)("x" * (1 << 17))),  # one long string
+        batch(delayed(abs)(-1), delayed(len)("x" * MB)),  # a long string: cached
+        batch(delayed(_total)(1, 2)),  # from this module, which hosts get by value
     ]
-    assert serialization._is_plain_batch(plain)
-    assert not any(serialization._is_plain_batch(other) for other in slow_paths)
+    assert all(plain_payload(other, MB) is None for other in slow_paths)
