@@ -1,10 +1,12 @@
 """A handle on N connected hosts: schedules batches on them and survives losing some.
 
-Threads per host: a *sender* (the only writer to its stream: uploads, batches, control
-frames, pings — one writer keeps frames in order) and a *reader* (results, output,
-heartbeats).  One *monitor* per cluster declares a host lost after ``heartbeat_timeout``
-of silence.  Hosts pull work from one shared queue when they have a free slot, so a
-fast host takes more and a lost host's batches simply go back to the front of the queue.
+Threads per host: a *sender* (uploads, control frames, pings, and batches that cannot go
+out at once; one writer at a time keeps frames in order) and a *reader* (results, output,
+heartbeats): over SSH that is paramiko's own transport thread, which hands us each
+packet's data (``transport.DeliveringPipe``); over a pipe, a thread of ours.  One
+*monitor* per cluster declares a host lost after ``heartbeat_timeout`` of silence.  Hosts
+pull work from one shared queue when they have a free slot, so a fast host takes more and
+a lost host's batches simply go back to the front of the queue.
 
 Invariant: every submitted batch's future ends in a result or an exception.
 """
@@ -527,15 +529,21 @@ class Cluster:
             if not self.alive_hosts:
                 _resolve(job, exc=self._lost_error())
                 return job.future
-            direct = None if self.pending else next(
-                (h for h in self.takers() if h.can_send_now(job)), None)
+            # This thread sends the oldest waiting batch itself if a host can take it at
+            # once: queued batches keep their order, and a queue that filled up for a
+            # moment does not leave every later batch to the sender threads' wake-ups.
+            self.pending.append(job)
+            first = self.pending[0]
+            direct = next((h for h in self.takers() if h.can_send_now(first)), None)
             if direct is None:
-                self.pending.append(job)
                 self.wake_one()
                 return job.future
-            direct.inflight[job.id] = job
+            self.pending.popleft()
+            direct.inflight[first.id] = first
             direct.sending = True
-        direct.send_now(job)
+            if self.pending:
+                self.wake_one(exclude=direct)
+        direct.send_now(first)
         return job.future
 
     def requeue(self, jobs: list[Job]) -> None:

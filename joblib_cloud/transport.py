@@ -378,8 +378,9 @@ class DeliveringPipe(BufferedPipe):
         on_close()
 
 
-#: The paramiko internals that delivering from the transport thread needs (they have not
-#: changed in paramiko's history); without them, agents are read by a thread instead.
+#: The private paramiko methods that delivering from the transport thread needs (what
+#: ``Channel.recv`` itself calls to re-open the window).  A paramiko without them gets a
+#: reader thread per agent instead, as before.
 _CAN_DELIVER = hasattr(paramiko.Channel, "_check_add_window") and \
     hasattr(paramiko.Transport, "_send_user_message")
 
