@@ -86,10 +86,19 @@ class Agent:
     # ------------------------------------------------------------------ sending
     def send(self, kind: Kind, meta: dict[str, Any] | None = None,
              data: bytes | memoryview = b"") -> None:
-        write_all(self.out_fd, encode(kind, meta, data))
+        self._write(encode(kind, meta, data))
 
     def send_raw(self, frame: RawFrame) -> None:
-        write_all(self.out_fd, [frame[1]])
+        self._write([frame[1]])
+
+    def _write(self, parts: list[bytes | memoryview]) -> None:
+        """A write blocks while the client is not reading (busy in a slow callback, say);
+        meanwhile this loop cannot read either, so that time is not the client's silence."""
+        start = time.monotonic()
+        write_all(self.out_fd, parts)
+        blocked = time.monotonic() - start
+        if blocked > 0.5:
+            self.last_recv += blocked
 
     # ------------------------------------------------------------------ receiving
     def _read_client(self) -> None:

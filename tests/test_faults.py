@@ -368,3 +368,28 @@ def test_slow_task_generator_is_not_taken_for_a_dead_host(fleet):
                           cluster="slow-generator")  # one host: losing it loses the call
     with parallel_backend("cloud", **kwargs):
         assert Parallel(n_jobs=2, batch_size=1, pre_dispatch=2)(tasks()) == list(range(8))
+
+
+def _megabyte(i: int) -> bytes:
+    return bytes([i]) * 2**20
+
+
+def test_agent_blocked_on_a_busy_client_does_not_take_it_for_gone(fleet, monkeypatch):
+    """While the client sits in a slow callback, results back up and the agent's writes
+    block, so it cannot read the client's pings either: that time is not the client's
+    silence, or the agent would quit under a healthy client."""
+    import joblib_cloud.transport
+
+    monkeypatch.setattr(joblib_cloud.transport, "WINDOW_SIZE", 256 * 1024)
+
+    def tasks():
+        for i in range(8):
+            if i == 5:
+                time.sleep(3)  # > heartbeat_timeout, with 1 MB results waiting
+            yield delayed(_megabyte)(i)
+
+    kwargs = fleet.kwargs(fleet.hosts[:1], workers_per_host=2, heartbeat_timeout=1.5,
+                          cluster="blocked-agent")  # one host: losing it loses the call
+    with parallel_backend("cloud", **kwargs):
+        assert Parallel(n_jobs=2, batch_size=1, pre_dispatch=4)(tasks()) == [
+            _megabyte(i) for i in range(8)]
