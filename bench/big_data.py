@@ -246,6 +246,17 @@ def main() -> None:
         print(f"  host {a}: peak PSS = {peak / loky_peak:.2f} x loky's workers' peak")
     print(f"  wall time: cloud {statistics.median(r['wall'] for r in runs):.1f} s, "
           f"loky {statistics.median(r['wall'] for r in lokys):.1f} s")
+    floor = fold_copies_floor(cv, X, y, concurrent=2)
+    print(f"  floor for any backend: X's own pages (1.00: the fits read rows all over X) + "
+          f"2 fits at once holding X[train] and X[test] ({floor - 1:.2f}) = {floor:.2f} x "
+          "size(X), before any process or library is counted")
+
+
+def fold_copies_floor(cv: Any, X: np.ndarray, y: np.ndarray, concurrent: int) -> float:
+    """X itself plus the largest ``concurrent`` per-fit copies, as a multiple of size(X):
+    what a host must hold however the backend gets ``X`` to the fits."""
+    per_fit = sorted((len(train) + len(test)) / len(X) for train, test in cv.split(X, y))
+    return 1.0 + sum(per_fit[-concurrent:])
 
 
 if __name__ == "__main__":
