@@ -153,7 +153,7 @@ class HostSession:
         self.bytes_uploaded = 0
         self.last_recv = time.monotonic()
         self.last_send = time.monotonic()
-        self.in_callback = False  # the reader thread is running a result's callbacks
+        self.in_callback = False  # a result's callbacks are running (joblib dispatching)
         self.workers = 0
         self.cpu_count = 0
         self.hello: dict[str, Any] = {}
