@@ -217,7 +217,8 @@ class FrameBuffer:
             self._pos = pos + size
             return self._cut(raw)
         if size > _LARGE_FRAME:
-            self._pieces = [bytes(buf[pos:])]
+            with memoryview(buf) as view:
+                self._pieces = [bytes(view[pos:])]
             self._have, self._need = len(buf) - pos, size
             buf.clear()
             self._pos = 0
