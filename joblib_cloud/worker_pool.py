@@ -91,7 +91,7 @@ class WorkerProcess:
         self.to_worker = to_w
         self.from_worker = from_r
         self.frames = FrameBuffer()
-        self.batch: Batch | None = None  # kept until its result: re-run if we die starting
+        self.batch: Batch | None = None  # the one it runs, until its result comes
         self.ready = False
         self.doomed = False  # being killed by an abort: hand it nothing more
 
@@ -147,7 +147,8 @@ class WorkerPool:
         self.workers.append(worker)
         self.selector.register(worker.from_worker, selectors.EVENT_READ,
                                lambda fd: self._on_readable(worker))
-        self._hand_next(worker)  # it reads the batch once its imports are done
+        # No batch until it says it is ready: a worker still importing does not read, and
+        # a large batch written to it would block this loop (and its heartbeats).
 
     def _hand_next(self, worker: WorkerProcess) -> None:
         """Give ``worker`` the next queued batch, or file it as idle."""
@@ -180,6 +181,7 @@ class WorkerPool:
             if not worker.ready:  # its first frame: imports done, reading batches
                 worker.ready = True
                 self.failed_starts = 0
+                self._hand_next(worker)
                 continue
             batch, worker.batch = worker.batch, None
             if batch is not None:
@@ -206,9 +208,6 @@ class WorkerPool:
             del self.running[batch[0]]
         if not worker.ready and not worker.doomed:
             self.failed_starts += 1
-            if batch is not None:  # it never ran: the next worker takes it
-                self.queue.appendleft(batch)
-                batch = None
         if self.closed:
             return
         if batch is not None:
@@ -220,8 +219,6 @@ class WorkerPool:
             self._give_up_if_none_left(f"{MAX_FAILED_STARTS} worker processes in a row died "
                                        f"while starting (the last: {how}); see the host's "
                                        "stderr above")
-            if self.idle and self.queue:  # a batch given back above may wait for a worker
-                self._run(self.idle.pop(), self.queue.popleft())
 
     def _give_up_if_none_left(self, reason: str) -> None:
         """No worker is left and none can start: fail what waits, and all that comes."""

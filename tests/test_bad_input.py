@@ -242,9 +242,9 @@ def test_workers_that_cannot_start_fail_the_call_not_hang(tmp_path):
     assert "cannot start worker processes" in message and "exited with code 7" in message
 
 
-def test_worker_that_dies_while_starting_is_replaced_and_its_batch_runs(tmp_path):
+def test_worker_that_dies_while_starting_is_replaced_and_the_call_succeeds(tmp_path):
     """One worker process dies before it is ready (the first to start, once, a second in):
-    the batch it was given runs on its replacement, and the call succeeds."""
+    it is replaced, no batch is lost, and the call succeeds."""
     marker = tmp_path / "first-worker-died"
     wrapper = python_with_sitecustomize(
         tmp_path, "python-with-one-failing-worker",
@@ -254,7 +254,7 @@ def test_worker_that_dies_while_starting_is_replaced_and_its_batch_runs(tmp_path
         f"        os.close(os.open({str(marker)!r}, os.O_CREAT | os.O_EXCL))\n"
         "    except FileExistsError:\n"
         "        pass\n"
-        "    else:  # dies slowly: after the agent has handed it a batch\n"
+        "    else:  # dies slowly: after batches are waiting for workers\n"
         "        import time; time.sleep(1.0); os._exit(7)\n")
     kwargs = {"provider": "local", "n": 1, "workers_per_host": 2, "python": str(wrapper),
               "cluster": "one-failing-worker"}
