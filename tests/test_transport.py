@@ -85,3 +85,23 @@ def test_results_of_any_size_arrive_intact(fleet, size):
     with parallel_backend("cloud", **kwargs):
         out = Parallel(n_jobs=-1)(delayed(_block)(i, size) for i in range(50))
     assert out == [_block(i, size) for i in range(50)]
+
+
+def test_without_paramiko_internals_a_reader_thread_takes_over(fleet, monkeypatch):
+    """Delivering from paramiko's thread needs two private paramiko methods; a paramiko
+    without them must still work, read by a thread of ours."""
+    import threading
+
+    monkeypatch.setattr(joblib_cloud.transport, "_CAN_DELIVER", False)
+    kwargs = fleet.kwargs(hosts=fleet.hosts[:2], workers_per_host=1, cluster="no-deliver")
+    try:
+        with parallel_backend("cloud", **kwargs):
+            out = Parallel(n_jobs=-1, batch_size=1)(delayed(_block)(i, 70_000)
+                                                    for i in range(40))
+        assert out == [_block(i, 70_000) for i in range(40)]
+        cluster = joblib_cloud.providers.get_cluster(resolve_config(**kwargs))
+        readers = {t.name for t in threading.enumerate() if t.name.startswith(
+            "joblib-cloud-read-")}
+        assert {f"joblib-cloud-read-{h.name}" for h in cluster.hosts} <= readers
+    finally:
+        joblib_cloud.providers.get_cluster(resolve_config(**kwargs)).close()
