@@ -5,7 +5,8 @@ agent only hands frames through, unparsed: the client's batch frame goes to an i
 worker's pipe as it came, and the worker's result frame (which names its batch) goes back
 to the client as it came.  Everything runs on the agent's one event-loop thread: with a
 relay thread per worker, thread wake-ups and GIL hand-offs cost the agent more than the
-forwarding itself (~75 -> ~35 µs per task at ``batch_size=1``, bench/tiny_tasks.py).
+forwarding itself (agent CPU per task at ``batch_size=1``: ~55 -> ~35 µs over pipes,
+~70 -> ~55 µs over SSH; docs/performance.md).
 
 Crashes are per worker: a worker that dies fails only the batch it was running, and a
 fresh one takes its place.  Workers leave when the agent does, even if it is SIGKILLed:
