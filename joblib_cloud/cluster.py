@@ -41,7 +41,6 @@ from .errors import (
 from .protocol import (
     JOIN_BELOW,
     PROTOCOL_VERSION,
-    FrameBuffer,
     FrameReader,
     Kind,
     RawFrame,
@@ -159,8 +158,7 @@ class HostSession:
         self.hello: dict[str, Any] = {}
         self._line_buffers: dict[str, bytes] = {}
         self._stderr_tail = b""
-        self._reader = FrameReader(self._recv)  # the handshake's; then _frames
-        self._frames = FrameBuffer()
+        self._reader = FrameReader(self._recv)  # the handshake's; then its frames are fed
         self.stream = open_stream(self.on_agent_stderr)
 
     # -- start ---------------------------------------------------------------------
@@ -201,7 +199,7 @@ class HostSession:
         self.workers = int(status["workers"])
         self.alive = True
         self.last_recv = time.monotonic()
-        self._on_bytes(self._reader.leftover())
+        self._on_bytes(b"")  # frames that came with the handshake's last read
         threading.Thread(target=self._send_loop, daemon=True,
                          name=f"joblib-cloud-send-{self.name}").start()
         if not self.stream.deliver(self._on_bytes, self._on_stream_closed):
@@ -337,7 +335,7 @@ class HostSession:
         """For streams that do not deliver from a thread of their own (pipes)."""
         while self.alive:
             try:
-                data = self.stream.recv(self._frames.want())
+                data = self.stream.recv(self._reader.frames.want())
             except Exception:  # noqa: BLE001 - a broken pipe is a closed stream
                 data = b""
             if not data:
@@ -362,8 +360,9 @@ class HostSession:
             return
         self.last_recv = time.monotonic()
         try:
-            self._frames.feed(data)
-            while (frame := self._frames.pop()) is not None:
+            frames = self._reader.frames
+            frames.feed(data)
+            while (frame := frames.pop()) is not None:
                 self._on_frame(frame)
         except Exception as exc:  # noqa: BLE001 - a garbled stream: the host is gone
             self.cluster.host_lost(self, f"{type(exc).__name__}: {exc}")

@@ -64,83 +64,6 @@ class ProtocolError(ConnectionError):
     pass
 
 
-class FrameReader:
-    """Reads frames from a ``recv(n) -> bytes`` callable (``b''`` means end of stream)."""
-
-    def __init__(self, recv: Callable[[int], bytes]) -> None:
-        self._recv = recv
-        self._buf = bytearray()  # read-ahead; bytes before _pos are consumed
-        self._pos = 0
-
-    def _take(self, n: int) -> bytes:
-        buf, pos = self._buf, self._pos
-        if len(buf) - pos >= n:
-            # Advance a position instead of deleting from the front: a read that brought
-            # many small frames would otherwise move the rest of the buffer per frame.
-            self._pos = pos + n
-            with memoryview(buf) as view:
-                return bytes(view[pos : pos + n])
-        # Large or partial: collect the pieces and join once.  Appending to one growing
-        # buffer re-copied a 4 MiB upload chunk several times over (bench/ssh_throughput).
-        pieces: list[bytes | memoryview] = [bytes(buf[pos:])] if pos < len(buf) else []
-        have = len(buf) - pos
-        buf.clear()
-        self._pos = 0
-        while have < n:
-            chunk = self._recv(max(n - have, 1 << 16))
-            if not chunk:
-                raise EOFError("connection closed")
-            pieces.append(chunk)
-            have += len(chunk)
-        if have > n:
-            last = memoryview(pieces[-1])
-            keep = len(last) - (have - n)
-            buf += last[keep:]
-            pieces[-1] = last[:keep]
-        if len(pieces) == 1 and type(pieces[0]) is bytes:
-            return pieces[0]  # one recv brought exactly this frame: no copy
-        return b"".join(pieces)
-
-    def leftover(self) -> bytes:
-        """Bytes read ahead past the last frame returned (for a ``FrameBuffer`` to go on)."""
-        rest = bytes(self._buf[self._pos :])
-        self._buf.clear()
-        self._pos = 0
-        return rest
-
-    def skip_to_magic(self, limit: int = 1 << 20) -> bytes:
-        """Discard bytes up to and including AGENT_MAGIC; return what was discarded."""
-        if self._pos:
-            del self._buf[: self._pos]
-            self._pos = 0
-        while True:
-            idx = self._buf.find(AGENT_MAGIC)
-            if idx >= 0:
-                junk = bytes(self._buf[:idx])
-                del self._buf[: idx + len(AGENT_MAGIC)]
-                return junk
-            if len(self._buf) > limit:
-                raise ProtocolError(
-                    "the agent did not start: its output was "
-                    f"{bytes(self._buf[:400])!r}..."
-                )
-            chunk = self._recv(1 << 16)
-            if not chunk:
-                raise EOFError(bytes(self._buf).decode(errors="replace"))
-            self._buf += chunk
-
-    def read(self) -> tuple[Kind, dict[str, Any], bytes]:
-        kind, meta_len, data_len = HEADER.unpack(self._take(HEADER.size))
-        if meta_len > MAX_FRAME or data_len > MAX_FRAME:
-            raise ProtocolError(f"corrupt frame header (meta {meta_len}, data {data_len})")
-        meta = pickle.loads(self._take(meta_len)) if meta_len else {}
-        try:
-            kind_ = _KIND_BY_VALUE[kind]
-        except KeyError:
-            raise ProtocolError(f"unknown frame kind {kind}") from None
-        return kind_, meta, self._take(data_len)
-
-
 #: A frame this large is collected in pieces and joined once, not appended to a buffer.
 _LARGE_FRAME = 1 << 20
 
@@ -231,3 +154,40 @@ class FrameBuffer:
             return _KIND_BY_VALUE[kind], raw, meta_len
         except KeyError:
             raise ProtocolError(f"unknown frame kind {kind}") from None
+
+
+class FrameReader:
+    """Blocking reads of whole frames from a ``recv(n) -> bytes`` callable (``b''`` means
+    end of stream), cut by a :class:`FrameBuffer` (``frames``, which can go on from here
+    when the stream switches to being fed)."""
+
+    def __init__(self, recv: Callable[[int], bytes]) -> None:
+        self._recv = recv
+        self.frames = FrameBuffer()
+
+    def _more(self, n: int) -> bytes:
+        chunk = self._recv(n)
+        if not chunk:
+            raise EOFError("connection closed")
+        return chunk
+
+    def skip_to_magic(self, limit: int = 1 << 20) -> bytes:
+        """Discard bytes up to and including AGENT_MAGIC; return what was discarded."""
+        seen = bytearray()
+        while (idx := seen.find(AGENT_MAGIC)) < 0:
+            if len(seen) > limit:
+                raise ProtocolError(
+                    "the agent did not start: its output was "
+                    f"{bytes(seen[:400])!r}..."
+                )
+            chunk = self._recv(1 << 16)
+            if not chunk:
+                raise EOFError(seen.decode(errors="replace"))
+            seen += chunk
+        self.frames.feed(bytes(seen[idx + len(AGENT_MAGIC) :]))
+        return bytes(seen[:idx])
+
+    def read(self) -> tuple[Kind, dict[str, Any], bytes | memoryview]:
+        while (frame := self.frames.pop()) is None:
+            self.frames.feed(self._more(self.frames.want()))
+        return frame[0], frame_meta(frame), frame_data(frame)

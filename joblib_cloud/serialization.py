@@ -413,5 +413,5 @@ class CachedUnpickler(pickle.Unpickler):
         raise pickle.UnpicklingError(f"unknown persistent id {pid!r}")
 
 
-def loads_batch(payload: bytes, cache_dir: str) -> Any:
+def loads_batch(payload: bytes | memoryview, cache_dir: str) -> Any:
     return CachedUnpickler(io.BytesIO(payload), cache_dir).load()

@@ -53,7 +53,7 @@ def _line_buffered_output() -> None:
             stream.reconfigure(line_buffering=True)
 
 
-def run_batch(payload: bytes, cache_dir: str, max_result_size: int,
+def run_batch(payload: bytes | memoryview, cache_dir: str, max_result_size: int,
               inner_threads: int | None = None) -> tuple[str, dict[str, Any], bytes]:
     """Run one cloudpickled batch; return ``(status, meta, data)``."""
     _line_buffered_output()
