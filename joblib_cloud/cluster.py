@@ -259,7 +259,7 @@ class HostSession:
                 else:
                     self._send(Kind.PING)
             except Exception as exc:  # noqa: BLE001 - the stream is gone
-                cluster.host_lost(self, f"sending failed: {type(exc).__name__}: {exc}")
+                self._send_failed(exc)
                 return
             finally:
                 with cluster.lock:
@@ -284,12 +284,15 @@ class HostSession:
         except Exception as exc:  # noqa: BLE001 - the stream is gone
             with cluster.lock:
                 self.sending = False
-            cluster.host_lost(self, f"sending failed: {type(exc).__name__}: {exc}")
+            self._send_failed(exc)
             return
         with cluster.lock:
             self.sending = False
             if self.outbox or (cluster.pending and self._may_take()):
                 self.wake.notify()
+
+    def _send_failed(self, exc: Exception) -> None:
+        self.cluster.host_lost(self, f"sending failed: {type(exc).__name__}: {exc}")
 
     def _send_job(self, job: Job) -> None:
         for digest in job.refs:
@@ -545,12 +548,6 @@ class Cluster:
         direct.send_now(first)
         return job.future
 
-    def requeue(self, jobs: list[Job]) -> None:
-        with self.lock:
-            for job in reversed(jobs):
-                self.pending.appendleft(job)
-            self.wake_all()
-
     def abort(self, owner: object) -> None:
         """Cancel ``owner``'s batches: queued ones at once, running ones on their hosts."""
         with self.lock:
@@ -562,7 +559,6 @@ class Cluster:
                     job.aborted = True
                 if mine:
                     host.outbox.append((Kind.ABORT, {"ids": [j.id for j in mine]}))
-                    host.wake.notify()
                 dropped.extend(mine)
             self.wake_all()
         for job in dropped:
