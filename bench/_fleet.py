@@ -26,6 +26,35 @@ from sshfleet import SSHFleet  # noqa: E402
 MACHINE = f"{os.cpu_count()}-core CPU machine"
 
 
+Backend = Callable[[], contextlib.AbstractContextManager]
+
+
+def backend(name: str | None, jobs: int, **settings: Any) -> Backend:
+    """A context that selects joblib backend ``name`` (None: none, so ``n_jobs=1`` runs
+    in this process) and gives the ``n_jobs`` to pass."""
+    @contextlib.contextmanager
+    def make() -> Iterator[int]:
+        from joblib import parallel_backend
+
+        with parallel_backend(name, **settings) if name else contextlib.nullcontext():
+            yield jobs
+
+    return make
+
+
+def compared_backends(workers: int, fleet: SSHFleet | None) -> dict[str, Backend]:
+    """loky, ``cloud`` on the local provider and ``cloud`` on the 2-host ``fleet`` (if
+    any), each with ``workers`` worker processes in all."""
+    backends = {
+        "loky": backend("loky", workers, n_jobs=workers),
+        "cloud local": backend("cloud", -1, provider="local", n=1, workers_per_host=workers),
+    }
+    if fleet is not None:
+        backends["cloud ssh 2 hosts"] = backend(
+            "cloud", -1, **fleet.kwargs(workers_per_host=max(workers // 2, 1)))
+    return backends
+
+
 @contextlib.contextmanager
 def ssh_fleet(n: int = 2) -> Iterator[SSHFleet]:
     """``n`` loopback sshd hosts; every process below them is stopped by PID on exit."""

@@ -15,7 +15,7 @@ import argparse
 
 import grid_search
 import tiny_tasks
-from _fleet import MACHINE, isolated_home, load_note, ssh_fleet
+from _fleet import MACHINE, compared_backends, isolated_home, load_note, ssh_fleet
 
 import joblib_cloud  # noqa: F401
 
@@ -29,27 +29,20 @@ def main() -> None:
     parser.add_argument("--b1-tasks", type=int, default=2_000)
     args = parser.parse_args()
     isolated_home()
-    w, per_host = args.workers, max(args.workers // 2, 1)
+    w = args.workers
     X, y = grid_search.make_data(args.samples)
     print(f"dask vs joblib-cloud: {w} workers per backend, median of {args.repeat}, "
           f"backends in turns; {MACHINE}")
     print(f"before: {load_note()}")
     with ssh_fleet(2) as fleet:
-        def ours(module: object) -> dict:
-            return {
-                "loky": module.backend("loky", w, n_jobs=w),
-                "cloud local": module.backend("cloud", -1, provider="local", n=1,
-                                              workers_per_host=w),
-                "cloud ssh 2 hosts": module.backend(
-                    "cloud", -1, **fleet.kwargs(workers_per_host=per_host)),
-            }
+        ours = compared_backends(w, fleet)
 
         # Dask last: once a Dask cluster has run in a process, loky's batch_size=1 cost
         # in that process tripled, which would flatter everything measured after it.
         print("\ngrid search (wall time):")
-        search = grid_search.measure_all(ours(grid_search), X, y, args.repeat)
+        search = grid_search.measure_all(ours, X, y, args.repeat)
         print("\ntiny tasks:")
-        tiny = tiny_tasks.measure_all(ours(tiny_tasks), args)
+        tiny = tiny_tasks.measure_all(ours, args)
         print("\ndask (grid search, then tiny tasks):")
         search.update(grid_search.measure_all({"dask": tiny_tasks.dask_backend(w)}, X, y,
                                               args.repeat))

@@ -10,15 +10,23 @@ processes.  Every backend must find the same best parameters.  Usage::
 from __future__ import annotations
 
 import argparse
-import contextlib
 import importlib.util
 import statistics
 import sys
-from collections.abc import Callable, Iterator
 from typing import Any
 
-from _fleet import MACHINE, ROOT, interleaved, isolated_home, load_note, runs, ssh_fleet
-from joblib import parallel_backend
+from _fleet import (
+    MACHINE,
+    ROOT,
+    Backend,
+    backend,
+    compared_backends,
+    interleaved,
+    isolated_home,
+    load_note,
+    runs,
+    ssh_fleet,
+)
 
 import joblib_cloud  # noqa: F401
 
@@ -41,17 +49,7 @@ def fit(n_jobs: int | None, X: Any, y: Any) -> dict:
     return make_search(n_jobs).fit(X, y).best_params_
 
 
-def backend(name: str | None, jobs: int, **settings: Any
-            ) -> Callable[[], contextlib.AbstractContextManager]:
-    @contextlib.contextmanager
-    def make() -> Iterator[int]:
-        with parallel_backend(name, **settings) if name else contextlib.nullcontext():
-            yield jobs
-
-    return make
-
-
-def measure_all(backends: dict[str, Callable[[], contextlib.AbstractContextManager]],
+def measure_all(backends: dict[str, Backend],
                 X: Any, y: Any, repeat: int) -> dict[str, float]:
     """Median wall time per backend; every backend must find n_jobs=1's best parameters."""
     expected = make_search(1).fit(X, y).best_params_
@@ -76,7 +74,7 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=3)
     args = parser.parse_args()
     isolated_home()
-    w, per_host = args.workers, max(args.workers // 2, 1)
+    w = args.workers
     X, y = make_data(args.samples)
     candidates = len(PARAM_GRID["svc__C"]) * len(PARAM_GRID["svc__gamma"])
     print(f"grid search: examples/grid_search.py, {candidates} candidates x 5 folds, "
@@ -84,12 +82,8 @@ def main() -> None:
           f"backends in turns; {MACHINE}")
     print(f"before: {load_note()}")
     with ssh_fleet(2) as fleet:
-        walls = measure_all({
-            "sequential (n_jobs=1)": backend(None, 1),
-            "loky": backend("loky", w, n_jobs=w),
-            "cloud local": backend("cloud", -1, provider="local", n=1, workers_per_host=w),
-            "cloud ssh 2 hosts": backend("cloud", -1, **fleet.kwargs(workers_per_host=per_host)),
-        }, X, y, args.repeat)
+        walls = measure_all({"sequential (n_jobs=1)": backend(None, 1),
+                             **compared_backends(w, fleet)}, X, y, args.repeat)
     print(f"after: {load_note()}")
     seq, loky = walls["sequential (n_jobs=1)"], walls["loky"]
     print("\nspeed-up over n_jobs=1, and time relative to loky:")

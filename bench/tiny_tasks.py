@@ -15,10 +15,19 @@ from __future__ import annotations
 import argparse
 import contextlib
 import statistics
-from collections.abc import Callable, Iterator
-from typing import Any
+from collections.abc import Iterator
 
-from _fleet import MACHINE, dask_client, interleaved, isolated_home, load_note, runs, ssh_fleet
+from _fleet import (
+    MACHINE,
+    Backend,
+    compared_backends,
+    dask_client,
+    interleaved,
+    isolated_home,
+    load_note,
+    runs,
+    ssh_fleet,
+)
 from joblib import Parallel, delayed, parallel_backend
 
 import joblib_cloud  # noqa: F401  (registers the backend)
@@ -31,17 +40,7 @@ def run_tasks(n: int, batch_size: int | str, n_jobs: int) -> None:
         raise AssertionError("wrong results")
 
 
-def backend(name: str, jobs: int, **settings: Any
-            ) -> Callable[[], contextlib.AbstractContextManager]:
-    @contextlib.contextmanager
-    def make() -> Iterator[int]:
-        with parallel_backend(name, **settings):
-            yield jobs
-
-    return make
-
-
-def dask_backend(workers: int) -> Callable[[], contextlib.AbstractContextManager]:
+def dask_backend(workers: int) -> Backend:
     """A LocalCluster per turn (started before the clock starts), none in between: a live
     Dask client's event-loop thread slowed the other backends in this process."""
     @contextlib.contextmanager
@@ -52,7 +51,7 @@ def dask_backend(workers: int) -> Callable[[], contextlib.AbstractContextManager
     return make
 
 
-def measure_all(backends: dict[str, Callable[[], contextlib.AbstractContextManager]],
+def measure_all(backends: dict[str, Backend],
                 args: argparse.Namespace) -> dict[str, dict[str, float]]:
     batched = interleaved(backends, lambda n_jobs: run_tasks(args.tasks, "auto", n_jobs),
                           args.repeat)
@@ -79,20 +78,13 @@ def main() -> None:
     parser.add_argument("--no-fleet", action="store_true")
     args = parser.parse_args()
     isolated_home()
-    w, per_host = args.workers, max(args.workers // 2, 1)
+    w = args.workers
     print(f"tiny tasks: {args.tasks:,} auto-batched, {args.b1_tasks:,} at batch_size=1, "
           f"{w} workers per backend, median of {args.repeat}, backends in turns; {MACHINE}")
     print(f"before: {load_note()}")
     with contextlib.ExitStack() as stack:
-        backends = {
-            "loky": backend("loky", w, n_jobs=w),
-            "cloud local": backend("cloud", -1, provider="local", n=1, workers_per_host=w),
-        }
-        if not args.no_fleet:
-            fleet = stack.enter_context(ssh_fleet(2))
-            backends["cloud ssh 2 hosts"] = backend(
-                "cloud", -1, **fleet.kwargs(workers_per_host=per_host))
-        rows = measure_all(backends, args)
+        fleet = None if args.no_fleet else stack.enter_context(ssh_fleet(2))
+        rows = measure_all(compared_backends(w, fleet), args)
         if not args.no_dask:
             # Last: once a Dask cluster has run in this process, loky's batch_size=1
             # cost here tripled (~120 -> ~330 µs/task) for the rest of the process.
