@@ -24,7 +24,7 @@ from typing import Any
 from .protocol import (
     AGENT_MAGIC,
     PROTOCOL_VERSION,
-    FrameBuffer,
+    FrameReader,
     Kind,
     RawFrame,
     encode,
@@ -74,7 +74,8 @@ class Agent:
         self.out_fd = out_fd
         self.outputs = outputs
         self.selector = selectors.DefaultSelector()
-        self.frames = FrameBuffer()
+        self.reader = FrameReader(self._recv_waiting)  # the handshake's
+        self.frames = self.reader.frames  # then fed by the event loop
         self.last_recv = time.monotonic()
         self.pool: WorkerPool | None = None
         self.home = agent_home()
@@ -101,20 +102,22 @@ class Agent:
             self.last_recv += blocked
 
     # ------------------------------------------------------------------ receiving
+    def _recv(self, n: int) -> bytes:
+        data = os.read(self.in_fd, n)
+        self.last_recv = time.monotonic()
+        return data
+
+    def _recv_waiting(self, n: int) -> bytes:
+        """For the handshake, before the event loop runs."""
+        if not select.select([self.in_fd], [], [], self.heartbeat_timeout)[0]:
+            raise TimeoutError(f"no word from the client for {self.heartbeat_timeout:.0f}s")
+        return self._recv(n)
+
     def _read_client(self) -> None:
-        data = os.read(self.in_fd, self.frames.want())
+        data = self._recv(self.frames.want())
         if not data:
             raise EOFError("the client closed the connection")
-        self.last_recv = time.monotonic()
         self.frames.feed(data)
-
-    def _next_frame_blocking(self) -> RawFrame:
-        """For the handshake, before the event loop runs."""
-        while (frame := self.frames.pop()) is None:
-            if not select.select([self.in_fd], [], [], self.heartbeat_timeout)[0]:
-                raise TimeoutError(f"no word from the client for {self.heartbeat_timeout:.0f}s")
-            self._read_client()
-        return frame
 
     def _on_client(self, _fd: int) -> None:
         self._read_client()
@@ -197,10 +200,9 @@ class Agent:
         self.send(Kind.HELLO, {"protocol": PROTOCOL_VERSION, "versions": host_versions(),
                                "cpu_count": cores, "pid": os.getpid(),
                                "hostname": platform.node(), "home": str(self.home)})
-        frame = self._next_frame_blocking()
-        if frame[0] != Kind.CONFIG:
-            raise RuntimeError(f"expected CONFIG, got {frame[0]!r}")
-        config = frame_meta(frame)
+        kind, config, _ = self.reader.read()
+        if kind != Kind.CONFIG:
+            raise RuntimeError(f"expected CONFIG, got {kind!r}")
         self.workers = int(config.get("workers") or cores)
         self.cores_per_worker = max(cores // self.workers, 1)
         self.max_result_size = int(config["max_result_size"])
