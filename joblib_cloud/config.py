@@ -110,6 +110,8 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("spot", False, _to_bool, "spot instances, falling back to on-demand"),
     Setting("idle_timeout", 600.0, _to_float, "seconds a host stays up with no work, no client"),
     Setting("max_lifetime", 12 * 3600.0, _to_float, "seconds after which a VM always stops"),
+    Setting("boot_timeout", 1200.0, _to_float,
+            "seconds a VM may take to boot and install before it stops itself"),
     Setting("workers_per_host", None, lambda v: None if v is None else _to_int(v),
             "worker processes per host (default: its CPU count)"),
     Setting("python", None, _to_opt_str,
@@ -174,6 +176,7 @@ class CloudConfig:
     spot: bool
     idle_timeout: float
     max_lifetime: float
+    boot_timeout: float
     workers_per_host: int | None
     python: str | None
     ssh_key: str | None
@@ -248,7 +251,8 @@ def _validate(values: dict[str, Any], origins: dict[str, str]) -> None:
         fail("n", "the number of machines must be at least 1")
     if values["workers_per_host"] is not None and values["workers_per_host"] < 1:
         fail("workers_per_host", "must be at least 1 (or unset for one per CPU)")
-    for name in ("idle_timeout", "max_lifetime", "connect_timeout", "heartbeat_timeout"):
+    for name in ("idle_timeout", "max_lifetime", "boot_timeout", "connect_timeout",
+                 "heartbeat_timeout"):
         if values[name] <= 0:
             fail(name, "must be a positive number of seconds")
     for name in ("cache_threshold", "cache_size", "max_result_size"):

@@ -337,7 +337,8 @@ def _launch(sess: Any, ec2: Any, config: CloudConfig, itype: instance_types.Inst
         params = dict(base, UserData=userdata.build(
             user=user, host_private_key=host_private, host_public_key=host_public,
             client_public_key=client_pub, idle_timeout=config.idle_timeout,
-            max_lifetime=config.max_lifetime, shutdown_command=config.shutdown_command,
+            max_lifetime=config.max_lifetime, boot_timeout=config.boot_timeout,
+            shutdown_command=config.shutdown_command,
             packages=config.packages, requirements_path=config.requirements))
         instance, spot = _run_one(ec2, params, subnets, spot, itype.name, progress)
         launched.append(instance["InstanceId"])

@@ -104,7 +104,7 @@ WantedBy=multi-user.target
 
 def build(*, user: str, host_private_key: str, host_public_key: str, client_public_key: str,
           idle_timeout: float, max_lifetime: float, shutdown_command: str,
-          packages: tuple[str, ...] = (), requirements_path: str | None = None) -> str:
+          boot_timeout: float = 1200.0, packages: tuple[str, ...] = (), requirements_path: str | None = None) -> str:
     """The user-data for one host (each host gets its own SSH host key)."""
     python_minor = ".".join(platform.python_version_tuple()[:2])
     watchdog_src = (Path(__file__).parent / "watchdog.py").read_text()
