@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import collections
 import hashlib
+import importlib
 import io
 import mmap
 import os
@@ -229,6 +230,11 @@ class _CachingPickler(cloudpickle.Pickler):
             return ("c", digest)
         return None
 
+    def reducer_override(self, obj: Any) -> Any:
+        if isinstance(obj, type) and _host_may_lack_warning(obj):
+            return _warning_category, (obj.__module__, obj.__qualname__)
+        return super().reducer_override(obj)
+
     def _repeated(self, obj: Any) -> bool:
         """Asked once per object and batch (pickle asks persistent_id at every reference)."""
         key = id(obj)
@@ -335,7 +341,8 @@ class _PlainPickler(pickle.Pickler):
     def reducer_override(self, obj: Any) -> Any:
         if isinstance(obj, (types.BuiltinFunctionType, BatchedCalls, ParallelBackendBase)):
             return NotImplemented
-        if isinstance(obj, (types.FunctionType, type)) and _named(obj):
+        if isinstance(obj, (types.FunctionType, type)) and _named(obj) and not (
+                isinstance(obj, type) and _host_may_lack_warning(obj)):
             return NotImplemented
         raise _NotPlain
 
@@ -354,6 +361,40 @@ def _named(obj: Any) -> bool:
         return named
     except TypeError:  # unhashable
         return bool(_by_name(obj))
+
+
+def _host_may_lack_warning(cls: type) -> bool:
+    """A warning category from outside the standard library, pickled by name.
+
+    scikit-learn sends the caller's ``warnings.filters`` with every task, so any module
+    the client imported that registered a filter (boto3 brings urllib3's) is named in
+    the batch, and a host without that module could not unpickle it.  A filter for a
+    category that no module on the host can raise changes nothing there, so such a
+    category travels by a name that the host resolves to a stand-in if it must.
+    """
+    if not issubclass(cls, Warning):
+        return False
+    top = cls.__module__.partition(".")[0]
+    return top not in sys.stdlib_module_names and top != "builtins" and _named(cls)
+
+
+_stand_ins: dict[tuple[str, str], type] = {}
+
+
+def _warning_category(module: str, qualname: str) -> type:
+    """Host side of :func:`_host_may_lack_warning`: the category, or a stand-in."""
+    try:
+        obj: Any = importlib.import_module(module)
+        for part in qualname.split("."):
+            obj = getattr(obj, part)
+        return obj
+    except (ImportError, AttributeError):
+        key = (module, qualname)
+        if key not in _stand_ins:
+            _stand_ins[key] = type(qualname.rpartition(".")[2], (Warning,), {
+                "__module__": module, "__qualname__": qualname,
+                "__doc__": f"Stands in for {module}.{qualname}, not installed on this host."})
+        return _stand_ins[key]
 
 
 def plain_payload(batch: Any, threshold: int) -> bytes | None:

@@ -25,3 +25,44 @@ def test_agent_and_workers_run_without_client_only_packages(tmp_path):
               "cluster": "no-client-packages"}
     with parallel_backend("cloud", **kwargs):
         assert Parallel()(delayed(_imported_client_modules)(i) for i in range(4)) == [[]] * 4
+
+
+def _urllib3_importable() -> bool:
+    import importlib.util
+
+    try:
+        return importlib.util.find_spec("urllib3") is not None
+    except (ImportError, ValueError):
+        return False
+
+
+def test_warning_filters_naming_client_only_modules_do_not_reach_the_host(tmp_path):
+    """scikit-learn ships the caller's ``warnings.filters`` with every task; once boto3 is
+    loaded they name urllib3's warning classes, which a real host need not have."""
+    import warnings
+
+    import numpy as np
+    from sklearn.datasets import make_classification
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.model_selection import GridSearchCV
+
+    import botocore.exceptions  # noqa: F401  (loads urllib3 and its warning filters)
+
+    wrapper = python_with_sitecustomize(
+        tmp_path, "python-without-urllib3",
+        "import sys\n" + "".join(f"sys.modules[{m!r}] = None\n"
+                                 for m in ("urllib3", "botocore", "boto3")))
+    import urllib3.exceptions
+
+    X, y = make_classification(n_samples=120, n_features=6, random_state=0)
+    grid = {"C": [0.1, 1.0, 10.0]}
+    sequential = GridSearchCV(LogisticRegression(), grid, cv=3, n_jobs=1).fit(X, y)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", urllib3.exceptions.InsecureRequestWarning)
+        with parallel_backend("cloud", provider="local", n=1, workers_per_host=2,
+                              python=str(wrapper), cluster="no-urllib3"):
+            remote = GridSearchCV(LogisticRegression(), grid, cv=3, n_jobs=-1).fit(X, y)
+            # The host really lacks urllib3, and the filter still applies on the client.
+            assert Parallel()(delayed(_urllib3_importable)() for _ in range(2)) == [False] * 2
+    np.testing.assert_allclose(remote.cv_results_["mean_test_score"],
+                               sequential.cv_results_["mean_test_score"])
