@@ -41,12 +41,11 @@ def test_warning_filters_naming_client_only_modules_do_not_reach_the_host(tmp_pa
     loaded they name urllib3's warning classes, which a real host need not have."""
     import warnings
 
+    import botocore.exceptions  # noqa: F401  (loads urllib3 and its warning filters)
     import numpy as np
     from sklearn.datasets import make_classification
     from sklearn.linear_model import LogisticRegression
     from sklearn.model_selection import GridSearchCV
-
-    import botocore.exceptions  # noqa: F401  (loads urllib3 and its warning filters)
 
     wrapper = python_with_sitecustomize(
         tmp_path, "python-without-urllib3",
