@@ -25,6 +25,11 @@ def test_agent_and_workers_run_without_client_only_packages(tmp_path):
               "cluster": "no-client-packages"}
     with parallel_backend("cloud", **kwargs):
         assert Parallel()(delayed(_imported_client_modules)(i) for i in range(4)) == [[]] * 4
+    from joblib_cloud import DistributedPool
+
+    with DistributedPool(**kwargs, initializer=_imported_client_modules, initargs=(0,)) as pool:
+        assert pool.map(_imported_client_modules, range(4)) == [[]] * 4
+        assert pool.apply_async(_imported_client_modules, (0,)).get() == []
 
 
 def _urllib3_importable() -> bool:
