@@ -4,10 +4,16 @@ Order matters for safety and for the client's wait:
 
 1. cloud-init installs *our* pre-generated SSH host key before sshd starts, so the very
    first connection is verified against a key the client already knows.
-2. A scheduled ``shutdown`` (max lifetime) and the watchdog service start before anything
-   can fail, so even a broken boot never leaves a billed machine behind.
-3. The boot script installs Python at the client's minor version and the client's package
-   versions into ``/opt/joblib-cloud/venv``.
+2. The hard lifetime stop is armed in ``bootcmd``, the first thing cloud-init runs, and
+   needs nothing but ``sleep`` and ``systemctl`` (``shutdown -h +N`` needs D-Bus, which is
+   not up yet at that point).  Then the watchdog service starts, before anything can fail:
+   it stops a boot that takes longer than ``boot_timeout``, and once the boot is done, a
+   machine idle for ``idle_timeout``.
+3. The boot script fetches uv (a wheel from the package index, digest checked), makes a
+   virtual environment with the distribution's Python at the client's minor version (uv's
+   standalone Python where the distribution has none) and installs the client's package
+   versions into ``/opt/joblib-cloud/venv``.  Its output goes to the console too, so a
+   failure shows in EC2's console output; a failure powers the machine off.
 4. Only then is the client's public key authorised: until that moment SSH logins are
    refused, which the client treats as "still booting" and retries.
 
@@ -24,14 +30,20 @@ import shlex
 from pathlib import Path
 from typing import Any
 
-VENV = "/opt/joblib-cloud/venv"
+ROOT = "/opt/joblib-cloud"
+VENV = f"{ROOT}/venv"
 HOST_PYTHON = f"{VENV}/bin/python"
-#: Pinned to the client's versions so pickles and results match (DESIGN §7).  The agent
-#: itself needs only joblib and cloudpickle (tests/test_host_requirements.py).
+#: Written by the boot script when the host is ready: the watchdog's idle clock starts here.
+READY_FILE = f"{ROOT}/ready"
+BOOT_LOG = "/var/log/joblib-cloud-boot.log"
+#: Pinned to the client's versions so pickles and results match.  The agent itself needs
+#: only joblib and cloudpickle (tests/test_host_requirements.py).
 CLIENT_PACKAGES = ("joblib", "cloudpickle", "loky", "numpy", "scipy", "scikit-learn",
                    "pandas", "threadpoolctl")
-CLIENT_KEY_PATH = "/opt/joblib-cloud/client_key.pub"
+CLIENT_KEY_PATH = f"{ROOT}/client_key.pub"
+UV_VERSION = "0.13.9"
 MAX_USER_DATA = 16 * 1024  # EC2's limit, before base64
+_HERE = Path(__file__).parent
 
 
 def client_requirements(extra: tuple[str, ...] = ()) -> list[str]:
@@ -44,52 +56,70 @@ def client_requirements(extra: tuple[str, ...] = ()) -> list[str]:
     return pins + list(extra)
 
 
+def hard_stop_command(max_lifetime: float) -> list[str]:
+    """``bootcmd`` entry: power off after ``max_lifetime`` whatever happens, from a
+    process of its own (cloud-init goes on at once)."""
+    seconds = max(int(max_lifetime), 60)
+    return ["sh", "-c", f"setsid sh -c 'sleep {seconds}; systemctl poweroff || poweroff -f' "
+                        "</dev/null >/dev/null 2>&1 &"]
+
+
 def boot_script(user: str, python_minor: str, requirements: list[str],
                 requirements_file: bool) -> str:
     """Bash run by cloud-init (as root) once the watchdog is up."""
-    home = f"$(getent passwd {user} | cut -d: -f6)"
-    pip_args = " ".join(shlex.quote(r) for r in requirements)
+    pins = " ".join(shlex.quote(r) for r in requirements)
     if requirements_file:
-        pip_args += " -r /opt/joblib-cloud/requirements.txt"
+        pins += f" -r {ROOT}/requirements.txt"
     return f"""#!/bin/bash
-# joblib-cloud boot script: Python {python_minor} + the client's packages, then SSH access.
+# joblib-cloud boot: uv, Python {python_minor}, the client's packages, then SSH access.
 set -euo pipefail
-exec >>/var/log/joblib-cloud-boot.log 2>&1
-trap 'echo "joblib-cloud: boot failed, shutting down"; shutdown -h now' ERR
+exec > >(tee -a {BOOT_LOG}) 2>&1
+failed() {{
+  echo "joblib-cloud: boot failed (line $1: $2); powering off"
+  systemctl poweroff || poweroff -f
+}}
+trap 'failed $LINENO "$BASH_COMMAND"' ERR
+echo "joblib-cloud: boot started"
 PY=python{python_minor}
-if ! command -v "$PY" >/dev/null; then
-  if command -v dnf >/dev/null; then dnf install -y "$PY" "$PY-pip" || true
+if ! command -v $PY >/dev/null; then  # the distribution's Python, when it has this minor
+  if command -v dnf >/dev/null; then dnf install -y -q $PY || true
   elif command -v apt-get >/dev/null; then
-    apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y "$PY" "$PY-venv" || true
+    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $PY) || true
   fi
 fi
-if command -v "$PY" >/dev/null; then
-  "$PY" -m venv {VENV}
-else  # no distribution package for this Python: a standalone build through uv
-  curl -LsSf https://astral.sh/uv/install.sh | env UV_INSTALL_DIR=/opt/joblib-cloud/uv sh
-  UV_PYTHON_INSTALL_DIR=/opt/joblib-cloud/python /opt/joblib-cloud/uv/uv venv --seed \\
-    --python {python_minor} {VENV}
+python3 {ROOT}/fetch_uv.py {UV_VERSION} {ROOT}/bin
+export UV_NO_CACHE=1 UV_PYTHON_INSTALL_DIR={ROOT}/python
+if command -v $PY >/dev/null; then PYTHON=$(command -v $PY)
+else PYTHON={python_minor}; echo "joblib-cloud: no $PY package here: uv's standalone Python"
 fi
-{HOST_PYTHON} -m pip install --quiet --upgrade pip
-{HOST_PYTHON} -m pip install --quiet {pip_args}
-HOME_DIR={home}
+{ROOT}/bin/uv venv --quiet --python "$PYTHON" {VENV}
+echo "joblib-cloud: installing {len(requirements)} packages"
+{ROOT}/bin/uv pip install --quiet --python {HOST_PYTHON} {pins}
+echo "joblib-cloud: packages installed"
+HOME_DIR=$(getent passwd {user} | cut -d: -f6)
 install -d -m 700 -o {user} -g {user} "$HOME_DIR/.joblib-cloud" "$HOME_DIR/.ssh"
-touch "$HOME_DIR/.joblib-cloud/activity" && chown {user}: "$HOME_DIR/.joblib-cloud/activity"
 cat {CLIENT_KEY_PATH} >> "$HOME_DIR/.ssh/authorized_keys"
 chown {user}: "$HOME_DIR/.ssh/authorized_keys" && chmod 600 "$HOME_DIR/.ssh/authorized_keys"
+touch {READY_FILE}
 echo "joblib-cloud: host ready"
 """
 
 
-def watchdog_unit(user: str, idle_timeout: float, max_lifetime: float,
+def _systemd_arg(arg: str) -> str:
+    """One ``ExecStart`` argument: quoted, with systemd's ``%`` and ``$`` expansions off."""
+    return shlex.quote(arg).replace("%", "%%").replace("$", "$$")
+
+
+def watchdog_unit(user: str, idle_timeout: float, max_lifetime: float, boot_timeout: float,
                   shutdown_command: str) -> str:
-    home = f"/home/{user}/.joblib-cloud" if user != "root" else "/root/.joblib-cloud"
-    command = " ".join(shlex.quote(a) for a in [
-        "/usr/bin/python3", "/opt/joblib-cloud/watchdog.py", "--since-boot", "--home", home,
+    poll = max(1.0, min(15.0, idle_timeout / 4))
+    command = " ".join(_systemd_arg(a) for a in [
+        "/usr/bin/python3", f"{ROOT}/watchdog.py", "--since-boot", "--user", user,
+        "--ready-file", READY_FILE, "--boot-timeout", f"{boot_timeout:g}",
         "--idle-timeout", f"{idle_timeout:g}", "--max-lifetime", f"{max_lifetime:g}",
-        "--shutdown-command", shutdown_command.removeprefix("sudo "), "--poll", "15"])
+        "--shutdown-command", shutdown_command.removeprefix("sudo "), "--poll", f"{poll:g}"])
     return f"""[Unit]
-Description=joblib-cloud kill switch (idle timeout and maximum lifetime)
+Description=joblib-cloud kill switch (boot deadline, idle timeout, maximum lifetime)
 After=network.target
 
 [Service]
@@ -104,41 +134,42 @@ WantedBy=multi-user.target
 
 def build(*, user: str, host_private_key: str, host_public_key: str, client_public_key: str,
           idle_timeout: float, max_lifetime: float, shutdown_command: str,
-          boot_timeout: float = 1200.0, packages: tuple[str, ...] = (), requirements_path: str | None = None) -> str:
+          boot_timeout: float = 1200.0, packages: tuple[str, ...] = (),
+          requirements_path: str | None = None) -> str:
     """The user-data for one host (each host gets its own SSH host key)."""
     python_minor = ".".join(platform.python_version_tuple()[:2])
-    watchdog_src = (Path(__file__).parent / "watchdog.py").read_text()
     files: list[dict[str, Any]] = [
         # sshd offers only the key the client expects (the image may generate others).
         {"path": "/etc/ssh/sshd_config.d/01-joblib-cloud.conf", "permissions": "0644",
          "content": "HostKey /etc/ssh/ssh_host_ed25519_key\nPasswordAuthentication no\n"},
-        {"path": "/opt/joblib-cloud/watchdog.py", "permissions": "0755",
-         "content": watchdog_src},
+        {"path": f"{ROOT}/watchdog.py", "permissions": "0755",
+         "content": (_HERE / "watchdog.py").read_text()},
+        {"path": f"{ROOT}/fetch_uv.py", "permissions": "0755",
+         "content": (_HERE / "fetch_uv.py").read_text()},
         {"path": "/etc/systemd/system/joblib-cloud-watchdog.service", "permissions": "0644",
-         "content": watchdog_unit(user, idle_timeout, max_lifetime, shutdown_command)},
-        {"path": "/opt/joblib-cloud/boot.sh", "permissions": "0755",
+         "content": watchdog_unit(user, idle_timeout, max_lifetime, boot_timeout,
+                                  shutdown_command)},
+        {"path": f"{ROOT}/boot.sh", "permissions": "0755",
          "content": boot_script(user, python_minor, client_requirements(packages),
                                 requirements_path is not None)},
         {"path": CLIENT_KEY_PATH, "permissions": "0644", "content": client_public_key + "\n"},
     ]
     if requirements_path is not None:
-        files.append({"path": "/opt/joblib-cloud/requirements.txt", "permissions": "0644",
+        files.append({"path": f"{ROOT}/requirements.txt", "permissions": "0644",
                       "content": Path(requirements_path).expanduser().read_text()})
-    lifetime_minutes = max(int(max_lifetime // 60), 1)
     document = {
-        # Our host key, nothing else: sshd starts with a key the client already trusts.
+        # Our host key, nothing else: sshd starts with a key the client already trusts
+        # (with ssh_keys given, cloud-init generates no others).
         "ssh_deletekeys": True,
-        "ssh_genkeytypes": [],
         "ssh_keys": {"ed25519_private": host_private_key, "ed25519_public": host_public_key},
         "disable_root": True,
-        # A hard stop that does not depend on Python or the watchdog at all.
-        "bootcmd": [["shutdown", "-h", f"+{lifetime_minutes}"]],
+        "bootcmd": [hard_stop_command(max_lifetime)],
         "write_files": files,
         "runcmd": [["systemctl", "daemon-reload"],
                    ["systemctl", "enable", "--now", "joblib-cloud-watchdog.service"],
-                   ["bash", "/opt/joblib-cloud/boot.sh"]],
+                   ["bash", f"{ROOT}/boot.sh"]],
     }
-    text = "#cloud-config\n" + json.dumps(document, indent=1) + "\n"
+    text = "#cloud-config\n" + json.dumps(document, indent=1, ensure_ascii=False) + "\n"
     if len(text.encode()) > MAX_USER_DATA:
         raise ValueError(
             f"the boot script is {len(text.encode())} bytes, over EC2's 16 KiB user-data "

@@ -81,7 +81,7 @@ def test_user_data_carries_host_key_client_key_watchdog_and_client_versions(aws)
         private = paramiko.Ed25519Key.from_private_key(
             __import__("io").StringIO(doc["ssh_keys"]["ed25519_private"]))
         assert f"{private.get_name()} {private.get_base64()}" == spec.host_key
-        assert doc["ssh_genkeytypes"] == [] and doc["ssh_deletekeys"] is True
+        assert doc["ssh_deletekeys"] is True and "ssh_genkeytypes" not in doc
         assert written_file(doc, "/etc/ssh/sshd_config.d/01-joblib-cloud.conf").splitlines()[
             0] == "HostKey /etc/ssh/ssh_host_ed25519_key"
         host_keys.add(spec.host_key)
@@ -91,7 +91,7 @@ def test_user_data_carries_host_key_client_key_watchdog_and_client_versions(aws)
         lines = boot.splitlines()
         authorise = lines.index(next(x for x in lines if x.startswith(
             f"cat {userdata.CLIENT_KEY_PATH}")))
-        assert authorise > max(i for i, x in enumerate(lines) if "pip install" in x)
+        assert authorise > max(i for i, x in enumerate(lines) if "uv pip install" in x)
         import joblib
         import sklearn
         assert f"joblib=={joblib.__version__}" in boot
@@ -101,9 +101,11 @@ def test_user_data_carries_host_key_client_key_watchdog_and_client_versions(aws)
         assert "python" + ".".join(platform.python_version_tuple()[:2]) in boot
         unit = written_file(doc, "/etc/systemd/system/joblib-cloud-watchdog.service")
         assert "--idle-timeout 321 " in unit and "--max-lifetime 7200 " in unit
+        assert f"--ready-file {userdata.READY_FILE} " in unit
         assert written_file(doc, "/opt/joblib-cloud/watchdog.py") == (
             __import__("pathlib").Path(provisioner.__file__).parent / "watchdog.py").read_text()
-        assert ["shutdown", "-h", "+120"] in doc["bootcmd"]
+        assert doc["bootcmd"] == [userdata.hard_stop_command(7200)]
+        assert "sleep 7200;" in doc["bootcmd"][0][-1]
         assert "AWS_SECRET" not in str(doc) and "testing" not in str(doc)  # no credentials
     assert len(host_keys) == 2  # each host its own key
     assert all(s.user == "ec2-user" and s.port == 22 for s in handle.specs)

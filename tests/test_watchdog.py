@@ -126,3 +126,20 @@ def test_reason_to_stop_is_computed_from_the_activity_file(tmp_path):
     os.utime(home / "activity", (now - 3, now - 3))
     assert watchdog.reason_to_stop(str(home), now - 50, 10, 100, now) is None
     assert "lifetime" in watchdog.reason_to_stop(str(home), now - 200, 10, 100, now)
+
+
+def test_a_booting_machine_is_never_idle_but_has_a_boot_deadline(tmp_path):
+    """Idle time counts from the end of the boot: a long install is not cut short by
+    idle_timeout, a boot that hangs is stopped by boot_timeout."""
+    home, ready = tmp_path / "home", tmp_path / "ready"
+    home.mkdir()
+    now = time.time()
+    booted = now - 300  # booting for 5 minutes, far past idle_timeout, no ready file
+    assert watchdog.reason_to_stop(str(home), booted, 10, 3600, now, str(ready), 600) is None
+    assert "boot did not finish" in watchdog.reason_to_stop(
+        str(home), booted, 10, 3600, now, str(ready), 200)
+    ready.touch()
+    os.utime(ready, (now - 4, now - 4))  # ready 4 s ago: idle for 4 s, not for 300 s
+    assert watchdog.reason_to_stop(str(home), booted, 10, 3600, now, str(ready), 200) is None
+    assert "idle for 14s" in watchdog.reason_to_stop(
+        str(home), booted, 10, 3600, now + 10, str(ready), 200)

@@ -1,0 +1,93 @@
+"""``provider='aws'`` on guests that really boot the exact user-data (tests/guest_ec2.py).
+
+A guest holds only what a Debian 12 cloud image holds: no venv module, no pip, nothing of
+ours.  Everything a task needs comes from the boot script, as on a fresh EC2 instance.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import time
+
+import numpy as np
+import pytest
+from awsmock import CIDR, REGION, aws_fixture, cluster_instances  # noqa: F401  (fixtures)
+from guest_ec2 import SELF_SHUTDOWN, guest_ec2_fixture  # noqa: F401  (fixture)
+from joblib import parallel_backend
+from sklearn.datasets import make_classification
+from sklearn.linear_model import LogisticRegression
+from sklearn.model_selection import GridSearchCV
+
+from joblib_cloud import DistributedPool, providers, records, userdata
+
+pytestmark = pytest.mark.slow
+
+
+def _settings(cluster: str, **extra) -> dict:
+    return {"provider": "aws", "instance": "C2", "region": REGION, "ingress_cidr": CIDR,
+            "cluster": cluster, "workers_per_host": 2, **extra}
+
+
+def _square(x: int) -> int:
+    return x * x
+
+
+def _offered_host_keys(address: str, port: int) -> list[str]:
+    """Every host key sshd offers (one key exchange per key type, as ssh-keyscan does)."""
+    out = subprocess.run(["ssh-keyscan", "-T", "5", "-p", str(port), address],
+                         capture_output=True, text=True, timeout=60).stdout
+    return sorted(" ".join(line.split()[1:3]) for line in out.splitlines()
+                  if line and not line.startswith("#"))
+
+
+def _wait(condition, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
+        time.sleep(0.25)
+
+
+def test_grid_search_and_pool_on_two_fresh_guests_then_idle_power_off(guest_ec2):
+    """The headline use on machines that boot: results equal the sequential run; host
+    keys verified from the first connection; a short idle_timeout never cuts the install
+    short, and the machines power off once the client has left."""
+    settings = _settings("guests", n=2, idle_timeout=20)
+    X, y = make_classification(n_samples=300, n_features=12, random_state=0)
+    grid = {"C": [0.01, 0.1, 1.0, 10.0], "fit_intercept": [True, False]}
+    sequential = GridSearchCV(LogisticRegression(max_iter=500), grid, cv=3, n_jobs=1).fit(X, y)
+    try:
+        with parallel_backend("cloud", **settings):
+            remote = GridSearchCV(LogisticRegression(max_iter=500), grid, cv=3,
+                                  n_jobs=-1).fit(X, y)
+        assert remote.best_params_ == sequential.best_params_
+        np.testing.assert_allclose(remote.cv_results_["mean_test_score"],
+                                   sequential.cv_results_["mean_test_score"])
+        with DistributedPool(**settings) as pool:
+            assert pool.map(_square, range(50)) == [x * x for x in range(50)]
+
+        guests = list(guest_ec2.guests.values())
+        assert len(guests) == 2
+        keys = records.host_keys(REGION, "guests")
+        for guest in guests:
+            # sshd offers the injected key and nothing else; the image's own are gone.
+            injected = " ".join(keys[guest.instance_id].split()[:2])
+            assert _offered_host_keys(guest.address, guest.port) == [injected]
+            # The install outlived idle_timeout (20 s) from boot, and was not cut short.
+            log = guest.file(userdata.BOOT_LOG) or ""
+            assert "joblib-cloud: host ready" in log, log
+    finally:
+        providers.close_all()
+
+    # The client has left: each guest powers itself off after idle_timeout, and the
+    # fake EC2 reports the instance terminated by its own shutdown.
+    for guest in guests:
+        guest.wait(lambda g=guest: g.powered_off, 120, "idle power-off")
+    _wait(lambda: not cluster_instances(guest_ec2_client(), "guests",
+                                        states=("pending", "running")), 30, "terminated")
+
+
+def guest_ec2_client():
+    import boto3
+
+    return boto3.client("ec2", region_name=REGION)
