@@ -24,8 +24,9 @@ import warnings
 from collections.abc import Callable
 from concurrent.futures import Future, InvalidStateError
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from .agent_stream import AgentStream, agent_preamble
 from .config import CloudConfig
 from .errors import (
     AbortedError,
@@ -49,8 +50,10 @@ from .protocol import (
     frame_meta,
 )
 from .serialization import ObjectStore
-from .transport import AgentStream, SSHConnection, agent_preamble
 from .worker import host_versions
+
+if TYPE_CHECKING:
+    from .transport import SSHConnection
 
 log = logging.getLogger("joblib_cloud")
 

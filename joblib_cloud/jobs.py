@@ -22,12 +22,13 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from . import jobhost
+from .agent_stream import agent_zip
 from .config import CloudConfig, home_dir
 from .docker import docker_python
 from .hosts import HostSpec, parse_host
 from .progress import Progress
 from .records import write_private
-from .transport import SSHConnection, agent_zip
+from .transport import SSHConnection
 from .workspace import DEFAULT_MAX_UPLOAD, human, pack
 
 Sink = Callable[[bytes], None]

@@ -16,13 +16,13 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from concurrent.futures import wait as futures_wait
 
+from .agent_stream import LocalAgent
 from .cluster import Cluster, HostSession
 from .config import CloudConfig
 from .docker import docker_python
 from .errors import HostConnectError
 from .hosts import HostSpec, parse_host
 from .progress import Progress
-from .transport import LocalAgent, SSHAgent, SSHConnection
 
 _registry: dict[tuple, Cluster] = {}
 _registry_lock = threading.Lock()
@@ -116,6 +116,8 @@ def _local_opener(cluster: Cluster, name: str, python: str) -> Opener:
 def _ssh_opener(cluster: Cluster, spec: HostSpec, key: str | None, known_hosts: str | None,
                 retry_auth: bool) -> Opener:
     def open_(config: CloudConfig) -> HostSession:
+        from .transport import SSHAgent, SSHConnection
+
         connection = SSHConnection(spec, key_path=key, known_hosts=known_hosts,
                                    connect_timeout=config.connect_timeout,
                                    retry_auth=retry_auth)

@@ -1,25 +1,21 @@
-"""Byte streams to host agents: a local subprocess, or a channel of one SSH connection.
+"""SSH byte streams to host agents: a channel of one verified SSH connection.
 
 Mirrors paramiko's own split: :class:`SSHConnection` is one verified, authenticated
 ``Transport`` per host, kept for the cluster's lifetime; each agent, job or upload is a
-``Channel`` over it.  The agent code itself is shipped on every start (a ~100 kB zip of
-this package through the channel), so the host always runs the client's exact version.
+``Channel`` over it.  The agent's code and the ``local`` provider's pipes live in
+``agent_stream.py``, which imports no paramiko (the ``local`` provider runs on hosts).
 """
 
 from __future__ import annotations
 
 import base64
-import functools
 import hashlib
-import io
 import logging
 import os
 import shlex
 import socket
-import subprocess
 import threading
 import time
-import zipfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -27,6 +23,7 @@ import paramiko
 from paramiko.buffered_pipe import BufferedPipe, PipeTimeout
 from paramiko.common import cMSG_CHANNEL_WINDOW_ADJUST
 
+from .agent_stream import AgentStream, agent_command, pump_stderr
 from .errors import HostConnectError, HostKeyError
 from .hosts import HostSpec
 
@@ -47,136 +44,6 @@ WINDOW_SIZE = 64 * 2**20
 MAX_PACKET_SIZE = 2**15
 PREFERRED_CIPHERS = ("aes128-gcm@openssh.com", "aes256-gcm@openssh.com", "aes128-ctr",
                      "aes256-ctr")
-
-# Reads the agent zip from fd 0 (length-prefixed), stores it by hash, imports it.  Raw
-# os.read (not sys.stdin) so no byte of the protocol that follows is swallowed by a buffer.
-BOOTSTRAP = r"""
-import os, sys, hashlib
-umask = os.umask(0o077)
-def rd(n):
-    b = b''
-    while len(b) < n:
-        c = os.read(0, n - len(b))
-        if not c:
-            sys.exit('joblib-cloud agent: stdin closed during start')
-        b += c
-    return b
-z = rd(int.from_bytes(rd(8), 'big'))
-h = os.environ.get('JOBLIB_CLOUD_HOME') or os.path.expanduser('~/.joblib-cloud')
-d = os.path.join(h, 'agent')
-os.makedirs(d, mode=0o700, exist_ok=True)
-p = os.path.join(d, hashlib.sha256(z).hexdigest()[:16] + '.zip')
-if not os.path.exists(p):
-    t = p + '.%d' % os.getpid()
-    with open(t, 'wb') as f:
-        f.write(z)
-    os.replace(t, p)
-os.umask(umask)
-sys.path.insert(0, p)
-from joblib_cloud.worker import main
-main()
-""".strip()
-
-
-@functools.lru_cache(maxsize=1)
-def agent_zip() -> bytes:
-    """This package's source as a zip: what the host imports the agent from."""
-    root = Path(__file__).resolve().parent
-    out = io.BytesIO()
-    with zipfile.ZipFile(out, "w", zipfile.ZIP_DEFLATED) as zf:
-        for path in sorted(root.rglob("*.py")):
-            info = zipfile.ZipInfo(f"joblib_cloud/{path.relative_to(root).as_posix()}",
-                                   date_time=(2020, 1, 1, 0, 0, 0))
-            info.compress_type = zipfile.ZIP_DEFLATED
-            zf.writestr(info, path.read_bytes())
-    return out.getvalue()
-
-
-def agent_preamble() -> bytes:
-    blob = agent_zip()
-    return len(blob).to_bytes(8, "big") + blob
-
-
-def agent_command(python: str) -> str:
-    """Shell command that starts the agent (``python`` may itself be a command line)."""
-    return f"exec {python} -u -c {shlex.quote(BOOTSTRAP)}"
-
-
-class AgentStream:
-    """A bidirectional byte stream to one agent, plus its stderr."""
-
-    name: str
-
-    def sendall(self, data: bytes | memoryview) -> None:
-        raise NotImplementedError
-
-    def recv(self, n: int) -> bytes:
-        raise NotImplementedError
-
-    def can_write_now(self, nbytes: int) -> bool:
-        """Whether ``nbytes`` can be written without waiting for the other side to read
-        (a stalled host must never block a thread that is not its own sender)."""
-        return True
-
-    def deliver(self, on_data: Callable[[bytes], None], on_close: Callable[[], None]) -> bool:
-        """From now on, hand what arrives to ``on_data`` (and the end to ``on_close``) from
-        the stream's own thread.  False: this stream has no such thread; read it."""
-        return False
-
-    def close(self) -> None:
-        raise NotImplementedError
-
-
-class LocalAgent(AgentStream):
-    """The ``local`` provider's host: an agent subprocess, talking over pipes."""
-
-    def __init__(self, name: str, python: str, on_stderr: Callable[[bytes], None],
-                 env: dict[str, str] | None = None) -> None:
-        self.name = name
-        self.proc = subprocess.Popen(
-            ["/bin/sh", "-c", agent_command(python)], stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, bufsize=0,
-            env={**os.environ, **(env or {})}, start_new_session=True)
-        self._stdin_fd = self.proc.stdin.fileno()
-        self._stdout_fd = self.proc.stdout.fileno()
-        threading.Thread(target=_pump_stderr, args=(self.proc.stderr.read, on_stderr),
-                         daemon=True, name=f"stderr-{name}").start()
-
-    @property
-    def pid(self) -> int:
-        return self.proc.pid
-
-    def sendall(self, data: bytes | memoryview) -> None:
-        view = memoryview(data).cast("B")
-        while view:
-            view = view[os.write(self._stdin_fd, view):]
-
-    def recv(self, n: int) -> bytes:
-        return os.read(self._stdout_fd, n)
-
-    def close(self) -> None:
-        for pipe in (self.proc.stdin, self.proc.stdout):
-            try:
-                pipe.close()
-            except OSError:
-                pass
-        try:
-            self.proc.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-
-
-def _pump_stderr(read: Callable[[int], bytes], sink: Callable[[bytes], None]) -> None:
-    while True:
-        try:
-            data = read(1 << 16)
-        except (TimeoutError, OSError, ValueError, EOFError):
-            return
-        if not data:
-            return
-        sink(data)
-
 
 def fingerprint(key: paramiko.PKey) -> str:
     digest = hashlib.sha256(key.asbytes()).digest()
@@ -394,7 +261,7 @@ class SSHAgent(AgentStream):
         self.connection = connection
         self._pipe = DeliveringPipe() if _CAN_DELIVER else None
         self.channel = connection.exec(agent_command(python), in_buffer=self._pipe)
-        threading.Thread(target=_pump_stderr, args=(self.channel.recv_stderr, on_stderr),
+        threading.Thread(target=pump_stderr, args=(self.channel.recv_stderr, on_stderr),
                          daemon=True, name=f"stderr-{self.name}").start()
 
     def sendall(self, data: bytes | memoryview) -> None:

@@ -189,11 +189,11 @@ def test_docker_command_line():
 
 def test_agent_starts_inside_the_image(fake_docker):
     """The exact command the ssh provider sends, run by a shell with `docker` on PATH."""
+    from joblib_cloud.agent_stream import LocalAgent
     from joblib_cloud.cluster import Cluster, HostSession, Job
     from joblib_cloud.config import resolve_config
     from joblib_cloud.docker import docker_python
     from joblib_cloud.serialization import dumps_batch, register_local_modules
-    from joblib_cloud.transport import LocalAgent
 
     config = resolve_config(provider="local", workers_per_host=1)
     python = docker_python("python:3.11-slim", sys.executable)

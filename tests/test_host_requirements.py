@@ -70,3 +70,21 @@ def test_warning_filters_naming_client_only_modules_do_not_reach_the_host(tmp_pa
             assert Parallel()(delayed(_urllib3_importable)() for _ in range(2)) == [False] * 2
     np.testing.assert_allclose(remote.cv_results_["mean_test_score"],
                                sequential.cv_results_["mean_test_score"])
+
+
+def test_local_provider_runs_where_only_joblib_and_cloudpickle_are(tmp_path):
+    """Inside a ``joblib-cloud run`` job, ``parallel_backend('cloud')`` means the host's
+    own cores: the local provider must not need the client's SSH or AWS packages."""
+    import subprocess
+
+    wrapper = python_with_sitecustomize(
+        tmp_path, "python-on-a-host",
+        "import sys\n" + "".join(f"sys.modules[{m!r}] = None\n" for m in CLIENT_ONLY))
+    code = ("from joblib import Parallel, delayed, parallel_backend\n"
+            "import joblib_cloud\n"
+            "with parallel_backend('cloud', provider='local', n=1, workers_per_host=2):\n"
+            "    print(Parallel()(delayed(pow)(i, 2) for i in range(5)))\n")
+    result = subprocess.run([str(wrapper), "-c", code], capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == str([i * i for i in range(5)])
