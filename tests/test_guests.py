@@ -13,12 +13,13 @@ import numpy as np
 import pytest
 from awsmock import CIDR, REGION, aws_fixture, cluster_instances  # noqa: F401  (fixtures)
 from guest_ec2 import SELF_SHUTDOWN, guest_ec2_fixture  # noqa: F401  (fixture)
-from joblib import parallel_backend
+from joblib import Parallel, delayed, parallel_backend
 from sklearn.datasets import make_classification
 from sklearn.linear_model import LogisticRegression
 from sklearn.model_selection import GridSearchCV
 
 from joblib_cloud import DistributedPool, providers, records, userdata
+from joblib_cloud.errors import ClusterLostError
 
 pytestmark = pytest.mark.slow
 
@@ -91,3 +92,94 @@ def guest_ec2_client():
     import boto3
 
     return boto3.client("ec2", region_name=REGION)
+
+
+JOB = """
+import json, os, sys
+from joblib import Parallel, delayed, parallel_backend
+import joblib_cloud
+with parallel_backend("cloud"):
+    squares = Parallel()(delayed(pow)(i, 2) for i in range(6))
+print("JOB-RESULT " + json.dumps({"squares": squares, "python": sys.executable,
+                                  "provider": os.environ.get("JOBLIB_CLOUD_PROVIDER")}))
+"""
+
+
+def test_run_a_script_on_a_fresh_guest_with_the_cloud_backend_inside(guest_ec2, tmp_path,
+                                                                      monkeypatch, capfd):
+    import json
+
+    from joblib_cloud import cli
+
+    project = tmp_path / "project"
+    project.mkdir()
+    (project / "job.py").write_text(JOB)
+    monkeypatch.chdir(project)
+    for name, value in {"REGION": REGION, "INGRESS_CIDR": CIDR, "IDLE_TIMEOUT": "60"}.items():
+        monkeypatch.setenv(f"JOBLIB_CLOUD_{name}", value)
+    try:
+        code = cli.main(["run", "--provider", "aws", "-i", "C2", "--cluster", "guestjob",
+                         "--", "python", "job.py"])
+    finally:
+        providers.close_all()
+    out, err = capfd.readouterr()
+    assert code == 0, (out, err)
+    line = next(x for x in out.splitlines() if "JOB-RESULT " in x)
+    result = json.loads(line.split("JOB-RESULT ", 1)[1])
+    assert result["squares"] == [i * i for i in range(6)]
+    assert result["python"].startswith(userdata.ROOT)  # the venv the boot made
+    (guest,) = guest_ec2.guests.values()
+    assert guest.running
+
+
+def test_hard_lifetime_stops_the_machine_with_a_client_attached(guest_ec2):
+    """max_lifetime holds whatever the client does: the machine powers itself off in the
+    middle of a call, and the call fails with a clear error instead of hanging."""
+    settings = _settings("lifetime", n=1, max_lifetime=75, heartbeat_timeout=10)
+    started = time.monotonic()
+    try:
+        with parallel_backend("cloud", **settings):
+            with pytest.raises(ClusterLostError) as info:
+                Parallel()(delayed(time.sleep)(300) for _ in range(2))
+    finally:
+        providers.close_all()
+    (guest,) = guest_ec2.guests.values()
+    guest.wait(lambda: guest.powered_off, 60, "power-off")
+    lived = guest.exited_at - guest.started_at
+    assert 70 <= lived <= 110, lived
+    assert time.monotonic() - started < 150
+    assert "i-" in str(info.value)
+    (inst,) = cluster_instances(guest_ec2_client(), "lifetime",
+                                states=("shutting-down", "terminated"))
+    assert inst["StateReason"]["Code"] == SELF_SHUTDOWN[0]
+
+
+def test_cloud_init_accepts_every_rendered_user_data(tmp_path):
+    """The real cloud-init of the image validates each variant the provider can send."""
+    from guests import base_image, tools_missing
+
+    reason = tools_missing()
+    if reason:
+        pytest.fail(f"guests cannot run here: {reason}")
+    requirements = tmp_path / "requirements.txt"
+    requirements.write_text("tqdm==4.66.1\n")
+    keys = records.generate_ed25519()
+    common = {"user": "ec2-user", "host_private_key": keys[0], "host_public_key": keys[1],
+              "client_public_key": keys[1], "idle_timeout": 600, "max_lifetime": 43200,
+              "shutdown_command": "sudo shutdown -h now"}
+    variants = {
+        "default": userdata.build(**common),
+        "packages": userdata.build(**common, packages=("xgboost==2.1.0", "tqdm")),
+        "requirements": userdata.build(**common, requirements_path=str(requirements)),
+        "odd-command": userdata.build(**{**common, "shutdown_command": "echo 100% $HOME"},
+                                      boot_timeout=90),
+    }
+    for name, text in variants.items():
+        path = tmp_path / f"{name}.yaml"
+        path.write_text(text)
+        result = subprocess.run(
+            ["systemd-nspawn", "--quiet", "--register=no", "--keep-unit", "-D", str(base_image()),
+             "--read-only", f"--bind-ro={path}:/tmp/user-data", "cloud-init", "schema",
+             "--config-file", "/tmp/user-data"], capture_output=True, text=True, timeout=120)
+        assert result.returncode == 0 and "Valid" in result.stdout, (name, result.stdout,
+                                                                     result.stderr)
