@@ -64,23 +64,10 @@ def hard_stop_command(max_lifetime: float) -> list[str]:
                         "</dev/null >/dev/null 2>&1 &"]
 
 
-def boot_script(user: str, python_minor: str, requirements: list[str],
-                requirements_file: bool) -> str:
-    """Bash run by cloud-init (as root) once the watchdog is up."""
-    pins = " ".join(shlex.quote(r) for r in requirements)
-    if requirements_file:
-        pins += f" -r {ROOT}/requirements.txt"
-    return f"""#!/bin/bash
-# joblib-cloud boot: uv, Python {python_minor}, the client's packages, then SSH access.
-set -euo pipefail
-exec > >(tee -a {BOOT_LOG}) 2>&1
-failed() {{
-  echo "joblib-cloud: boot failed (line $1: $2); powering off"
-  systemctl poweroff || poweroff -f
-}}
-trap 'failed $LINENO "$BASH_COMMAND"' ERR
-echo "joblib-cloud: boot started"
-PY=python{python_minor}
+def _python_steps(python_minor: str, pins: str, count: int) -> str:
+    """uv, then a venv with the distribution's Python (else uv's standalone one), then
+    the client's packages."""
+    return f"""PY=python{python_minor}
 if ! command -v $PY >/dev/null; then  # the distribution's Python, when it has this minor
   if command -v dnf >/dev/null; then dnf install -y -q $PY || true
   elif command -v apt-get >/dev/null; then
@@ -93,10 +80,47 @@ if command -v $PY >/dev/null; then PYTHON=$(command -v $PY)
 else PYTHON={python_minor}; echo "joblib-cloud: no $PY package here: uv's standalone Python"
 fi
 {ROOT}/bin/uv venv --quiet --python "$PYTHON" {VENV}
-echo "joblib-cloud: installing {len(requirements)} packages"
+echo "joblib-cloud: installing {count} packages"
 {ROOT}/bin/uv pip install --quiet --python {HOST_PYTHON} {pins}
 echo "joblib-cloud: packages installed"
-HOME_DIR=$(getent passwd {user} | cut -d: -f6)
+"""
+
+
+def _docker_steps(user: str, image: str) -> str:
+    """Docker from the distribution, started, usable by ``user``, the image pulled (the
+    agent runs in it: the packages are the image's)."""
+    return f"""if ! command -v docker >/dev/null; then
+  if command -v dnf >/dev/null; then dnf install -y -q docker
+  else apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq docker.io
+  fi
+fi
+systemctl enable --now docker
+usermod -aG docker {user}
+docker pull {shlex.quote(image)}
+echo "joblib-cloud: image {image} pulled"
+"""
+
+
+def boot_script(user: str, python_minor: str, requirements: list[str],
+                requirements_file: bool, image: str | None = None) -> str:
+    """Bash run by cloud-init (as root) once the watchdog is up."""
+    pins = " ".join(shlex.quote(r) for r in requirements)
+    if requirements_file:
+        pins += f" -r {ROOT}/requirements.txt"
+    setup = (_docker_steps(user, image) if image
+             else _python_steps(python_minor, pins, len(requirements)))
+    what = "Docker and the image" if image else f"uv, Python {python_minor}, the packages"
+    return f"""#!/bin/bash
+# joblib-cloud boot: {what}, then SSH access.
+set -euo pipefail
+exec > >(tee -a {BOOT_LOG}) 2>&1
+failed() {{
+  echo "joblib-cloud: boot failed (line $1: $2); powering off"
+  systemctl poweroff || poweroff -f
+}}
+trap 'failed $LINENO "$BASH_COMMAND"' ERR
+echo "joblib-cloud: boot started"
+{setup}HOME_DIR=$(getent passwd {user} | cut -d: -f6)
 install -d -m 700 -o {user} -g {user} "$HOME_DIR/.joblib-cloud" "$HOME_DIR/.ssh"
 cat {CLIENT_KEY_PATH} >> "$HOME_DIR/.ssh/authorized_keys"
 chown {user}: "$HOME_DIR/.ssh/authorized_keys" && chmod 600 "$HOME_DIR/.ssh/authorized_keys"
@@ -124,6 +148,7 @@ After=network.target
 
 [Service]
 ExecStart={command}
+StandardError=journal+console
 Restart=always
 RestartSec=5
 
@@ -135,9 +160,11 @@ WantedBy=multi-user.target
 def build(*, user: str, host_private_key: str, host_public_key: str, client_public_key: str,
           idle_timeout: float, max_lifetime: float, shutdown_command: str,
           boot_timeout: float = 1200.0, packages: tuple[str, ...] = (),
-          requirements_path: str | None = None) -> str:
-    """The user-data for one host (each host gets its own SSH host key)."""
-    python_minor = ".".join(platform.python_version_tuple()[:2])
+          requirements_path: str | None = None, image: str | None = None,
+          python_minor: str | None = None) -> str:
+    """The user-data for one host (each host gets its own SSH host key).  ``python_minor``
+    defaults to the client's own."""
+    python_minor = python_minor or ".".join(platform.python_version_tuple()[:2])
     files: list[dict[str, Any]] = [
         # sshd offers only the key the client expects (the image may generate others).
         {"path": "/etc/ssh/sshd_config.d/01-joblib-cloud.conf", "permissions": "0644",
@@ -151,7 +178,7 @@ def build(*, user: str, host_private_key: str, host_public_key: str, client_publ
                                   shutdown_command)},
         {"path": f"{ROOT}/boot.sh", "permissions": "0755",
          "content": boot_script(user, python_minor, client_requirements(packages),
-                                requirements_path is not None)},
+                                requirements_path is not None, image)},
         {"path": CLIENT_KEY_PATH, "permissions": "0644", "content": client_public_key + "\n"},
     ]
     if requirements_path is not None:

@@ -184,7 +184,7 @@ class Guest:
                 ["unshare", "--time", "--fork", "--kill-child",
                  f"--boottime=-{offset}", f"--monotonic=-{offset}",
                  "systemd-nspawn", "--quiet", "-b", "-D", str(self.root), "--register=no",
-                 "--keep-unit", "-M", f"guest{self.index}", "--console=pipe"],
+                 "--keep-unit", "-M", f"guest{self.index}", "--console=read-only"],
                 stdin=subprocess.DEVNULL, stdout=console, stderr=subprocess.STDOUT,
                 start_new_session=True)
             console.close()

@@ -6,10 +6,13 @@ ours.  Everything a task needs comes from the boot script, as on a fresh EC2 ins
 
 from __future__ import annotations
 
+import socket
 import subprocess
+import threading
 import time
 
 import numpy as np
+import paramiko
 import pytest
 from awsmock import CIDR, REGION, aws_fixture, cluster_instances  # noqa: F401  (fixtures)
 from guest_ec2 import SELF_SHUTDOWN, guest_ec2_fixture  # noqa: F401  (fixture)
@@ -19,7 +22,7 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.model_selection import GridSearchCV
 
 from joblib_cloud import DistributedPool, providers, records, userdata
-from joblib_cloud.errors import ClusterLostError
+from joblib_cloud.errors import ClusterLostError, JoblibCloudError
 
 pytestmark = pytest.mark.slow
 
@@ -173,6 +176,8 @@ def test_cloud_init_accepts_every_rendered_user_data(tmp_path):
         "requirements": userdata.build(**common, requirements_path=str(requirements)),
         "odd-command": userdata.build(**{**common, "shutdown_command": "echo 100% $HOME"},
                                       boot_timeout=90),
+        "docker-image": userdata.build(**common, image="python:3.11-slim"),
+        "other-python": userdata.build(**common, python_minor="3.13"),
     }
     for name, text in variants.items():
         path = tmp_path / f"{name}.yaml"
@@ -183,3 +188,119 @@ def test_cloud_init_accepts_every_rendered_user_data(tmp_path):
              "--config-file", "/tmp/user-data"], capture_output=True, text=True, timeout=120)
         assert result.returncode == 0 and "Valid" in result.stdout, (name, result.stdout,
                                                                      result.stderr)
+
+
+def test_a_boot_that_fails_powers_off_and_the_client_says_why(guest_ec2):
+    """A package that does not exist: the boot script fails, the machine powers itself
+    off, and the client raises with the state reason and the boot's last console lines
+    within about a minute, instead of retrying SSH for the whole boot_timeout."""
+    settings = _settings("badboot", n=1, packages=["joblib-cloud-no-such-package==0.0.1"])
+    started = time.monotonic()
+    try:
+        with pytest.raises(JoblibCloudError) as info:
+            with parallel_backend("cloud", **settings):
+                Parallel()(delayed(pow)(i, 2) for i in range(2))
+    finally:
+        providers.close_all()
+    elapsed = time.monotonic() - started
+    message = str(info.value)
+    assert elapsed < 75, elapsed
+    assert SELF_SHUTDOWN[0] in message, message
+    assert "joblib-cloud: boot failed" in message, message
+    assert "joblib-cloud-no-such-package" in message, message
+    (guest,) = guest_ec2.guests.values()
+    assert guest.powered_off
+    assert cluster_instances(guest_ec2_client(), "badboot",
+                             states=("pending", "running")) == []
+
+
+def test_a_hung_boot_refuses_logins_and_is_stopped_by_its_deadline(guest_ec2, tmp_path):
+    """The install hangs (a package index that never answers): SSH logins stay refused,
+    the boot deadline powers the machine off, and the client raises instead of waiting."""
+    with socket.socket() as silent:  # accepts connections into its backlog, never answers
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(16)
+        port = silent.getsockname()[1]
+        settings = _settings("hungboot", n=1, boot_timeout=45, packages=[
+            f"hangs @ http://127.0.0.1:{port}/hangs-1.0-py3-none-any.whl"])
+        outcome: dict = {}
+
+        def call() -> None:
+            try:
+                with parallel_backend("cloud", **settings):
+                    outcome["result"] = Parallel()(delayed(pow)(i, 2) for i in range(2))
+            except BaseException as exc:  # noqa: BLE001 - checked below
+                outcome["error"] = exc
+
+        caller = threading.Thread(target=call, daemon=True)
+        caller.start()
+        try:
+            _wait(lambda: guest_ec2.guests, 60, "the launch")
+            (guest,) = guest_ec2.guests.values()
+            _wait(lambda: guest.instance_id in records.host_keys(REGION, "hungboot"), 30,
+                  f"the host key record ({outcome})")
+            key_path, _ = records.client_key(REGION, "hungboot")
+            host_keys = records.host_keys(REGION, "hungboot")
+            guest.wait(lambda: "joblib-cloud: installing" in guest.console(), 60, "install")
+            guest.wait(guest.listening, 30, "sshd")
+            with pytest.raises(paramiko.AuthenticationException):
+                _login(guest, key_path, keys=host_keys)
+            guest.wait(lambda: guest.powered_off, 90, "the boot deadline")
+            caller.join(timeout=60)
+            assert not caller.is_alive()
+        finally:
+            caller.join(timeout=120)
+            providers.close_all()
+    lived = guest.exited_at - guest.started_at
+    assert 45 <= lived <= 80, lived
+    assert "boot did not finish within boot_timeout 45s" in guest.console()
+    assert "result" not in outcome
+    assert SELF_SHUTDOWN[0] in str(outcome["error"]), outcome["error"]
+
+
+def _login(guest, key_path, keys) -> None:
+    """Log in as the cluster's client would, host key verified."""
+    import base64
+
+    expected = keys[guest.instance_id].split()
+    with socket.create_connection((guest.address, guest.port), timeout=10) as sock:
+        transport = paramiko.Transport(sock)
+        try:
+            transport.start_client(timeout=10)
+            offered = transport.get_remote_server_key()
+            assert offered.get_base64() == expected[1]
+            assert base64.b64decode(expected[1]) == offered.asbytes()
+            transport.auth_publickey("ec2-user", paramiko.PKey.from_path(str(key_path)))
+        finally:
+            transport.close()
+
+
+def test_an_image_without_the_clients_python_takes_uvs_standalone_python(tmp_path):
+    """Debian 12 has no python3.13 package: the boot takes uv (a wheel from the package
+    index, no installer script) and asks it for its standalone Python 3.13.  uv downloads
+    that from GitHub, which this machine cannot reach: here the boot must then fail
+    cleanly at that download (and power off); with the download reachable, the venv runs
+    Python 3.13."""
+    from guests import Guest, base_image
+
+    base_image()
+    keys = records.generate_ed25519()
+    text = userdata.build(user="ec2-user", host_private_key=keys[0], host_public_key=keys[1],
+                          client_public_key=keys[1], idle_timeout=600, max_lifetime=600,
+                          shutdown_command="shutdown -h now", python_minor="3.13")
+    assert "astral.sh" not in text and "install.sh" not in text
+    guest = Guest(tmp_path, 200, text, "i-standalone").start()
+    try:
+        guest.wait(lambda: guest.powered_off or "host ready" in guest.console(), 240,
+                   "the boot's outcome")
+        console = guest.console()
+        assert "fetch_uv: uv " in console and "py3-none-manylinux" in console, console
+        assert "no python3.13 package here: uv's standalone Python" in console, console
+        if "joblib-cloud: host ready" in console:
+            assert "version_info = 3.13" in (guest.file(f"{userdata.VENV}/pyvenv.cfg") or "")
+        else:
+            assert "joblib-cloud: boot failed" in console
+            assert "uv venv" in console.split("joblib-cloud: boot failed")[1], console
+            guest.wait(lambda: guest.powered_off, 60, "power-off after the failed boot")
+    finally:
+        guest.cleanup()
