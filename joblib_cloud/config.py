@@ -23,6 +23,8 @@ else:  # pragma: no cover - exercised on 3.10 only
 
 ENV_PREFIX = "JOBLIB_CLOUD_"
 PROVIDERS = ("aws", "ssh", "local")
+#: ``connect_timeout`` when not set, except on aws (where a VM may take minutes to boot).
+DEFAULT_CONNECT_TIMEOUT = 60.0
 
 
 def home_dir() -> Path:
@@ -119,8 +121,9 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("ssh_key", None, _to_opt_str, "private key for ssh hosts"),
     Setting("known_hosts", None, _to_opt_str,
             "known-hosts file for ssh hosts (default ~/.ssh/known_hosts)"),
-    Setting("connect_timeout", 60.0, _to_float,
-            "seconds to keep retrying a host that does not accept SSH yet"),
+    Setting("connect_timeout", None, lambda v: None if v is None else _to_float(v),
+            "seconds to keep retrying a host that does not accept SSH yet (default 60; "
+            "on aws boot_timeout)"),
     Setting("heartbeat_timeout", 30.0, _to_float,
             "seconds of silence after which a host counts as lost"),
     Setting("cache_threshold", 2**20, _to_size,
@@ -133,6 +136,10 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("packages", [], _to_list, "extra pip packages to install on the hosts"),
     Setting("requirements", None, _to_opt_str, "requirements file to install on the hosts"),
     Setting("ingress_cidr", None, _to_opt_str, "CIDR allowed to reach port 22 on EC2 hosts"),
+    Setting("subnet_id", None, _to_opt_str,
+            "EC2 subnet to launch in (default: the default VPC's subnets)"),
+    Setting("security_group_id", None, _to_opt_str,
+            "existing EC2 security group to use instead of the cluster's own"),
     Setting("image", None, _to_opt_str, "Docker image the agent runs in on each VM"),
     Setting("user", None, _to_opt_str, "SSH user on EC2 hosts (default from the image)"),
     Setting("shutdown_command", "sudo shutdown -h now", str,
@@ -181,7 +188,8 @@ class CloudConfig:
     python: str | None
     ssh_key: str | None
     known_hosts: str | None
-    connect_timeout: float
+    #: ``None`` only on aws when not set: the provider then waits ``boot_timeout``.
+    connect_timeout: float | None
     heartbeat_timeout: float
     cache_threshold: int
     cache_size: int
@@ -191,6 +199,8 @@ class CloudConfig:
     packages: tuple[str, ...]
     requirements: str | None
     ingress_cidr: str | None
+    subnet_id: str | None
+    security_group_id: str | None
     image: str | None
     user: str | None
     shutdown_command: str
@@ -251,13 +261,19 @@ def _validate(values: dict[str, Any], origins: dict[str, str]) -> None:
         fail("n", "the number of machines must be at least 1")
     if values["workers_per_host"] is not None and values["workers_per_host"] < 1:
         fail("workers_per_host", "must be at least 1 (or unset for one per CPU)")
+    if values["connect_timeout"] is None and values["provider"] != "aws":
+        values["connect_timeout"] = DEFAULT_CONNECT_TIMEOUT
     for name in ("idle_timeout", "max_lifetime", "boot_timeout", "connect_timeout",
                  "heartbeat_timeout"):
-        if values[name] <= 0:
+        if values[name] is not None and values[name] <= 0:
             fail(name, "must be a positive number of seconds")
     for name in ("cache_threshold", "cache_size", "max_result_size"):
         if values[name] <= 0:
             fail(name, "must be a positive size")
+    for name, prefix in (("subnet_id", "subnet"), ("security_group_id", "sg")):
+        if values[name] is not None and not re.fullmatch(prefix + r"-[0-9a-f]{8,17}",
+                                                         values[name]):
+            fail(name, f"expected an id such as '{prefix}-0123456789abcdef0'")
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}", values["cluster"]):
         fail("cluster", "use 1-63 letters, digits, '.', '_' or '-', starting with a letter "
                         "or digit")

@@ -8,6 +8,7 @@ Every EC2 error falls into one of a few classes, and each class has one reaction
 from __future__ import annotations
 
 import logging
+import os
 import random
 import time
 from collections.abc import Callable
@@ -30,7 +31,17 @@ THROTTLE_CODES = frozenset({"RequestLimitExceeded", "Throttling", "ThrottlingExc
                             "TooManyRequestsException", "RequestThrottled"})
 CREDENTIAL_CODES = frozenset({"AuthFailure", "UnauthorizedOperation", "InvalidClientTokenId",
                               "ExpiredToken", "RequestExpired", "SignatureDoesNotMatch",
-                              "OptInRequired", "AccessDenied", "AccessDeniedException"})
+                              "AccessDenied", "AccessDeniedException"})
+#: A region (or the service in it) the account has not enabled or subscribed to.
+OPT_IN_CODE = "OptInRequired"
+#: A new account AWS is still verifying: nothing can be launched yet.
+PENDING_VERIFICATION_CODE = "PendingVerification"
+#: Spot needs a service-linked role; an account that never used spot may not be allowed
+#: to create it on the fly.
+SPOT_ROLE_CODE = "AuthFailure.ServiceLinkedRoleCreationNotPermitted"
+SPOT_ROLE_FIX = "aws iam create-service-linked-role --aws-service-name spot.amazonaws.com"
+#: Codes with which a policy (or an opt-in region) shuts a whole region to these credentials.
+REGION_DENIED_CODES = frozenset({"UnauthorizedOperation", "AuthFailure", OPT_IN_CODE})
 IMAGE_CODES = frozenset({"InvalidAMIID.NotFound", "InvalidAMIID.Malformed",
                          "InvalidAMIID.Unavailable"})
 
@@ -52,9 +63,23 @@ class CapacityError(AWSError):
     """No capacity for this type (in this zone / market) right now."""
 
 
+class BootFailedError(AWSError):
+    """A machine stopped before it accepted SSH: the message carries its state, the
+    reason EC2 gives and the end of its console output (where the boot script writes)."""
+
+
 def error_code(exc: BaseException) -> str:
     response = getattr(exc, "response", None) or {}
     return str(response.get("Error", {}).get("Code", ""))
+
+
+def cause_code(exc: BaseException) -> str:
+    """The EC2 error code of ``exc`` or of the error it was explained from."""
+    return error_code(exc) or (error_code(exc.__cause__) if exc.__cause__ else "")
+
+
+def profile_name() -> str:
+    return os.environ.get("AWS_PROFILE") or os.environ.get("AWS_DEFAULT_PROFILE") or "NAME"
 
 
 def error_message(exc: BaseException) -> str:
@@ -64,9 +89,32 @@ def error_message(exc: BaseException) -> str:
 
 def explain(exc: BaseException, what: str) -> BaseException:
     """An :class:`AWSError` with the fix for ``exc``, or ``exc`` itself if unclassified."""
-    from botocore.exceptions import NoCredentialsError, NoRegionError
+    from botocore.exceptions import (
+        NoCredentialsError,
+        NoRegionError,
+        SSOError,
+        TokenRetrievalError,
+    )
 
     code = error_code(exc)
+    if isinstance(exc, (SSOError, TokenRetrievalError)):
+        return AWSError(
+            f"your AWS SSO session has expired or is invalid ({exc}) while trying to {what}. "
+            f"Log in again with `aws sso login --profile {profile_name()}`, then retry.")
+    if code == OPT_IN_CODE:
+        return AWSError(
+            f"this AWS region (or EC2 in it) is not enabled for your account, so joblib-cloud "
+            f"cannot {what} ({code}: {error_message(exc)}). Enable the region in the AWS "
+            "console (Account > AWS Regions), or pick an enabled one with region=.")
+    if code == PENDING_VERIFICATION_CODE:
+        return AWSError(
+            f"AWS is still verifying this new account, so it cannot {what} yet ({code}: "
+            f"{error_message(exc)}). Wait until AWS confirms the account (usually minutes, "
+            "at most a few hours; check your e-mail), then retry.")
+    if code == SPOT_ROLE_CODE:
+        return AWSError(
+            f"spot machines need the spot service-linked role, which these credentials may "
+            f"not create ({code}). Create it once with `{SPOT_ROLE_FIX}`, or use spot=False.")
     if isinstance(exc, NoCredentialsError):
         return AWSError(f"no AWS credentials found while trying to {what}. {CREDENTIALS_HELP}")
     if isinstance(exc, NoRegionError):
@@ -131,6 +179,9 @@ def session(region: str | None) -> Any:
         sess = boto3.session.Session(region_name=region)
         credentials = sess.get_credentials()
     except Exception as exc:  # noqa: BLE001 - e.g. a profile that does not exist
+        explained = explain(exc, "load AWS credentials")
+        if isinstance(explained, AWSError):
+            raise explained from exc
         raise AWSError(f"cannot load AWS credentials: {exc}. {CREDENTIALS_HELP}") from exc
     if credentials is None:
         raise AWSError(f"no AWS credentials found. {CREDENTIALS_HELP}")

@@ -33,7 +33,7 @@ _connect_locks: dict[tuple, threading.Lock] = {}
 FLEET_FIELDS = ("provider", "cluster", "hosts", "n", "instance", "region", "python",
                 "workers_per_host", "image_id", "image", "user", "ssh_key", "known_hosts",
                 "spot", "heartbeat_timeout", "max_result_size", "cache_threshold",
-                "cache_size")
+                "cache_size", "subnet_id", "security_group_id")
 
 
 def fleet_key(config: CloudConfig) -> tuple:
@@ -91,13 +91,17 @@ def connect(config: CloudConfig, progress: Progress | None = None) -> Cluster:
                                                          else handle.python),
                                 connect_timeout=handle.connect_timeout)
         openers = [(s.name, _ssh_opener(cluster, s, handle.ssh_key, handle.known_hosts,
-                                        retry_auth=True)) for s in handle.specs]
+                                        retry_auth=True, check=handle.boot_check(s),
+                                        timeout_advice=handle.timeout_advice()))
+                   for s in handle.specs]
     try:
         hosts = _open_all(openers, config, progress)
     except BaseException:
         if cluster.provider_handle is not None:  # never leave a VM we just launched
             cluster.provider_handle.abort()
         raise
+    if cluster.provider_handle is not None:  # booted: the user-data has served its purpose
+        cluster.provider_handle.close_metadata()
     cluster.attach(hosts)
     progress.done(f"{len(hosts)}/{len(openers)} hosts connected, {cluster.n_workers} workers")
     return cluster
@@ -114,13 +118,17 @@ def _local_opener(cluster: Cluster, name: str, python: str) -> Opener:
 
 
 def _ssh_opener(cluster: Cluster, spec: HostSpec, key: str | None, known_hosts: str | None,
-                retry_auth: bool) -> Opener:
+                retry_auth: bool, check: Callable[[], None] | None = None,
+                timeout_advice: str | None = None) -> Opener:
+    """``check`` runs while SSH is retried (it raises when the VM has died);
+    ``timeout_advice`` is what a connect timeout tells the user to check."""
     def open_(config: CloudConfig) -> HostSession:
         from .transport import SSHAgent, SSHConnection
 
         connection = SSHConnection(spec, key_path=key, known_hosts=known_hosts,
                                    connect_timeout=config.connect_timeout,
-                                   retry_auth=retry_auth)
+                                   retry_auth=retry_auth, check=check,
+                                   timeout_advice=timeout_advice)
         python = config.python or "python3"
         if config.image:  # the agent runs inside that Docker image on the VM
             python = docker_python(config.image, python)

@@ -19,6 +19,7 @@ from .ec2api import call
 #: Every state a billable (or soon billable) instance can be in.
 ALL_STATES = ("pending", "running", "stopping", "stopped", "shutting-down")
 GONE = ("shutting-down", "terminated")
+NOT_FOUND = "InvalidInstanceID.NotFound"
 #: How long ``down`` waits for instances to stop and the security group to free up.
 WAIT_TIMEOUT = 600.0
 POLL = 3.0
@@ -26,14 +27,21 @@ POLL = 3.0
 Out = Callable[[str], None]
 
 
-def terminate_ids(ec2: Any, ids: list[str], out: Out, timeout: float | None = None) -> bool:
-    """Terminate ``ids`` and wait until AWS reports them shutting down or gone."""
+def terminate_ids(ec2: Any, ids: list[str], out: Out, timeout: float | None = None,
+                  not_found_timeout: float = 0.0) -> bool:
+    """Terminate ``ids`` and wait until AWS reports them shutting down or gone.
+
+    EC2 may not know an instance launched a moment ago yet: ``not_found_timeout`` is how
+    long ``InvalidInstanceID.NotFound`` is retried."""
     if not ids:
         return True
     timeout = WAIT_TIMEOUT if timeout is None else timeout
-    for start in range(0, len(ids), 500):
-        call(ec2.terminate_instances, "terminate machines", InstanceIds=ids[start:start + 500])
+    unknown = _terminate(ec2, ids, not_found_timeout)
     out(f"terminating {len(ids)} machines: {', '.join(ids)}")
+    if unknown:
+        out(f"ERROR: EC2 does not know {', '.join(unknown)}; if they appear later, "
+            "terminate them with `joblib-cloud down`")
+    ids = [i for i in ids if i not in unknown]
     deadline = time.monotonic() + timeout
     while True:
         pages = call(lambda: list(ec2.get_paginator("describe_instances").paginate(
@@ -43,11 +51,37 @@ def terminate_ids(ec2: Any, ids: list[str], out: Out, timeout: float | None = No
         left = [i for i in ids if states.get(i, "terminated") not in GONE]
         if not left:
             out(f"{len(ids)} machines shutting down or terminated")
-            return True
+            return not unknown
         if time.monotonic() > deadline:
             out(f"ERROR: still not terminating after {timeout:.0f}s: {', '.join(left)}")
             return False
         time.sleep(POLL)
+
+
+def _terminate(ec2: Any, ids: list[str], not_found_timeout: float) -> list[str]:
+    """``TerminateInstances`` for ``ids``, retrying with back-off while EC2 does not know
+    one of them yet; then one by one.  Returns the ids EC2 never knew."""
+    deadline = time.monotonic() + not_found_timeout
+    delay = POLL
+    while True:
+        try:
+            for start in range(0, len(ids), 500):
+                call(ec2.terminate_instances, "terminate machines",
+                     InstanceIds=ids[start:start + 500])
+            return []
+        except Exception as exc:
+            if ec2api.cause_code(exc) != NOT_FOUND:
+                raise
+        if time.monotonic() >= deadline:
+            break
+        time.sleep(delay)
+        delay = min(delay * 2, 5.0)
+    if len(ids) == 1:
+        return list(ids)
+    unknown = []
+    for iid in ids:  # terminate every one EC2 knows
+        unknown += _terminate(ec2, [iid], 0.0)
+    return unknown
 
 
 def _delete_group(ec2: Any, group: dict[str, Any], out: Out, timeout: float) -> bool:

@@ -44,6 +44,9 @@ WINDOW_SIZE = 64 * 2**20
 MAX_PACKET_SIZE = 2**15
 PREFERRED_CIPHERS = ("aes128-gcm@openssh.com", "aes256-gcm@openssh.com", "aes128-ctr",
                      "aes256-ctr")
+#: Longest single connection attempt when a check runs between attempts.
+CHECKED_ATTEMPT_TIMEOUT = 10.0
+
 
 def fingerprint(key: paramiko.PKey) -> str:
     digest = hashlib.sha256(key.asbytes()).digest()
@@ -76,20 +79,32 @@ class SSHConnection:
     """One verified, authenticated SSH connection to a host, reused for everything."""
 
     def __init__(self, spec: HostSpec, *, key_path: str | None, known_hosts: str | None,
-                 connect_timeout: float, retry_auth: bool = False) -> None:
+                 connect_timeout: float, retry_auth: bool = False,
+                 check: Callable[[], None] | None = None,
+                 timeout_advice: str | None = None) -> None:
+        """``check`` runs between connection attempts and raises to stop waiting (a VM
+        that stopped booting); ``timeout_advice`` replaces the generic advice given when
+        ``connect_timeout`` runs out."""
         self.spec = spec
         self.key_path = key_path
         self.known_hosts = known_hosts or str(Path.home() / ".ssh" / "known_hosts")
-        self.transport = self._connect_with_retry(connect_timeout, retry_auth)
+        self.transport = self._connect_with_retry(connect_timeout, retry_auth, check,
+                                                  timeout_advice)
 
     # -- connection -------------------------------------------------------------
-    def _connect_with_retry(self, cap: float, retry_auth: bool) -> paramiko.Transport:
+    def _connect_with_retry(self, cap: float, retry_auth: bool,
+                            check: Callable[[], None] | None = None,
+                            timeout_advice: str | None = None) -> paramiko.Transport:
         start = time.monotonic()
         delay, attempts, last = 0.25, 0, None
+        # With a check, shorter attempts: an address that swallows packets must not hide
+        # a dead VM for long.
+        longest = CHECKED_ATTEMPT_TIMEOUT if check is not None else 20.0
         while True:
             attempts += 1
             try:
-                return self._connect_once(max(min(cap - (time.monotonic() - start), 20), 2))
+                return self._connect_once(
+                    max(min(cap - (time.monotonic() - start), longest), 2))
             except HostKeyError:
                 raise
             except paramiko.AuthenticationException as exc:
@@ -107,8 +122,10 @@ class SSHConnection:
                 raise HostConnectError(
                     f"host {self.spec.name} unreachable after {elapsed:.1f}s "
                     f"({attempts} attempts); last error: {type(last).__name__}: {last}. "
-                    f"Check that it is up and that port {self.spec.port} is reachable, or "
-                    "raise connect_timeout.") from None
+                    + (timeout_advice or f"Check that it is up and that port {self.spec.port} "
+                       "is reachable, or raise connect_timeout.")) from None
+            if check is not None:
+                check()
             log.debug("ssh %s not ready (%s); retrying in %.1fs", self.spec.name, last, delay)
             time.sleep(min(delay, cap - elapsed))
             delay = min(delay * 1.6, 5.0)

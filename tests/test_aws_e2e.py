@@ -9,48 +9,21 @@ import re
 import sys
 
 import numpy as np
-import pytest
 from awsmock import (  # noqa: F401  (fixtures)
     CIDR,
     REGION,
     aws_fixture,
     cluster_instances,
     instances,
-    stored_user_data,
-    written_file,
+    loopback_ec2_fixture,
 )
 from joblib import parallel_backend
 from sklearn.datasets import make_classification
 from sklearn.linear_model import LogisticRegression
 from sklearn.model_selection import GridSearchCV
-from sshfleet import SSHHost
 
-from joblib_cloud import cli, providers, provisioner, records, userdata
+from joblib_cloud import cli, providers, records
 from joblib_cloud.config import resolve_config
-
-
-@pytest.fixture
-def loopback_ec2(aws, tmp_path):
-    """Address hook: each launched instance becomes a loopback sshd with the host key and
-    authorised client key read back from its stored user-data."""
-    hosts: dict[str, SSHHost] = {}
-
-    def loopback_host(instance: dict) -> tuple[str, int]:
-        iid = instance["InstanceId"]
-        if iid not in hosts:
-            doc = stored_user_data(aws, iid)
-            host = SSHHost(tmp_path, 40 + len(hosts),
-                           written_file(doc, userdata.CLIENT_KEY_PATH).strip(),
-                           host_key=(doc["ssh_keys"]["ed25519_private"],
-                                     doc["ssh_keys"]["ed25519_public"]))
-            host.start()
-            hosts[iid] = host
-        return hosts[iid].address, hosts[iid].port
-
-    provisioner.set_address_hook(loopback_host)
-    yield hosts
-    for host in hosts.values():
-        host.kill()
 
 
 def test_grid_search_on_aws_then_down_leaves_nothing_running(aws, loopback_ec2):

@@ -14,6 +14,7 @@ from awsmock import (  # noqa: F401  (fixtures)
     client_error,
     cluster_instances,
     launch,
+    subnet_of,
 )
 
 from joblib_cloud import ec2api, providers, provisioner, records
@@ -41,7 +42,7 @@ def test_spot_capacity_error_falls_back_to_on_demand(aws, api_calls):
     runs = api_calls.of("RunInstances")
     spot_tries = [r for r in runs if "InstanceMarketOptions" in r.params]
     assert len(spot_tries) == _subnets(aws)  # every zone tried for spot, once
-    assert len({r.params["SubnetId"] for r in spot_tries}) == _subnets(aws)
+    assert len({subnet_of(r.params) for r in spot_tries}) == _subnets(aws)
     assert len(runs) == len(spot_tries) + 2  # then on-demand, also for the second host
     assert len({r.params["ClientToken"] for r in runs}) == len(runs)
     found = cluster_instances(aws)
@@ -54,8 +55,8 @@ def test_capacity_error_in_one_zone_tries_the_next(aws, api_calls):
         "InsufficientInstanceCapacity", op) if op == "RunInstances" and n == 1 else None
     handle = launch(n=1)
     first, second = api_calls.of("RunInstances")
-    assert first.params["SubnetId"] != second.params["SubnetId"]
-    assert cluster_instances(aws)[0]["SubnetId"] == second.params["SubnetId"]
+    assert subnet_of(first.params) != subnet_of(second.params)
+    assert cluster_instances(aws)[0]["SubnetId"] == subnet_of(second.params)
     assert len(handle.specs) == 1
 
 
