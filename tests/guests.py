@@ -50,7 +50,7 @@ IMAGE_CLOUD_CFG = {
         "groups": ["adm", "systemd-journal"], "sudo": ["ALL=(ALL) NOPASSWD:ALL"],
         "shell": "/bin/bash"}},
     "network": {"config": "disabled"},
-    "locale": False,
+    "locale": "false",  # cloud-init skips the locale module (minbase has no locales)
 }
 
 

@@ -80,6 +80,8 @@ def test_grid_search_and_pool_on_two_fresh_guests_then_idle_power_off(guest_ec2)
             # The install outlived idle_timeout (20 s) from boot, and was not cut short.
             log = guest.file(userdata.BOOT_LOG) or ""
             assert "joblib-cloud: host ready" in log, log
+            # cloud-init took the whole document (image's configuration + our user-data).
+            assert "Invalid cloud-config" not in (guest.file("/var/log/cloud-init.log") or "")
     finally:
         providers.close_all()
 
