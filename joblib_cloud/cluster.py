@@ -42,9 +42,16 @@ from .errors import (
 from .protocol import (
     JOIN_BELOW,
     PROTOCOL_VERSION,
+    AbortMeta,
+    BatchMeta,
+    ConfigMeta,
+    EvictMeta,
     FrameReader,
     Kind,
+    PutMeta,
     RawFrame,
+    ResultMeta,
+    Status,
     encode,
     frame_data,
     frame_meta,
@@ -86,7 +93,32 @@ def _resolve(job: Job, result: Any = None, exc: BaseException | None = None) -> 
         pass  # already failed by an abort or a lost cluster
 
 
-def remote_exception(meta: dict[str, Any], data: bytes, host: str, label: str
+def result_error(status: Status, meta: ResultMeta, data: bytes | memoryview, host: str,
+                 label: str) -> BaseException:
+    """The exception a failed batch's future gets, by how it ended."""
+    if status is Status.ERROR:
+        return remote_exception(meta, data, host, label)
+    if status is Status.CRASHED:
+        return TerminatedWorkerError(
+            f"a worker process on host {host} died while running {label} "
+            f"({meta.get('message')}). The likely causes are a segmentation fault, "
+            "os._exit, or the out-of-memory killer (try fewer workers_per_host or a "
+            "larger instance); the host has started fresh workers.")
+    if status is Status.BROKEN:
+        return TerminatedWorkerError(
+            f"host {host} cannot start worker processes, so {label} did not "
+            f"run: {meta.get('message')}. Check that python= on the host imports "
+            "joblib, cloudpickle and what your tasks need.")
+    if status is Status.TOO_LARGE:
+        return ResultTooLargeError(
+            f"the result of {label} on host {host} is {meta['size']:,} bytes "
+            f"pickled, over max_result_size={meta['limit']:,}. Return something "
+            "smaller (e.g. write large outputs to storage and return their path), or "
+            "raise max_result_size.")
+    raise AssertionError(f"no error for status {status}")  # pragma: no cover
+
+
+def remote_exception(meta: ResultMeta, data: bytes | memoryview, host: str, label: str
                      ) -> BaseException:
     """Rebuild a task's exception with its type, and the remote traceback as its cause."""
     exc: BaseException | None = None
@@ -193,13 +225,14 @@ class HostSession:
         self.hello = hello
         check_versions(self.name, hello["versions"])
         self.cpu_count = int(hello["cpu_count"])
-        self._send(Kind.CONFIG, {"workers": config.workers_per_host,
-                                 "max_result_size": config.max_result_size,
-                                 "heartbeat_timeout": config.heartbeat_timeout})
-        kind, status, _ = self._reader.read()
-        if kind != Kind.STATUS or not status.get("ready"):
-            raise HostConnectError(f"host {self.name} did not get ready: {status!r}")
-        self.workers = int(status["workers"])
+        settings: ConfigMeta = {"workers": config.workers_per_host,
+                                "max_result_size": config.max_result_size,
+                                "heartbeat_timeout": config.heartbeat_timeout}
+        self._send(Kind.CONFIG, settings)
+        kind, ready, _ = self._reader.read()
+        if kind != Kind.READY:
+            raise HostConnectError(f"host {self.name} did not get ready: {ready!r}")
+        self.workers = int(ready["workers"])
         self.alive = True
         self.last_recv = time.monotonic()
         self._on_bytes(b"")  # frames that came with the handshake's last read
@@ -303,7 +336,8 @@ class HostSession:
                 self.cache.move_to_end(digest)
             else:
                 self._upload(digest, job)
-        self._send(Kind.BATCH, {"id": job.id, "threads": job.threads}, job.payload)
+        meta: BatchMeta = {"id": job.id, "threads": job.threads}
+        self._send(Kind.BATCH, meta, job.payload)
 
     def _upload(self, digest: str, job: Job) -> None:
         stored = self.cluster.store.get(digest)
@@ -311,8 +345,9 @@ class HostSession:
         offset = 0
         for chunk in stored.chunks(UPLOAD_CHUNK):
             offset += len(chunk)
-            self._send(Kind.PUT, {"digest": digest, "offset": offset - len(chunk),
-                                  "last": offset == stored.nbytes}, chunk)
+            put: PutMeta = {"digest": digest, "offset": offset - len(chunk),
+                            "last": offset == stored.nbytes}
+            self._send(Kind.PUT, put, chunk)
         self.cache[digest] = stored.nbytes
         self.cache_bytes += stored.nbytes
         self.bytes_uploaded += stored.nbytes
@@ -334,7 +369,8 @@ class HostSession:
         for digest in victims:
             del self.cache[digest]
         if victims:
-            self._send(Kind.EVICT, {"digests": victims})
+            evict: EvictMeta = {"digests": victims}
+            self._send(Kind.EVICT, evict)
 
     # -- receiving -------------------------------------------------------------------
     def _read_loop(self) -> None:
@@ -387,12 +423,8 @@ class HostSession:
                 self.last_recv = time.monotonic()
         elif kind == Kind.OUTPUT:
             self._print(frame_meta(frame)["stream"], bytes(frame_data(frame)))
-        elif kind == Kind.STATUS:
-            meta = frame_meta(frame)
-            if meta.get("warning"):
-                log.warning("host %s: %s", self.name, meta["warning"])
 
-    def _on_result(self, meta: dict[str, Any], data: bytes | memoryview) -> None:
+    def _on_result(self, meta: ResultMeta, data: bytes | memoryview) -> None:
         cluster = self.cluster
         with cluster.lock:
             job = self.inflight.pop(meta["id"], None)
@@ -400,40 +432,20 @@ class HostSession:
                 self.wake.notify()
         if job is None:
             return
-        status = meta["status"]
-        if status == "cancelled":  # only batches this client aborted, by id
+        status = Status(meta["status"])
+        if status is Status.CANCELLED:  # only batches this client aborted, by id
             _resolve(job, exc=AbortedError(f"{job.label} was cancelled"))
+        elif job.aborted:
             return
-        if job.aborted:
-            return
-        if status == "ok":
+        elif status is Status.OK:
             try:
                 _resolve(job, pickle.loads(data))
             except Exception as exc:  # noqa: BLE001
                 _resolve(job, exc=RemoteTaskError(
                     f"the result of {job.label} from host {self.name} could not be "
                     f"unpickled here: {type(exc).__name__}: {exc}"))
-        elif status == "error":
-            _resolve(job, exc=remote_exception(meta, data, self.name, job.label))
-        elif status == "crashed":
-            _resolve(job, exc=TerminatedWorkerError(
-                f"a worker process on host {self.name} died while running {job.label} "
-                f"({meta.get('message')}). The likely causes are a segmentation fault, "
-                "os._exit, or the out-of-memory killer (try fewer workers_per_host or a "
-                "larger instance); the host has started fresh workers."))
-        elif status == "broken":
-            _resolve(job, exc=TerminatedWorkerError(
-                f"host {self.name} cannot start worker processes, so {job.label} did not "
-                f"run: {meta.get('message')}. Check that python= on the host imports "
-                "joblib, cloudpickle and what your tasks need."))
-        elif status == "too_large":
-            _resolve(job, exc=ResultTooLargeError(
-                f"the result of {job.label} on host {self.name} is {meta['size']:,} bytes "
-                f"pickled, over max_result_size={meta['limit']:,}. Return something "
-                "smaller (e.g. write large outputs to storage and return their path), or "
-                "raise max_result_size."))
-        else:  # pragma: no cover - protocol bug
-            _resolve(job, exc=RemoteTaskError(f"unknown result status {status!r}"))
+        else:
+            _resolve(job, exc=result_error(status, meta, data, self.name, job.label))
 
     def _print(self, stream: str, data: bytes) -> None:
         text = self._line_buffers.get(stream, b"") + data
@@ -561,7 +573,8 @@ class Cluster:
                 for job in mine:
                     job.aborted = True
                 if mine:
-                    host.outbox.append((Kind.ABORT, {"ids": [j.id for j in mine]}))
+                    abort: AbortMeta = {"ids": [j.id for j in mine]}
+                    host.outbox.append((Kind.ABORT, abort))
                 dropped.extend(mine)
             self.wake_all()
         for job in dropped:

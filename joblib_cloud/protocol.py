@@ -12,7 +12,7 @@ import enum
 import pickle
 import struct
 from collections.abc import Callable
-from typing import Any
+from typing import Any, TypedDict
 
 HEADER = struct.Struct("!BIQ")
 #: Largest frame we accept: protects against reading garbage as a length.
@@ -24,18 +24,88 @@ PROTOCOL_VERSION = 1
 
 
 class Kind(enum.IntEnum):
-    HELLO = 1  # agent -> client: versions, cores, workers
-    CONFIG = 2  # client -> agent: workers, limits, client versions
-    BATCH = 3  # client -> agent: run a cloudpickled batch
-    RESULT = 4  # agent -> client: outcome of a batch
-    PUT = 5  # client -> agent: one chunk of a cached object
-    EVICT = 6  # client -> agent: drop cached objects
-    ABORT = 7  # client -> agent: cancel these batches (ids), killing their workers
-    PING = 8
-    PONG = 9
-    OUTPUT = 10  # agent -> client: what tasks printed
-    BYE = 11  # client -> agent: exit now
-    STATUS = 12  # agent -> client: free-form progress or warnings
+    """Every frame's kind, with the meta it carries (the ``...Meta`` types below)."""
+
+    HELLO = 1  # agent -> client: HelloMeta
+    CONFIG = 2  # client -> agent: ConfigMeta
+    BATCH = 3  # client -> agent (-> worker): BatchMeta, data = the pickled batch
+    RESULT = 4  # worker (-> agent) -> client: ResultMeta, data = pickled result or error
+    PUT = 5  # client -> agent: PutMeta, data = one chunk of a cached object
+    EVICT = 6  # client -> agent: EvictMeta
+    ABORT = 7  # client -> agent: AbortMeta (kill the workers running these batches)
+    PING = 8  # both ways, no meta: "still here"
+    OUTPUT = 10  # agent -> client: OutputMeta, data = what tasks printed
+    BYE = 11  # client -> agent, no meta: exit now
+    READY = 12  # agent -> client: ReadyMeta; worker -> agent: WorkerReadyMeta
+
+
+class Status(str, enum.Enum):
+    """How a batch ended (``ResultMeta["status"]``; the wire carries the value)."""
+
+    OK = "ok"  # data is the pickled result
+    ERROR = "error"  # the task raised: data is the pickled exception, if it pickles
+    TOO_LARGE = "too_large"  # the pickled result is over max_result_size
+    CRASHED = "crashed"  # the worker process died running it
+    BROKEN = "broken"  # the host cannot start worker processes at all
+    CANCELLED = "cancelled"  # aborted by the client
+
+
+class HelloMeta(TypedDict):
+    protocol: int
+    versions: dict[str, str | None]
+    cpu_count: int
+    pid: int
+    home: str
+
+
+class ConfigMeta(TypedDict):
+    workers: int | None
+    max_result_size: int
+    heartbeat_timeout: float
+
+
+class ReadyMeta(TypedDict):
+    workers: int
+    cores_per_worker: int
+
+
+class WorkerReadyMeta(TypedDict):
+    pid: int
+
+
+class BatchMeta(TypedDict):
+    id: int
+    threads: int | None
+
+
+class ResultMeta(TypedDict, total=False):
+    id: int  # always present
+    status: str  # always present: a Status value
+    message: str  # CRASHED, BROKEN, ERROR: what happened
+    exc_type: str  # ERROR: module.qualname of the exception
+    traceback: str  # ERROR: the remote traceback
+    unpicklable: str  # ERROR: why the exception itself could not be sent
+    missing_module: str  # ERROR: the module the batch needed and the host lacks
+    size: int  # TOO_LARGE
+    limit: int  # TOO_LARGE
+
+
+class PutMeta(TypedDict):
+    digest: str
+    offset: int
+    last: bool
+
+
+class EvictMeta(TypedDict):
+    digests: list[str]
+
+
+class AbortMeta(TypedDict):
+    ids: list[int]
+
+
+class OutputMeta(TypedDict):
+    stream: str  # "stdout" or "stderr"
 
 
 #: ``Kind(n)`` goes through the enum machinery (~1 µs); frames are read six times per task.

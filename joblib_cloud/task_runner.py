@@ -13,18 +13,17 @@ from typing import Any
 
 import cloudpickle
 
-from .protocol import FrameReader, Kind, encode
+from .protocol import FrameReader, Kind, ResultMeta, Status, WorkerReadyMeta, encode
 from .serialization import loads_batch
 from .worker_pool import write_all
 
 CORES_PER_WORKER_ENV = "JOBLIB_CLOUD_CORES_PER_WORKER"
 
 
-def _error(exc: BaseException, stage: str) -> tuple[str, dict[str, Any], bytes]:
+def _error(exc: BaseException) -> tuple[ResultMeta, bytes]:
     text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
-    meta = {
-        "status": "error",
-        "stage": stage,
+    meta: ResultMeta = {
+        "status": Status.ERROR.value,
         "exc_type": f"{type(exc).__module__}.{type(exc).__qualname__}",
         "message": _safe_str(exc),
         "traceback": text,
@@ -35,7 +34,7 @@ def _error(exc: BaseException, stage: str) -> tuple[str, dict[str, Any], bytes]:
     except Exception as pickling_error:
         meta["unpicklable"] = f"{type(pickling_error).__name__}: {pickling_error}"
         data = b""
-    return "error", meta, data
+    return meta, data
 
 
 def _safe_str(exc: BaseException) -> str:
@@ -54,16 +53,16 @@ def _line_buffered_output() -> None:
 
 
 def run_batch(payload: bytes | memoryview, cache_dir: str, max_result_size: int,
-              inner_threads: int | None = None) -> tuple[str, dict[str, Any], bytes]:
-    """Run one cloudpickled batch; return ``(status, meta, data)``."""
+              inner_threads: int | None = None) -> tuple[ResultMeta, bytes]:
+    """Run one cloudpickled batch; return the result frame's ``(meta, data)``."""
     _line_buffered_output()
     try:
         batch = loads_batch(payload, cache_dir)
     except BaseException as exc:  # noqa: BLE001 - reported to the client, not swallowed
-        status, meta, data = _error(exc, "unpickle")
-        if isinstance(exc, ModuleNotFoundError):
+        meta, data = _error(exc)
+        if isinstance(exc, ModuleNotFoundError) and exc.name:
             meta["missing_module"] = exc.name
-        return status, meta, data
+        return meta, data
     try:
         if inner_threads:
             from threadpoolctl import threadpool_limits
@@ -73,15 +72,15 @@ def run_batch(payload: bytes | memoryview, cache_dir: str, max_result_size: int,
         else:
             result = batch()
     except BaseException as exc:  # noqa: BLE001
-        return _error(exc, "run")
+        return _error(exc)
     try:
         data = _dumps_result(result)
     except BaseException as exc:  # noqa: BLE001
-        return _error(exc, "pickle-result")
+        return _error(exc)
     if len(data) > max_result_size:
-        return "too_large", {"status": "too_large", "size": len(data),
-                             "limit": max_result_size}, b""
-    return "ok", {"status": "ok"}, data
+        return {"status": Status.TOO_LARGE.value, "size": len(data),
+                "limit": max_result_size}, b""
+    return {"status": Status.OK.value}, data
 
 
 def _dumps_result(result: Any) -> bytes:
@@ -99,14 +98,15 @@ def serve(in_fd: int, out_fd: int, lifeline: int, max_result_size: int,
           cache_dir: str) -> None:
     """A worker process's life: say ready, then run batches until the agent goes away."""
     threading.Thread(target=_exit_with_agent, args=(lifeline,), daemon=True).start()
-    write_all(out_fd, encode(Kind.STATUS, {"ready": True, "pid": os.getpid()}))
+    ready: WorkerReadyMeta = {"pid": os.getpid()}
+    write_all(out_fd, encode(Kind.READY, ready))
     reader = FrameReader(lambda n: os.read(in_fd, n))
     while True:
         try:
             _, meta, payload = reader.read()
         except EOFError:
             return
-        _, result_meta, data = run_batch(payload, cache_dir, max_result_size,
+        result_meta, data = run_batch(payload, cache_dir, max_result_size,
                                          meta.get("threads"))
         result_meta["id"] = meta["id"]  # the agent forwards the frame as it is
         write_all(out_fd, encode(Kind.RESULT, result_meta, data))

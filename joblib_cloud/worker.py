@@ -24,9 +24,14 @@ from typing import Any
 from .protocol import (
     AGENT_MAGIC,
     PROTOCOL_VERSION,
+    ConfigMeta,
     FrameReader,
+    HelloMeta,
     Kind,
     RawFrame,
+    ReadyMeta,
+    ResultMeta,
+    Status,
     encode,
     frame_data,
     frame_meta,
@@ -159,7 +164,8 @@ class Agent:
     def abort(self, batch_ids: list[int]) -> None:
         """Kill the tasks running these batches; report them cancelled."""
         for batch_id in self.pool.abort(batch_ids):
-            self.send(Kind.RESULT, {"id": batch_id, "status": "cancelled"})
+            cancelled: ResultMeta = {"id": batch_id, "status": Status.CANCELLED.value}
+            self.send(Kind.RESULT, cancelled)
 
     # ------------------------------------------------------------------ cache
     def put(self, meta: dict[str, Any], data: memoryview) -> None:
@@ -188,7 +194,7 @@ class Agent:
         silent = time.monotonic() - self.last_recv
         if silent > self.heartbeat_timeout:
             raise TimeoutError(f"no word from the client for {silent:.0f}s")
-        self.send(Kind.PING, {"busy": self.pool.busy})
+        self.send(Kind.PING)
         activity.touch(mode=0o600)
 
     def run(self) -> None:
@@ -197,12 +203,13 @@ class Agent:
         _remove_stale_caches(self.cache_dir.parent)
         os.write(self.out_fd, AGENT_MAGIC)
         cores = _cpu_count()
-        self.send(Kind.HELLO, {"protocol": PROTOCOL_VERSION, "versions": host_versions(),
-                               "cpu_count": cores, "pid": os.getpid(),
-                               "hostname": platform.node(), "home": str(self.home)})
-        kind, config, _ = self.reader.read()
+        hello: HelloMeta = {"protocol": PROTOCOL_VERSION, "versions": host_versions(),
+                            "cpu_count": cores, "pid": os.getpid(), "home": str(self.home)}
+        self.send(Kind.HELLO, hello)
+        kind, meta, _ = self.reader.read()
         if kind != Kind.CONFIG:
             raise RuntimeError(f"expected CONFIG, got {kind!r}")
+        config: ConfigMeta = meta  # type: ignore[assignment]
         self.workers = int(config.get("workers") or cores)
         self.cores_per_worker = max(cores // self.workers, 1)
         self.max_result_size = int(config["max_result_size"])
@@ -212,8 +219,8 @@ class Agent:
             selector.register(fd, selectors.EVENT_READ,
                               lambda fd, stream=stream: self._on_output(fd, stream))
         self._start_pool()
-        self.send(Kind.STATUS, {"ready": True, "workers": self.workers,
-                                "cores_per_worker": self.cores_per_worker})
+        ready: ReadyMeta = {"workers": self.workers, "cores_per_worker": self.cores_per_worker}
+        self.send(Kind.READY, ready)
         activity = self.home / ACTIVITY_FILE
         activity.touch(mode=0o600)
         selector.register(self.in_fd, selectors.EVENT_READ, self._on_client)

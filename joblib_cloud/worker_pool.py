@@ -25,7 +25,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from .protocol import FrameBuffer, Kind, RawFrame
+from .protocol import FrameBuffer, Kind, RawFrame, ResultMeta, Status
 
 #: Run in each worker process: the agent's import path (it may be a zip), then the loop.
 WORKER_BOOTSTRAP = (
@@ -133,10 +133,6 @@ class WorkerPool:
         for _ in range(workers):
             self._start_worker()
 
-    @property
-    def busy(self) -> int:
-        return len(self.running) + len(self.queue)
-
     # ----------------------------------------------------------------- workers
     def _start_worker(self) -> None:
         try:
@@ -212,8 +208,7 @@ class WorkerPool:
         if self.closed:
             return
         if batch is not None:
-            self._send(self.send, Kind.RESULT, {"id": batch[0], "status": "crashed",
-                                                "message": f"worker process {worker.pid}: {how}"})
+            self._result(batch[0], Status.CRASHED, f"worker process {worker.pid}: {how}")
         if self.failed_starts < MAX_FAILED_STARTS:
             self._start_worker()
         else:
@@ -229,8 +224,12 @@ class WorkerPool:
         stranded = [queued[0] for queued in self.queue]
         self.queue.clear()
         for batch_id in stranded:
-            self._send(self.send, Kind.RESULT,
-                       {"id": batch_id, "status": "broken", "message": reason})
+            self._result(batch_id, Status.BROKEN, reason)
+
+    def _result(self, batch_id: int, status: Status, message: str) -> None:
+        """The pool's own answer for a batch no worker could finish."""
+        meta: ResultMeta = {"id": batch_id, "status": status.value, "message": message}
+        self._send(self.send, Kind.RESULT, meta)
 
     @staticmethod
     def _send(send: Callable[..., None], *frame: Any) -> None:
@@ -242,8 +241,7 @@ class WorkerPool:
     # ----------------------------------------------------------------- work
     def submit(self, batch_id: int, frame: RawFrame) -> None:
         if self.broken:
-            self._send(self.send, Kind.RESULT,
-                       {"id": batch_id, "status": "broken", "message": self.broken})
+            self._result(batch_id, Status.BROKEN, self.broken)
         elif self.idle and not self.closed:
             self._run(self.idle.pop(), (batch_id, frame))
         else:
