@@ -223,7 +223,8 @@ def test_a_hung_boot_refuses_logins_and_is_stopped_by_its_deadline(guest_ec2, tm
         silent.bind(("127.0.0.1", 0))
         silent.listen(16)
         port = silent.getsockname()[1]
-        settings = _settings("hungboot", n=1, boot_timeout=45, packages=[
+        # The client would wait 300 s: what stops the machine is its own boot deadline.
+        settings = _settings("hungboot", n=1, boot_timeout=45, connect_timeout=300, packages=[
             f"hangs @ http://127.0.0.1:{port}/hangs-1.0-py3-none-any.whl"])
         outcome: dict = {}
 
