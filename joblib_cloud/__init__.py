@@ -30,9 +30,11 @@ from .errors import (
 
 __version__ = "0.1.0"
 
+from .backend import CloudBackend
+
 # Hosts import this package too (the agent and every worker process), and they need only
-# joblib and cloudpickle: the client side (paramiko, boto3, psutil) loads on first use.
-_LAZY = {"CloudBackend": "backend", "DistributedPool": "pool"}
+# joblib and cloudpickle: the client side (paramiko, boto3) loads on first use.
+_LAZY = {"DistributedPool": "pool"}
 
 
 def __getattr__(name: str) -> Any:
@@ -46,13 +48,7 @@ def __getattr__(name: str) -> Any:
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}") from None
 
 
-def _cloud_backend(**kwargs: Any) -> Any:
-    from .backend import CloudBackend
-
-    return CloudBackend(**kwargs)
-
-
-register_parallel_backend("cloud", _cloud_backend)
+register_parallel_backend("cloud", CloudBackend)
 
 __all__ = [
     "AbortedError",

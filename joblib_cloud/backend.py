@@ -4,21 +4,26 @@ processes on other machines.
 joblib builds and configures backends freely (once per ``Parallel`` call), so everything
 here is cheap: the cluster is looked up in a registry and connected only the first time
 it is needed, and ``terminate`` leaves it running for the next call.
+
+``import joblib_cloud`` registers this class, and hosts import the package too (the agent
+and every worker process), with only joblib and cloudpickle installed: so the client's
+machinery is imported inside the methods, on first use.
 """
 
 from __future__ import annotations
 
 from concurrent.futures import Future
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from joblib.parallel import AutoBatchingMixin, ParallelBackendBase
 
-from .cluster import Cluster, Job, describe_batch
-from .config import CloudConfig, resolve_config
+from .config import resolve_config
 from .errors import TaskPicklingError
-from .nested import HostThreadingBackend
-from .providers import get_cluster
-from .serialization import dumps_batch, register_local_modules
+
+if TYPE_CHECKING:
+    from .cluster import Cluster
+    from .config import CloudConfig
+    from .nested import HostThreadingBackend
 
 
 class CloudBackend(AutoBatchingMixin, ParallelBackendBase):
@@ -45,6 +50,8 @@ class CloudBackend(AutoBatchingMixin, ParallelBackendBase):
     def cluster(self) -> Cluster:
         """Connected on first use, then reused by every call with the same settings."""
         if self._cluster is None or not self._cluster.alive_hosts or self._cluster.closed:
+            from .providers import get_cluster
+
             self._cluster = get_cluster(self.config)
         return self._cluster
 
@@ -69,10 +76,15 @@ class CloudBackend(AutoBatchingMixin, ParallelBackendBase):
         return self.effective_n_jobs(n_jobs)
 
     def start_call(self) -> None:
+        from .serialization import register_local_modules
+
         register_local_modules()
         self.cluster.new_call()
 
     def submit(self, func: Any, callback: Any = None) -> Future:
+        from .cluster import Job, describe_batch
+        from .serialization import dumps_batch
+
         cluster = self.cluster
         label = describe_batch(func)
         try:
@@ -104,4 +116,6 @@ class CloudBackend(AutoBatchingMixin, ParallelBackendBase):
         self.reset_batch_stats()
 
     def get_nested_backend(self) -> tuple[HostThreadingBackend, None]:
+        from .nested import HostThreadingBackend
+
         return HostThreadingBackend(nesting_level=(self.nesting_level or 0) + 1), None

@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from joblib import Parallel, delayed, parallel_backend
+from joblib.parallel import ParallelBackendBase
 from sklearn.compose import ColumnTransformer
 from sklearn.datasets import make_classification, make_regression
 from sklearn.ensemble import ExtraTreesClassifier, RandomForestClassifier
@@ -326,3 +327,14 @@ def test_single_worker_cluster_still_runs_remotely():
         # An explicit n_jobs=1 keeps joblib's meaning for every backend: run in the caller.
         assert Parallel(n_jobs=1)(delayed(os.getpid)() for _ in range(2)) == [os.getpid()] * 2
     assert pids and os.getpid() not in pids
+
+
+def test_the_registered_backend_is_the_class_itself():
+    """joblib's own tests (and code that inspects backends) expect ``BACKENDS[name]`` to
+    be the backend class, not a factory."""
+    from joblib.parallel import BACKENDS
+
+    from joblib_cloud.backend import CloudBackend
+
+    assert BACKENDS["cloud"] is CloudBackend
+    assert issubclass(BACKENDS["cloud"], ParallelBackendBase)
