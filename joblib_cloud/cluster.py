@@ -3,7 +3,7 @@
 Threads per host: a *sender* (uploads, control frames, pings, and batches that cannot go
 out at once; one writer at a time keeps frames in order) and a *reader* (results, output,
 heartbeats): over SSH that is paramiko's own transport thread, which hands us each
-packet's data (``transport.DeliveringPipe``); over a pipe, a thread of ours.  One
+packet's data (``paramiko_fast.DeliveringPipe``); over a pipe, a thread of ours.  One
 *monitor* per cluster declares a host lost after ``heartbeat_timeout`` of silence.  Hosts
 pull work from one shared queue when they have a free slot, so a fast host takes more and
 a lost host's batches simply go back to the front of the queue.

@@ -20,9 +20,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 import paramiko
-from paramiko.buffered_pipe import BufferedPipe, PipeTimeout
-from paramiko.common import cMSG_CHANNEL_WINDOW_ADJUST
 
+from . import paramiko_fast
 from .agent_stream import AgentStream, agent_command, pump_stderr
 from .errors import HostConnectError, HostKeyError
 from .hosts import HostSpec
@@ -200,12 +199,13 @@ class SSHConnection:
         return self.transport.is_active()
 
     def exec(self, command: str, env: dict[str, str] | None = None,
-             in_buffer: BufferedPipe | None = None) -> paramiko.Channel:
+             fast: bool = False) -> paramiko.Channel:
+        """A channel running ``command``; with ``fast``, its receive buffer is a
+        :class:`paramiko_fast.DeliveringPipe` when this paramiko allows it."""
         channel = self.transport.open_session(window_size=WINDOW_SIZE,
                                               max_packet_size=MAX_PACKET_SIZE)
-        if in_buffer is not None and isinstance(getattr(channel, "in_buffer", None),
-                                                BufferedPipe):
-            channel.in_buffer = in_buffer  # before anything can arrive
+        if fast:
+            paramiko_fast.install(channel)  # before anything can arrive
         if env:
             # sshd only accepts AcceptEnv'd variables, so pass them inline instead.
             command = " ".join(f"{k}={shlex.quote(v)}" for k, v in env.items()) + " " + command
@@ -216,59 +216,6 @@ class SSHConnection:
         self.transport.close()
 
 
-class DeliveringPipe(BufferedPipe):
-    """A channel's receive buffer that can switch from being read to calling back.
-
-    paramiko's transport thread decrypts each packet and feeds its data to the channel's
-    buffer, which wakes a thread blocked in ``recv``.  At ``batch_size=1`` that wake-up
-    (a condition variable, a thread switch and a GIL hand-off per result) cost the client
-    more than anything else it did for a task, and the client's CPU is what sets the pace
-    (bench/tiny_tasks.py).  After ``deliver_to``, data goes straight to a callback in the
-    transport thread instead.  Until then it buffers like paramiko's own (the handshake
-    reads it).
-    """
-
-    def __init__(self) -> None:
-        super().__init__()
-        self._switch = threading.Lock()
-        self._on_data: Callable[[bytes], None] | None = None
-        self._on_close: Callable[[], None] | None = None
-
-    def feed(self, data: bytes) -> None:
-        on_data = self._on_data
-        if on_data is None:
-            with self._switch:
-                on_data = self._on_data
-                if on_data is None:
-                    super().feed(data)
-                    return
-        on_data(data)
-
-    def close(self) -> None:
-        super().close()
-        if self._on_close is not None:
-            self._on_close()
-
-    def deliver_to(self, on_data: Callable[[bytes], None], on_close: Callable[[], None]
-                   ) -> None:
-        with self._switch:  # a concurrent feed waits, then goes to on_data: order is kept
-            if len(self):
-                on_data(self.read(len(self)))
-            self._on_data, self._on_close = on_data, on_close
-        try:
-            self.read(1, timeout=0)  # b"": closed before the switch, so close() missed it
-        except PipeTimeout:
-            return
-        on_close()
-
-
-#: The private paramiko methods that delivering from the transport thread needs (what
-#: ``Channel.recv`` itself calls to re-open the window).  A paramiko without them gets a
-#: reader thread per agent instead, as before.
-_CAN_DELIVER = hasattr(paramiko.Channel, "_check_add_window") and \
-    hasattr(paramiko.Transport, "_send_user_message")
-
-
 class SSHAgent(AgentStream):
     """An agent started over an :class:`SSHConnection` (one exec channel)."""
 
@@ -276,8 +223,8 @@ class SSHAgent(AgentStream):
                  on_stderr: Callable[[bytes], None]) -> None:
         self.name = connection.spec.name
         self.connection = connection
-        self._pipe = DeliveringPipe() if _CAN_DELIVER else None
-        self.channel = connection.exec(agent_command(python), in_buffer=self._pipe)
+        self.channel = connection.exec(agent_command(python), fast=True)
+        self._pipe = paramiko_fast.pipe_of(self.channel)
         threading.Thread(target=pump_stderr, args=(self.channel.recv_stderr, on_stderr),
                          daemon=True, name=f"stderr-{self.name}").start()
 
@@ -288,39 +235,20 @@ class SSHAgent(AgentStream):
         return self.channel.recv(n)
 
     def can_write_now(self, nbytes: int) -> bool:
-        # Mid key exchange a send waits for the connection's transport thread to finish
-        # it; the caller may be that thread, or another connection's transport thread
-        # that this one is waiting for in turn (a result callback dispatching).
-        return (self.connection.transport.clear_to_send.is_set()
-                and self.channel.out_window_size >= nbytes)
+        return (self.channel.out_window_size >= nbytes
+                and paramiko_fast.clear_to_send(self.connection.transport))
 
     def deliver(self, on_data: Callable[[bytes], None], on_close: Callable[[], None]) -> bool:
-        if self._pipe is None or self.channel.in_buffer is not self._pipe:
+        if not paramiko_fast.delivers(self.channel, self._pipe):
             return False
+        channel, transport = self.channel, self.connection.transport
 
         def receive(data: bytes) -> None:
             on_data(data)
-            self._grant_window(len(data))
+            paramiko_fast.grant_window(channel, transport, len(data))
 
         self._pipe.deliver_to(receive, on_close)
         return True
-
-    def _grant_window(self, nbytes: int) -> None:
-        """What ``Channel.recv`` does after reading: let the agent send more once enough
-        was consumed (paramiko's threshold, a tenth of the window)."""
-        ack = self.channel._check_add_window(nbytes)
-        if ack <= 0:
-            return
-        message = paramiko.Message()
-        message.add_byte(cMSG_CHANNEL_WINDOW_ADJUST)
-        message.add_int(self.channel.remote_chanid)
-        message.add_int(ack)
-        transport = self.connection.transport
-        if transport.clear_to_send.is_set():
-            transport._send_user_message(message)
-        else:  # mid key exchange, which this very thread has to finish first
-            threading.Thread(target=transport._send_user_message, args=(message,),
-                             daemon=True).start()
 
     def close(self) -> None:
         self.channel.close()

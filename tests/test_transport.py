@@ -92,7 +92,7 @@ def test_without_paramiko_internals_a_reader_thread_takes_over(fleet, monkeypatc
     without them must still work, read by a thread of ours."""
     import threading
 
-    monkeypatch.setattr(joblib_cloud.transport, "_CAN_DELIVER", False)
+    monkeypatch.setattr(joblib_cloud.paramiko_fast, "AVAILABLE", False)
     kwargs = fleet.kwargs(hosts=fleet.hosts[:2], workers_per_host=1, cluster="no-deliver")
     try:
         with parallel_backend("cloud", **kwargs):
