@@ -167,6 +167,27 @@ def check_versions(host: str, remote: dict[str, str | None]) -> None:
                 RuntimeWarning, stacklevel=2)
 
 
+class Writer:
+    """The right to write to one host's stream, held by one thread at a time so frames
+    never interleave: the host's sender thread, or a thread that submits a small batch
+    and sends it itself (``Cluster.submit``).  Taken and given back with
+    ``cluster.lock`` held.  The holder alone changes the host's upload cache
+    (``HostSession.cache``); others read it under the lock only to decide whether a batch
+    can go out at once."""
+
+    __slots__ = ("held",)
+
+    def __init__(self) -> None:
+        self.held = False
+
+    def take(self) -> None:
+        assert not self.held, "two writers on one stream"
+        self.held = True
+
+    def give_back(self) -> None:
+        self.held = False
+
+
 class HostSession:
     """One host's agent, as seen from the client."""
 
@@ -180,7 +201,7 @@ class HostSession:
         self.lost_reason = ""
         self.inflight: dict[int, Job] = {}
         self.wake = threading.Condition(cluster.lock)
-        self.sending = False  # a thread is writing to the stream: one writer at a time
+        self.writer = Writer()
         self.outbox: collections.deque[tuple[Kind, dict[str, Any]]] = collections.deque()
         self.cache: collections.OrderedDict[str, int] = collections.OrderedDict()
         self.cache_bytes = 0
@@ -269,7 +290,7 @@ class HostSession:
                     if not self.alive:
                         return
                     wait = ping_every - (time.monotonic() - self.last_send)
-                    if self.sending:  # a dispatching thread is sending a batch right now
+                    if self.writer.held:  # a dispatching thread is sending a batch now
                         self.wake.wait(max(wait, 0.01))
                         continue
                     if self.outbox:
@@ -286,7 +307,7 @@ class HostSession:
                         item = ("ping", None)
                         break
                     self.wake.wait(wait)
-                self.sending = True
+                self.writer.take()
             try:
                 if item[0] == "control":
                     self._send(*item[1])
@@ -299,7 +320,7 @@ class HostSession:
                 return
             finally:
                 with cluster.lock:
-                    self.sending = False
+                    self.writer.give_back()
 
     def can_send_now(self, job: Job) -> bool:
         """Whether the thread submitting ``job`` may send it itself, skipping the hand-off
@@ -308,22 +329,22 @@ class HostSession:
         often another host's reader (joblib dispatches from the result callback), which
         a stalled host must never block.  Called with ``cluster.lock`` held."""
         size = len(job.payload)
-        return (not self.sending and not self.outbox and size <= JOIN_BELOW
+        return (not self.writer.held and not self.outbox and size <= JOIN_BELOW
                 and all(digest in self.cache for digest in job.refs)
                 and self.stream.can_write_now(size + 1024))
 
     def send_now(self, job: Job) -> None:
-        """Send ``job`` from this thread; ``can_send_now`` said yes and marked us sending."""
+        """Send ``job`` from this thread, which took the writer after ``can_send_now``."""
         cluster = self.cluster
         try:
             self._send_job(job)
         except Exception as exc:  # noqa: BLE001 - the stream is gone
             with cluster.lock:
-                self.sending = False
+                self.writer.give_back()
             self._send_failed(exc)
             return
         with cluster.lock:
-            self.sending = False
+            self.writer.give_back()
             if self.outbox or (cluster.pending and self._may_take()):
                 self.wake.notify()
 
@@ -557,7 +578,7 @@ class Cluster:
                 return job.future
             self.pending.popleft()
             direct.inflight[first.id] = first
-            direct.sending = True
+            direct.writer.take()
             if self.pending:
                 self.wake_one(exclude=direct)
         direct.send_now(first)
