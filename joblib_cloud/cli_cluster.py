@@ -61,6 +61,18 @@ def _regions(args: argparse.Namespace) -> tuple[object, list[str]]:
     return sess, sorted(r["RegionName"] for r in found)
 
 
+def _skip_denied(region: str, exc: BaseException) -> bool:
+    """A region these credentials may not use (a policy, a region not enabled): say so
+    and go on with the others.  False for any other error."""
+    code = ec2api.cause_code(exc)
+    if code not in ec2api.REGION_DENIED_CODES:
+        return False
+    print(f"{region}: skipped: these AWS credentials may not use this region ({code}); if "
+          "you may have machines there, look with credentials allowed there, or "
+          "enable the region")
+    return True
+
+
 def cmd_up(args: argparse.Namespace) -> int:
     from .providers import connect
 
@@ -89,7 +101,11 @@ def cmd_status(args: argparse.Namespace) -> int:
             def idle(inst: dict, region: str = region) -> float | None:
                 name = ec2api.tag_value(inst) or ""
                 return provisioner.idle_seconds(region, name, inst, user)
-        rows += teardown.status_rows(sess, region, args.cluster, idle)
+        try:
+            rows += teardown.status_rows(sess, region, args.cluster, idle)
+        except Exception as exc:
+            if not (args.all_regions and _skip_denied(region, exc)):
+                raise
     if not rows:
         print("no joblib-cloud machines" + (f" in cluster {args.cluster!r}"
                                             if args.cluster else "")
@@ -119,6 +135,8 @@ def cmd_down(args: argparse.Namespace) -> int:
         try:
             ok &= teardown.down_region(sess, region, cluster, args.dry_run, print)
         except Exception as exc:  # noqa: BLE001 - report, sweep the other regions, exit 1
+            if args.all_regions and _skip_denied(region, exc):
+                continue
             print(f"{region}: ERROR: {type(exc).__name__}: {exc}", file=sys.stderr)
             ok = False
     if not ok:

@@ -20,7 +20,7 @@ from .agent_stream import LocalAgent
 from .cluster import Cluster, HostSession
 from .config import CloudConfig
 from .docker import docker_python
-from .errors import HostConnectError
+from .errors import GaveUpWaitingError, HostConnectError
 from .hosts import HostSpec, parse_host
 from .progress import Progress
 
@@ -185,6 +185,8 @@ def _open_all(openers: list[tuple[str, Opener]], config: CloudConfig, progress: 
     if errors:
         for session in done:
             session.close()
+        # Hosts that only stopped waiting because another failed: report the cause.
+        errors = [e for e in errors if not isinstance(e[1], GaveUpWaitingError)] or errors
         first = errors[0][1]
         if len(errors) == 1:
             raise first

@@ -39,6 +39,7 @@ from . import ec2api, ec2network, instance_types, records, teardown, userdata
 from .config import CloudConfig
 from .ec2api import AWSError, BootFailedError, CapacityError, call, tag_spec
 from .ec2network import Network
+from .errors import GaveUpWaitingError
 from .hosts import HostSpec
 from .progress import Progress
 
@@ -131,6 +132,8 @@ class ClusterHandle:
     metadata_open: list[str] = dataclasses.field(default_factory=list)
     _seen: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict, repr=False)
     _seen_at: float = dataclasses.field(default=float("-inf"), repr=False)
+    #: The first machine found dead: the others stop waiting too (all or nothing).
+    _failed: str | None = dataclasses.field(default=None, repr=False)
     _lock: threading.Lock = dataclasses.field(default_factory=threading.Lock, repr=False)
 
     def abort(self) -> None:
@@ -155,7 +158,13 @@ class ClusterHandle:
                     log.debug("could not check the machines' state: %s", exc)
                 self._seen_at = time.monotonic()
             instance = self._seen.get(instance_id)
+            failed = self._failed
+        if failed is not None and failed != instance_id:
+            raise GaveUpWaitingError(f"stopped waiting for {instance_id}: machine {failed} "
+                                     "of the same cluster failed to boot (see its error)")
         if instance is not None and instance["State"]["Name"] not in LIVE_STATES:
+            with self._lock:
+                self._failed = self._failed or instance_id
             raise boot_failure(self.ec2, instance)
 
     def timeout_advice(self) -> str:

@@ -64,11 +64,15 @@ class Ec2Fidelity:
 
     - ``DescribeInstances`` filter ``client-token`` (moto has not implemented it);
     - an instance launched with ``NetworkInterfaces`` lists the primary interface's
-      security groups as its own ``SecurityGroups`` (moto lists none).
+      security groups as its own ``SecurityGroups`` (moto lists none);
+    - terminating an instance that is already terminated succeeds (moto fails deleting
+      its network interface a second time).
     """
 
     def __call__(self, real: Callable[..., Any], client: Any, operation: str,
                  params: dict[str, Any]) -> Any:
+        if operation == "TerminateInstances":
+            return self._terminate(real, client, params)
         if operation == "DescribeInstances":
             filters = params.get("Filters") or []
             tokens = [f["Values"] for f in filters if f["Name"] == "client-token"]
@@ -85,6 +89,21 @@ class Ec2Fidelity:
         response = real(client, operation, params)
         if operation in ("DescribeInstances", "RunInstances"):
             return self._groups(response)
+        return response
+
+    @staticmethod
+    def _terminate(real: Callable[..., Any], client: Any, params: dict[str, Any]) -> Any:
+        backend = ec2_backends[DEFAULT_ACCOUNT_ID][client.meta.region_name]
+        known = {i.id: i for i in backend.all_instances()}
+        gone = {i for i in params["InstanceIds"] if i in known
+                and known[i].state == "terminated"}
+        live = [i for i in params["InstanceIds"] if i not in gone]
+        response = real(client, "TerminateInstances", {**params, "InstanceIds": live}) \
+            if live else {"TerminatingInstances": []}
+        terminated = {"Code": 48, "Name": "terminated"}
+        response["TerminatingInstances"] += [
+            {"InstanceId": i, "CurrentState": terminated, "PreviousState": terminated}
+            for i in sorted(gone)]
         return response
 
     @staticmethod

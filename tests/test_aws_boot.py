@@ -1,0 +1,157 @@
+"""Booting on aws: a machine that dies while the client waits for SSH fails the call at
+once with EC2's reason and the end of its console; the wait is ``boot_timeout`` unless
+``connect_timeout`` is set; a wait that runs out names the address opened for SSH; the
+root volume fits the image; the metadata endpoint is off once the hosts have booted."""
+
+from __future__ import annotations
+
+import getpass
+import sys
+import threading
+import time
+from typing import Any
+
+import pytest
+from awsmock import (  # noqa: F401  (fixtures)
+    CIDR,
+    api_calls_fixture,
+    aws_config,
+    aws_fixture,
+    cluster_instances,
+    dead_port,
+    end_instance,
+    launch,
+    loopback_ec2_fixture,
+)
+
+from joblib_cloud import providers, provisioner
+from joblib_cloud.ec2api import BootFailedError
+from joblib_cloud.errors import HostConnectError
+
+SELF_SHUTDOWN = ("Client.InstanceInitiatedShutdown",
+                 "Client.InstanceInitiatedShutdown: Instance initiated shutdown")
+CONSOLE = "\n".join([f"[  {i}.000] cloud-init: step {i}" for i in range(60)]
+                    + ["joblib-cloud boot: pip install nonexistent-package==9 failed (exit 1)",
+                       "joblib-cloud boot: FAILED, powering off"])
+
+
+def _connect_within(seconds: float, **settings: Any) -> BaseException | None:
+    """``providers.connect`` in a thread that must finish within ``seconds``."""
+    box: dict[str, BaseException] = {}
+
+    def run() -> None:
+        try:
+            providers.connect(aws_config(**settings)).close()
+        except BaseException as exc:  # noqa: BLE001 - handed to the test
+            box["error"] = exc
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    thread.join(seconds)
+    assert not thread.is_alive(), f"connect still waiting after {seconds}s"
+    return box.get("error")
+
+
+def test_machine_that_dies_while_booting_fails_fast_with_reason_and_console(aws, api_calls):
+    port = dead_port()
+    ended: list[str] = []
+
+    def hook(instance: dict) -> tuple[str, int]:
+        if not ended:  # the first machine's boot script fails and powers it off
+            ended.append(instance["InstanceId"])
+            end_instance(instance["InstanceId"], *SELF_SHUTDOWN)
+        return "127.0.0.1", port
+
+    def console(operation: str, params: dict, response: Any) -> Any:
+        if operation == "GetConsoleOutput":
+            response["Output"] = CONSOLE  # as a boto3 client sees it (decoded)
+        return response
+
+    provisioner.set_address_hook(hook)
+    api_calls.after = console
+    start = time.monotonic()
+    error = _connect_within(15.0, n=2)  # default wait: boot_timeout, 1200 s
+    assert time.monotonic() - start < 10
+    assert isinstance(error, BootFailedError), error
+    message = str(error)
+    assert ended[0] in message and "terminated" in message
+    assert "Client.InstanceInitiatedShutdown: Instance initiated shutdown" in message
+    assert "pip install nonexistent-package==9 failed" in message
+    assert "FAILED, powering off" in message
+    assert "step 37" in message and "step 36" not in message  # the last 25 lines only
+    assert "Fix what the console output shows" in message
+    consoles = api_calls.of("GetConsoleOutput")
+    assert consoles and consoles[0].params == {"InstanceId": ended[0], "Latest": True}
+    assert cluster_instances(aws) == []  # the other machine was terminated too
+
+
+def test_console_output_without_latest_on_types_that_lack_it(aws, api_calls):
+    handle = launch(n=1)
+    iid = handle.instance_ids[0]
+    end_instance(iid, *SELF_SHUTDOWN)
+    api_calls.inject = lambda op, params, n: _unsupported(op) if params.get("Latest") else None
+    with pytest.raises(BootFailedError, match=r"(?s)Instance initiated shutdown.*Linux version"):
+        handle.boot_check(handle.specs[0])()
+    assert [c.params.get("Latest") for c in api_calls.of("GetConsoleOutput")] == [True, None]
+
+
+def _unsupported(operation: str) -> Exception:
+    from awsmock import client_error
+
+    return client_error("UnsupportedOperation", operation,
+                        "This instance type does not support the latest console output")
+
+
+def test_wait_is_boot_timeout_unless_connect_timeout_is_set(aws):
+    assert launch(n=1).connect_timeout == 1200
+    assert launch(n=1, boot_timeout=300).connect_timeout == 300
+    assert launch(n=1, connect_timeout=60).connect_timeout == 60
+    assert aws_config(provider="local").connect_timeout == 60
+
+
+def test_ssh_wait_that_runs_out_names_the_address_opened_for_ssh(aws):
+    port = dead_port()
+    provisioner.set_address_hook(lambda instance: ("127.0.0.1", port))
+    with pytest.raises(HostConnectError, match=rf"unreachable.*open to {CIDR} only.*"
+                                               r"ingress_cidr=.*boot_timeout"):
+        providers.connect(aws_config(n=1, connect_timeout=1))
+    assert cluster_instances(aws) == []
+
+
+def test_root_volume_is_at_least_the_image_snapshot(aws, api_calls):
+    def bigger_image(operation: str, params: dict, response: Any) -> Any:
+        if operation == "DescribeImages":
+            for image in response["Images"]:
+                for mapping in image.get("BlockDeviceMappings", []):
+                    mapping["Ebs"]["VolumeSize"] = 40
+        return response
+
+    launch(n=1)
+    (run,) = api_calls.of("RunInstances")
+    assert run.params["BlockDeviceMappings"][0]["Ebs"]["VolumeSize"] == \
+        provisioner.ROOT_VOLUME_GIB  # moto's image is smaller (15 GiB)
+    api_calls.after = bigger_image
+    launch(n=2)
+    run = api_calls.of("RunInstances")[-1]
+    mapping = run.params["BlockDeviceMappings"][0]
+    assert mapping["DeviceName"] == "/dev/xvda" and mapping["Ebs"]["VolumeSize"] == 40
+
+
+def test_metadata_endpoint_is_off_once_the_hosts_have_booted(aws, api_calls, loopback_ec2):
+    settings = {"n": 2, "cluster": "imds", "user": getpass.getuser(),
+                "python": sys.executable, "workers_per_host": 1}
+    try:
+        cluster = providers.connect(aws_config(**settings))
+        assert len(cluster.hosts) == 2
+        found = cluster_instances(aws, "imds", states=("running",))
+        assert len(found) == 2
+        assert all(i["MetadataOptions"]["HttpEndpoint"] == "disabled" for i in found)
+        modified = api_calls.of("ModifyInstanceMetadataOptions")
+        assert sorted(c.params["InstanceId"] for c in modified) == \
+            sorted(i["InstanceId"] for i in found)
+        assert all(h.accepted_logins() >= 1 for h in loopback_ec2.values())
+        cluster.close()
+        providers.connect(aws_config(**settings)).close()  # re-attached: already off
+        assert len(api_calls.of("ModifyInstanceMetadataOptions")) == 2
+    finally:
+        providers.close_all()
