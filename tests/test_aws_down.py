@@ -148,3 +148,29 @@ def test_down_asks_on_a_terminal(aws, monkeypatch, capsys, answer, code):
     monkeypatch.setattr("builtins.input", lambda prompt: answer)
     assert cli.main(["down", "--cluster", "test"]) == code
     assert (cluster_instances(aws) == []) == (answer == "y")
+
+
+def test_every_region_skips_regions_a_policy_denies(aws, api_calls, capsys):
+    launch(n=1, cluster="a")
+    launch(n=1, cluster="b", region="eu-west-1")
+    api_calls.denied_regions = {"ap-south-1": "UnauthorizedOperation",
+                                "af-south-1": "OptInRequired", "eu-north-1": "AuthFailure"}
+    assert cli.main(["status", "--all-regions"]) == 0
+    out = capsys.readouterr().out
+    for region, code in api_calls.denied_regions.items():
+        assert f"{region}: skipped: these AWS credentials may not use this region ({code})" \
+            in out
+    assert len([line for line in out.splitlines() if line.startswith(("a ", "b "))]) == 2
+    assert "2 machines" in out
+
+    assert cli.main(["down", "--all", "--all-regions", "--yes"]) == 0
+    out = capsys.readouterr().out
+    assert "ap-south-1: skipped" in out and "af-south-1: skipped" in out
+    assert cluster_instances(aws, "a") == []
+    assert cluster_instances(boto3.client("ec2", region_name="eu-west-1"), "b") == []
+
+
+def test_a_denied_region_asked_for_by_name_is_still_an_error(aws, api_calls, capsys):
+    api_calls.denied_regions = {"ap-south-1": "UnauthorizedOperation"}
+    assert cli.main(["status", "--region", "ap-south-1"]) == 1
+    assert "UnauthorizedOperation" in capsys.readouterr().err

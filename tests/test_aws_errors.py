@@ -8,16 +8,20 @@ import socket
 import pytest
 from awsmock import (  # noqa: F401  (fixtures)
     REGION,
+    EventualConsistency,
     api_calls_fixture,
     aws_config,
     aws_fixture,
     client_error,
     cluster_instances,
+    end_instance,
+    instances,
     launch,
     subnet_of,
 )
+from botocore.exceptions import UnauthorizedSSOTokenError
 
-from joblib_cloud import ec2api, providers, provisioner, records
+from joblib_cloud import ec2api, providers, provisioner, records, teardown
 from joblib_cloud.ec2api import AWSError
 from joblib_cloud.errors import HostConnectError
 
@@ -133,3 +137,130 @@ def test_failure_to_connect_spares_machines_that_were_already_there(aws):
     with pytest.raises(HostConnectError):
         providers.connect(aws_config(n=2, connect_timeout=1))
     assert [i["InstanceId"] for i in cluster_instances(aws)] == first.instance_ids
+
+
+# ------------------------------------------------------------------ spot fallbacks
+
+
+def test_account_without_spot_role_falls_back_to_on_demand_with_the_fix(aws, api_calls,
+                                                                        caplog):
+    caplog.set_level("WARNING", logger="joblib_cloud")
+    api_calls.inject = lambda op, params, n: client_error(
+        ec2api.SPOT_ROLE_CODE, op, "The provided credentials do not have permission to create "
+        "the service-linked role for EC2 Spot Instances.") \
+        if op == "RunInstances" and "InstanceMarketOptions" in params else None
+    handle = launch(n=2, spot=True)
+    runs = api_calls.of("RunInstances")
+    assert ["InstanceMarketOptions" in r.params for r in runs] == [True, False, False]
+    found = cluster_instances(aws)
+    assert sorted(i["InstanceId"] for i in found) == sorted(handle.instance_ids)
+    assert all(i.get("InstanceLifecycle") != "spot" for i in found)
+    warning = "\n".join(r.getMessage() for r in caplog.records if r.levelname == "WARNING")
+    assert "aws iam create-service-linked-role --aws-service-name spot.amazonaws.com" in warning
+
+
+def test_spot_machine_taken_back_while_pending_is_replaced_on_demand(aws, api_calls, caplog):
+    caplog.set_level("WARNING", logger="joblib_cloud")
+    reclaimed: list[str] = []
+
+    def take_back_first_spot(operation, params, response):
+        if operation == "RunInstances" and "InstanceMarketOptions" in params and not reclaimed:
+            reclaimed.append(response["Instances"][0]["InstanceId"])
+            end_instance(reclaimed[0], provisioner.SPOT_RECLAIMED,
+                         "Server.SpotInstanceTermination: Spot instance termination")
+        return response
+
+    api_calls.after = take_back_first_spot
+    handle = launch(n=2, spot=True)
+    assert reclaimed and reclaimed[0] not in handle.instance_ids
+    running = cluster_instances(aws, states=("running",))
+    assert sorted(i["InstanceId"] for i in running) == sorted(handle.instance_ids)
+    assert sorted(i.get("InstanceLifecycle", "on-demand") for i in running) == \
+        ["on-demand", "spot"]
+    assert "InstanceMarketOptions" not in api_calls.of("RunInstances")[-1].params
+    assert any("on-demand" in r.getMessage() for r in caplog.records
+               if r.levelname == "WARNING")
+    assert [s.label for s in handle.specs] == handle.instance_ids
+
+
+# ------------------------------------------------------------ eventual consistency
+
+
+def _lost_answer_and_unknown_ids(api_calls, lost_call: int):
+    """RunInstances number ``lost_call`` launches but its answer is lost; the first
+    TerminateInstances finds an id EC2 does not know yet."""
+    def inject(op, params, n):
+        if op == "RunInstances" and n == lost_call:
+            api_calls.real()
+            return client_error("InternalError", op, "An internal error has occurred")
+        if op == "TerminateInstances" and n == 1:
+            return client_error("InvalidInstanceID.NotFound", op,
+                                f"The instance ID '{params['InstanceIds'][0]}' does not exist")
+        return None
+
+    return inject
+
+
+def test_cleanup_finds_what_ec2_does_not_list_yet(aws, api_calls, monkeypatch):
+    monkeypatch.setattr(teardown, "WAIT_TIMEOUT", 5.0)
+    api_calls.after = EventualConsistency(hidden=3)
+    api_calls.inject = _lost_answer_and_unknown_ids(api_calls, lost_call=2)
+    with pytest.raises(Exception, match="InternalError"):
+        launch(n=3)
+    api_calls.after = None
+    assert len(api_calls.of("RunInstances")) == 2
+    terminate_calls = api_calls.of("TerminateInstances")
+    assert len(terminate_calls) >= 2  # NotFound was retried
+    assert any(f["Name"] == "client-token" for c in api_calls.of("DescribeInstances")
+               for f in c.params.get("Filters", []))
+    _nothing_left(aws)
+    assert len(instances(aws, states=("shutting-down", "terminated"))) == 2
+
+
+def test_growing_cluster_finds_a_lost_launch_by_its_client_token(aws, api_calls, monkeypatch):
+    monkeypatch.setattr(teardown, "WAIT_TIMEOUT", 5.0)
+    first = launch(n=1)
+    api_calls.after = EventualConsistency(hidden=3)
+    api_calls.inject = _lost_answer_and_unknown_ids(api_calls, lost_call=2)
+    with pytest.raises(Exception, match="InternalError"):
+        launch(n=2)
+    api_calls.after = None
+    live = cluster_instances(aws)
+    assert [i["InstanceId"] for i in live] == first.instance_ids  # the lost one is gone
+    lost_token = api_calls.of("RunInstances")[-1].params["ClientToken"]
+    (lost,) = [i for i in instances(aws, states=("shutting-down", "terminated"))]
+    assert lost["ClientToken"] == lost_token
+
+
+# -------------------------------------------------------- errors that say what to do
+
+
+@pytest.mark.parametrize("code, message, expected", [
+    ("OptInRequired", "You are not subscribed to this service.",
+     r"not enabled for your account.*Enable the region in the AWS console.*region="),
+    ("PendingVerification", "Your request for accessing resources in this region is being "
+     "validated", r"still verifying this new account.*Wait .* then retry"),
+])
+def test_account_and_region_errors_say_what_to_do(aws, api_calls, code, message, expected):
+    api_calls.inject = lambda op, params, n: client_error(code, op, message) \
+        if op == "RunInstances" else None
+    with pytest.raises(AWSError, match=expected):
+        launch(n=1)
+    assert len(api_calls.of("RunInstances")) == 1
+    _nothing_left(aws)
+
+
+def test_expired_sso_session_says_to_log_in_again(aws, api_calls, monkeypatch):
+    from botocore.exceptions import SSOTokenLoadError, TokenRetrievalError
+
+    api_calls.inject = lambda op, params, n: TokenRetrievalError(
+        provider="sso", error_msg="Token has expired and refresh failed") \
+        if op == "DescribeInstanceTypes" else None
+    with pytest.raises(AWSError, match=r"SSO session has expired.*aws sso login --profile"):
+        launch(n=1)
+    assert api_calls.of("RunInstances") == []
+    monkeypatch.setenv("AWS_PROFILE", "research")
+    for exc in (SSOTokenLoadError(error_msg="expired"), UnauthorizedSSOTokenError()):
+        explained = ec2api.explain(exc, "list instances")
+        assert isinstance(explained, AWSError)
+        assert "`aws sso login --profile research`" in str(explained)
