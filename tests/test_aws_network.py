@@ -200,9 +200,3 @@ def test_unknown_subnet_says_so(aws):
         launch(n=1, subnet_id="subnet-0123456789abcdef0")
     assert ec2api.describe_instances(aws, "test", ("pending", "running")) == []
 
-
-def test_no_real_network_in_ssh_wait_either(aws):
-    port = dead_port()
-    provisioner.set_address_hook(lambda instance: ("127.0.0.1", port))
-    with pytest.raises(Exception, match="unreachable"):
-        providers.connect(aws_config(n=1, connect_timeout=1))
