@@ -22,11 +22,11 @@ onto loopback sshd servers.
 
 from __future__ import annotations
 
-import base64
 import dataclasses
 import http.client
 import ipaddress
 import logging
+import re
 import socket
 import threading
 import time
@@ -593,17 +593,22 @@ def console_tail(ec2: Any, instance_id: str, lines: int = CONSOLE_LINES) -> str:
             response = ec2.get_console_output(InstanceId=instance_id)  # not on Xen types
     except Exception as exc:  # noqa: BLE001 - the error is still worth showing without it
         return f"(console output unavailable: {ec2api.error_code(exc) or exc})"
-    tail = _console_text(response.get("Output") or "").rstrip().splitlines()[-lines:]
+    tail = boot_lines(response.get("Output") or "")[-lines:]
     return "\n".join(tail) if tail else "(no console output yet)"
 
 
-def _console_text(output: str) -> str:
-    """EC2 sends the console base64-encoded; botocore decodes it on the way (a client
-    without that hook would not): decode what is still base64."""
-    try:
-        return base64.b64decode(output, validate=True).decode("utf-8", "replace")
-    except ValueError:
-        return output
+_ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
+
+
+def boot_lines(console: str) -> list[str]:
+    """The console lines that tell how the boot went: what cloud-init and joblib-cloud
+    printed (the boot script, the kill switch), without the rest of the system's start
+    and stop messages; all lines if there are none of those.  (botocore has already
+    decoded EC2's base64.)"""
+    rows = [_ANSI.sub("", row).rstrip() for row in console.splitlines()]
+    rows = [row for row in rows if row.strip()]
+    ours = [row for row in rows if "cloud-init[" in row or "joblib-cloud" in row]
+    return ours or rows
 
 
 def boot_failure(ec2: Any, instance: dict[str, Any],

@@ -8,7 +8,8 @@ case in product code:
 - ``TerminateInstances``: moto answers, and the guests power off (as EC2 stops a VM).
 - A guest that powers itself off (kill switch, failed boot) becomes a terminated
   instance, with the state reason EC2 gives: ``Client.InstanceInitiatedShutdown``.
-- ``GetConsoleOutput``: the guest's console, base64-encoded, as EC2 returns it.
+- ``GetConsoleOutput``: the guest's console, as boto3 returns it (botocore decodes EC2's
+  base64 on the way).
 
 The documented ``provisioner.set_address_hook`` points SSH at each guest's own loopback
 address; nothing ever connects to an address moto hands out.
@@ -50,9 +51,9 @@ class GuestEC2:
     def api_call(self, real, client, operation: str, params: dict[str, Any]) -> Any:
         if operation == "GetConsoleOutput" and params.get("InstanceId") in self.guests:
             guest = self.guests[params["InstanceId"]]
-            tail = guest.console().encode()[-64 * 1024:]
+            tail = guest.console()[-64 * 1024:]  # EC2 keeps the last 64 KiB
             return {"InstanceId": guest.instance_id, "Timestamp": datetime.now(timezone.utc),
-                    "Output": base64.b64encode(tail).decode()}
+                    "Output": tail}
         response = real(client, operation, params)
         if operation == "RunInstances":
             for instance in response["Instances"]:

@@ -30,9 +30,14 @@ from joblib_cloud.errors import HostConnectError
 
 SELF_SHUTDOWN = ("Client.InstanceInitiatedShutdown",
                  "Client.InstanceInitiatedShutdown: Instance initiated shutdown")
-CONSOLE = "\n".join([f"[  {i}.000] cloud-init: step {i}" for i in range(60)]
-                    + ["joblib-cloud boot: pip install nonexistent-package==9 failed (exit 1)",
-                       "joblib-cloud boot: FAILED, powering off"])
+#: As a Debian or Amazon Linux console shows a boot: cloud-init's output (the boot script
+#: prints there) among systemd's own lines, colours included.
+CONSOLE = "\r\n".join(
+    [f"[  {i}.000] cloud-init[113]: step {i}" for i in range(60)]
+    + ["[   61.000] cloud-init[113]: joblib-cloud: boot failed (line 9: uv pip install "
+       "nonexistent-package==9); powering off",
+       "\x1b[0;32m  OK  \x1b[0m] Stopped \x1b[0;1;39mssh.service\x1b[0m - OpenSSH server.",
+       "[   62.000] systemd-shutdown[1]: Powering off."])
 
 
 def _connect_within(seconds: float, **settings: Any) -> BaseException | None:
@@ -76,9 +81,9 @@ def test_machine_that_dies_while_booting_fails_fast_with_reason_and_console(aws,
     message = str(error)
     assert ended[0] in message and "terminated" in message
     assert "Client.InstanceInitiatedShutdown: Instance initiated shutdown" in message
-    assert "pip install nonexistent-package==9 failed" in message
-    assert "FAILED, powering off" in message
-    assert "step 37" in message and "step 36" not in message  # the last 25 lines only
+    assert "uv pip install nonexistent-package==9); powering off" in message
+    assert "step 36" in message and "step 35" not in message  # the boot's last 25 lines
+    assert "ssh.service" not in message and "\x1b" not in message
     assert "Fix what the console output shows" in message
     consoles = api_calls.of("GetConsoleOutput")
     assert consoles and consoles[0].params == {"InstanceId": ended[0], "Latest": True}
