@@ -23,6 +23,8 @@ sys.path.insert(0, str(ROOT))
 
 from sshfleet import SSHFleet  # noqa: E402
 
+from joblib_cloud.client import registry  # noqa: E402
+
 MACHINE = f"{os.cpu_count()}-core CPU machine"
 
 
@@ -65,9 +67,8 @@ def ssh_fleet(n: int = 2) -> Iterator[SSHFleet]:
         yield fleet
     finally:
         try:
-            import joblib_cloud.providers
 
-            joblib_cloud.providers.close_all()
+            registry.close_all()
         finally:
             fleet.stop()
             shutil.rmtree(root, ignore_errors=True)

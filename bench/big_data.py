@@ -37,8 +37,8 @@ from sklearn.linear_model import Ridge
 from sklearn.model_selection import GridSearchCV, KFold, ShuffleSplit
 
 import joblib_cloud  # noqa: F401
+from joblib_cloud.client.registry import get_cluster
 from joblib_cloud.config import resolve_config
-from joblib_cloud.providers import get_cluster
 
 ALPHAS = list(np.logspace(-3, 3, 20))
 

@@ -23,8 +23,8 @@ from typing import Any
 from _fleet import MACHINE, isolated_home, load_note, ssh_fleet
 from sshfleet import SSHFleet
 
-import joblib_cloud.transport as transport
-from joblib_cloud.hosts import parse_host
+import joblib_cloud.client.ssh as transport
+from joblib_cloud.client.hosts import parse_host
 
 CIPHERS = ("aes128-gcm@openssh.com", "aes256-gcm@openssh.com", "aes128-ctr", "aes256-ctr")
 CHUNK = 4 * 2**20

@@ -21,9 +21,9 @@ from .config import resolve_config
 from .errors import TaskPicklingError
 
 if TYPE_CHECKING:
-    from .cluster import Cluster
+    from .client.cluster import Cluster
     from .config import CloudConfig
-    from .nested import HostThreadingBackend
+    from .host.nested import HostThreadingBackend
 
 
 class CloudBackend(AutoBatchingMixin, ParallelBackendBase):
@@ -50,7 +50,7 @@ class CloudBackend(AutoBatchingMixin, ParallelBackendBase):
     def cluster(self) -> Cluster:
         """Connected on first use, then reused by every call with the same settings."""
         if self._cluster is None or not self._cluster.alive_hosts or self._cluster.closed:
-            from .providers import get_cluster
+            from .client.registry import get_cluster
 
             self._cluster = get_cluster(self.config)
         return self._cluster
@@ -76,14 +76,14 @@ class CloudBackend(AutoBatchingMixin, ParallelBackendBase):
         return self.effective_n_jobs(n_jobs)
 
     def start_call(self) -> None:
-        from .serialization import register_local_modules
+        from .wire.serialization import register_local_modules
 
         register_local_modules()
         self.cluster.new_call()
 
     def submit(self, func: Any, callback: Any = None) -> Future:
-        from .cluster import Job, describe_batch
-        from .serialization import dumps_batch
+        from .client.cluster import Job, describe_batch
+        from .wire.serialization import dumps_batch
 
         cluster = self.cluster
         label = describe_batch(func)
@@ -116,6 +116,6 @@ class CloudBackend(AutoBatchingMixin, ParallelBackendBase):
         self.reset_batch_stats()
 
     def get_nested_backend(self) -> tuple[HostThreadingBackend, None]:
-        from .nested import HostThreadingBackend
+        from .host.nested import HostThreadingBackend
 
         return HostThreadingBackend(nesting_level=(self.nesting_level or 0) + 1), None

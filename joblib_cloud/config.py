@@ -22,7 +22,6 @@ else:  # pragma: no cover - exercised on 3.10 only
     import tomli as tomllib
 
 ENV_PREFIX = "JOBLIB_CLOUD_"
-PROVIDERS = ("aws", "ssh", "local")
 #: ``connect_timeout`` when not set, except on aws (where a VM may take minutes to boot).
 DEFAULT_CONNECT_TIMEOUT = 60.0
 
@@ -255,6 +254,8 @@ def _validate(values: dict[str, Any], origins: dict[str, str]) -> None:
         raise ValueError(f"invalid value {values[name]!r} for {origin}: {message}")
 
     values["provider"] = values["provider"].strip().lower()
+    from .provisioner import PROVIDERS
+
     if values["provider"] not in PROVIDERS:
         fail("provider", f"unknown provider; choose one of {', '.join(PROVIDERS)}")
     if values["n"] < 1:
@@ -278,7 +279,7 @@ def _validate(values: dict[str, Any], origins: dict[str, str]) -> None:
         fail("cluster", "use 1-63 letters, digits, '.', '_' or '-', starting with a letter "
                         "or digit")
     if values["provider"] == "aws":
-        from .instance_types import resolve_name
+        from .providers.aws.instance_types import resolve_name
 
         try:
             resolve_name(values["instance"])
@@ -291,7 +292,7 @@ def _validate(values: dict[str, Any], origins: dict[str, str]) -> None:
                 "provider 'ssh' needs hosts: pass hosts=['user@addr:port', ...] or set "
                 "JOBLIB_CLOUD_HOSTS=user@addr:port,user@addr2:port"
             )
-        from .hosts import parse_host
+        from .client.hosts import parse_host
 
         for host in values["hosts"]:
             try:

@@ -16,12 +16,12 @@ from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future
 from typing import Any
 
-from .cluster import Cluster, Job
+from .client.cluster import Cluster, Job
+from .client.registry import get_cluster
 from .config import resolve_config
 from .errors import TaskPicklingError
-from .pool_tasks import _Call, _Chunk, _Init
-from .providers import get_cluster
-from .serialization import dumps_batch, register_local_modules
+from .host.pool_tasks import _Call, _Chunk, _Init
+from .wire.serialization import dumps_batch, register_local_modules
 
 
 def _name(func: Any) -> str:

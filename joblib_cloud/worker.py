@@ -21,7 +21,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .protocol import (
+from .host.task_runner import CORES_PER_WORKER_ENV
+from .host.worker_pool import WorkerPool, grow_pipe, write_all
+from .wire.protocol import (
     AGENT_MAGIC,
     PROTOCOL_VERSION,
     ConfigMeta,
@@ -36,8 +38,6 @@ from .protocol import (
     frame_data,
     frame_meta,
 )
-from .task_runner import CORES_PER_WORKER_ENV
-from .worker_pool import WorkerPool, grow_pipe, write_all
 
 THREAD_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS",
                "BLIS_NUM_THREADS", "VECLIB_MAXIMUM_THREADS", "NUMEXPR_NUM_THREADS")

@@ -22,9 +22,11 @@ from moto.ec2.models import ec2_backends
 from moto.ec2.models.instances import StateReason
 from sshfleet import SSHHost
 
-from joblib_cloud import ec2api, provisioner, teardown, userdata
+from joblib_cloud import provisioner
+from joblib_cloud.client.progress import Progress
 from joblib_cloud.config import resolve_config
-from joblib_cloud.progress import Progress
+from joblib_cloud.providers.aws import ec2api, machines, teardown, userdata
+from joblib_cloud.providers.aws import launch as aws_launch
 
 CIDR = "198.51.100.7/32"
 REGION = "us-east-1"
@@ -123,8 +125,8 @@ def aws_fixture(monkeypatch, tmp_path):
     """moto for EC2 and SSM (answering as EC2 where they differ), a private
     JOBLIB_CLOUD_HOME, fast polling."""
     monkeypatch.setenv("JOBLIB_CLOUD_HOME", str(tmp_path / "home"))
-    monkeypatch.setattr(provisioner, "POLL", 0.01)
-    monkeypatch.setattr(provisioner, "CONSISTENCY_TIMEOUT", 5.0)
+    monkeypatch.setattr(machines, "POLL", 0.01)
+    monkeypatch.setattr(machines, "CONSISTENCY_TIMEOUT", 5.0)
     monkeypatch.setattr(teardown, "POLL", 0.01)
     monkeypatch.setattr(ec2api, "THROTTLE_DELAY", 0.01)
     real = botocore.client.BaseClient._make_api_call
@@ -245,8 +247,8 @@ def aws_config(**overrides: Any):
     return resolve_config(**settings)
 
 
-def launch(**overrides: Any) -> provisioner.ClusterHandle:
-    return provisioner.ensure_cluster(aws_config(**overrides), Progress())
+def launch(**overrides: Any) -> machines.ClusterHandle:
+    return aws_launch.ensure_cluster(aws_config(**overrides), Progress())
 
 
 def instances(ec2, states=("pending", "running", "stopping", "stopped", "shutting-down"),
@@ -274,6 +276,6 @@ def written_file(document: dict[str, Any], path: str) -> str:
 
 def untagged_instance(ec2) -> str:
     image = boto3.client("ssm", region_name=REGION).get_parameter(
-        Name=provisioner.SSM_IMAGE.format(arch="x86_64"))["Parameter"]["Value"]
+        Name=aws_launch.SSM_IMAGE.format(arch="x86_64"))["Parameter"]["Value"]
     return ec2.run_instances(ImageId=image, InstanceType="t3.micro", MinCount=1,
                              MaxCount=1)["Instances"][0]["InstanceId"]

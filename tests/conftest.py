@@ -31,6 +31,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from sshfleet import SSHFleet  # noqa: E402
 
 import joblib_cloud  # noqa: E402,F401  (registers the backend)
+from joblib_cloud.client import registry  # noqa: E402
 
 # --------------------------------------------------------------------- network guard
 
@@ -121,7 +122,7 @@ def fleet(tmp_path_factory):
     _require_sshd()
     fleet = SSHFleet(tmp_path_factory.mktemp("fleet"), n=3).start()
     yield fleet
-    joblib_cloud.providers.close_all()
+    registry.close_all()
     fleet.stop()
 
 

@@ -24,9 +24,11 @@ from awsmock import (  # noqa: F401  (fixtures)
     loopback_ec2_fixture,
 )
 
-from joblib_cloud import providers, provisioner
-from joblib_cloud.ec2api import BootFailedError
+from joblib_cloud import provisioner
+from joblib_cloud.client import registry
 from joblib_cloud.errors import HostConnectError
+from joblib_cloud.providers.aws import launch as aws_launch
+from joblib_cloud.providers.aws.ec2api import BootFailedError
 
 SELF_SHUTDOWN = ("Client.InstanceInitiatedShutdown",
                  "Client.InstanceInitiatedShutdown: Instance initiated shutdown")
@@ -41,12 +43,12 @@ CONSOLE = "\r\n".join(
 
 
 def _connect_within(seconds: float, **settings: Any) -> BaseException | None:
-    """``providers.connect`` in a thread that must finish within ``seconds``."""
+    """``registry.connect`` in a thread that must finish within ``seconds``."""
     box: dict[str, BaseException] = {}
 
     def run() -> None:
         try:
-            providers.connect(aws_config(**settings)).close()
+            registry.connect(aws_config(**settings)).close()
         except BaseException as exc:  # noqa: BLE001 - handed to the test
             box["error"] = exc
 
@@ -119,7 +121,7 @@ def test_ssh_wait_that_runs_out_names_the_address_opened_for_ssh(aws):
     provisioner.set_address_hook(lambda instance: ("127.0.0.1", port))
     with pytest.raises(HostConnectError, match=rf"unreachable.*open to {CIDR} only.*"
                                                r"ingress_cidr=.*boot_timeout"):
-        providers.connect(aws_config(n=1, connect_timeout=1))
+        registry.connect(aws_config(n=1, connect_timeout=1))
     assert cluster_instances(aws) == []
 
 
@@ -134,7 +136,7 @@ def test_root_volume_is_at_least_the_image_snapshot(aws, api_calls):
     launch(n=1)
     (run,) = api_calls.of("RunInstances")
     assert run.params["BlockDeviceMappings"][0]["Ebs"]["VolumeSize"] == \
-        provisioner.ROOT_VOLUME_GIB  # moto's image is smaller (15 GiB)
+        aws_launch.ROOT_VOLUME_GIB  # moto's image is smaller (15 GiB)
     api_calls.after = bigger_image
     launch(n=2)
     run = api_calls.of("RunInstances")[-1]
@@ -146,7 +148,7 @@ def test_metadata_endpoint_is_off_once_the_hosts_have_booted(aws, api_calls, loo
     settings = {"n": 2, "cluster": "imds", "user": getpass.getuser(),
                 "python": sys.executable, "workers_per_host": 1}
     try:
-        cluster = providers.connect(aws_config(**settings))
+        cluster = registry.connect(aws_config(**settings))
         assert len(cluster.hosts) == 2
         found = cluster_instances(aws, "imds", states=("running",))
         assert len(found) == 2
@@ -156,7 +158,7 @@ def test_metadata_endpoint_is_off_once_the_hosts_have_booted(aws, api_calls, loo
             sorted(i["InstanceId"] for i in found)
         assert all(h.accepted_logins() >= 1 for h in loopback_ec2.values())
         cluster.close()
-        providers.connect(aws_config(**settings)).close()  # re-attached: already off
+        registry.connect(aws_config(**settings)).close()  # re-attached: already off
         assert len(api_calls.of("ModifyInstanceMetadataOptions")) == 2
     finally:
-        providers.close_all()
+        registry.close_all()

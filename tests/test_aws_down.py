@@ -15,7 +15,8 @@ from awsmock import (  # noqa: F401  (fixtures)
     untagged_instance,
 )
 
-from joblib_cloud import cli, ec2api, records, teardown
+from joblib_cloud import cli
+from joblib_cloud.providers.aws import ec2api, sshkeys, teardown
 
 
 def _state(ec2, iid: str) -> str:
@@ -41,7 +42,7 @@ def test_down_removes_the_cluster_and_nothing_else(aws, api_calls, capsys):
     stranger = untagged_instance(ec2)
     other = launch(n=1, cluster="other")
     handle = launch(n=2)
-    assert records.exists(REGION, "test")
+    assert sshkeys.exists(REGION, "test")
 
     before = _snapshot(ec2)
     writes_before = len([c for c in api_calls.calls if not c.operation.startswith("Describe")])
@@ -52,7 +53,7 @@ def test_down_removes_the_cluster_and_nothing_else(aws, api_calls, capsys):
     assert _snapshot(ec2) == before
     assert len([c for c in api_calls.calls if not c.operation.startswith("Describe")]) \
         == writes_before  # --dry-run sent no changing request at all
-    assert records.exists(REGION, "test")
+    assert sshkeys.exists(REGION, "test")
 
     assert cli.main(["down", "--cluster", "test", "--yes"]) == 0
     out = capsys.readouterr().out
@@ -60,7 +61,7 @@ def test_down_removes_the_cluster_and_nothing_else(aws, api_calls, capsys):
     assert all(_state(ec2, iid) in ("shutting-down", "terminated")
                for iid in handle.instance_ids)
     assert _groups(ec2) == []
-    assert not records.exists(REGION, "test")
+    assert not sshkeys.exists(REGION, "test")
     # Never touched: an untagged machine and another cluster.
     assert _state(ec2, stranger) == "running"
     assert _state(ec2, other.instance_ids[0]) == "running"
@@ -101,7 +102,7 @@ def test_down_all_and_every_region(aws, capsys):
     assert len(cluster_instances(west, "b")) == 1
     assert cli.main(["down", "--all", "--all-regions", "--yes"]) == 0
     assert cluster_instances(west, "b") == []
-    assert not records.exists("eu-west-1", "b")
+    assert not sshkeys.exists("eu-west-1", "b")
     assert _state(ec2, stranger) == "running"
 
 
@@ -116,10 +117,10 @@ def test_down_exits_non_zero_when_something_stays(aws, api_calls, monkeypatch, c
     assert "could not delete security group" in captured.out
     assert "could not be deleted" in captured.err
     assert len(api_calls.of("DeleteSecurityGroup")) > 1  # retried while "in use"
-    assert records.exists(REGION, "test")  # keys kept until everything is gone
+    assert sshkeys.exists(REGION, "test")  # keys kept until everything is gone
     api_calls.inject = None
     assert cli.main(["down", "--cluster", "test", "--yes"]) == 0
-    assert _groups(aws) == [] and not records.exists(REGION, "test")
+    assert _groups(aws) == [] and not sshkeys.exists(REGION, "test")
 
 
 def test_status_lists_machines_with_type_age_and_price(aws, capsys):

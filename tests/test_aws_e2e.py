@@ -22,8 +22,10 @@ from sklearn.datasets import make_classification
 from sklearn.linear_model import LogisticRegression
 from sklearn.model_selection import GridSearchCV
 
-from joblib_cloud import cli, providers, records
+from joblib_cloud import cli
+from joblib_cloud.client import registry
 from joblib_cloud.config import resolve_config
+from joblib_cloud.providers.aws import sshkeys
 
 
 def test_grid_search_on_aws_then_down_leaves_nothing_running(aws, loopback_ec2):
@@ -43,13 +45,13 @@ def test_grid_search_on_aws_then_down_leaves_nothing_running(aws, loopback_ec2):
                                    sequential.cv_results_["mean_test_score"])
         assert len(hosts) == 2 and all(h.accepted_logins() >= 1 for h in hosts.values())
         assert len(cluster_instances(ec2, "e2e", states=("running",))) == 2
-        providers.get_cluster(resolve_config(**settings)).close()
+        registry.get_cluster(resolve_config(**settings)).close()
 
         assert cli.main(["down", "--cluster", "e2e", "--region", REGION, "--yes"]) == 0
         assert instances(ec2, states=("pending", "running", "stopping", "stopped")) == []
-        assert not records.exists(REGION, "e2e")
+        assert not sshkeys.exists(REGION, "e2e")
     finally:
-        providers.close_all()
+        registry.close_all()
 
 
 def test_up_status_down_configured_by_environment(aws, loopback_ec2, monkeypatch, capsys):

@@ -21,16 +21,18 @@ from awsmock import (  # noqa: F401  (fixtures)
 )
 from botocore.exceptions import UnauthorizedSSOTokenError
 
-from joblib_cloud import ec2api, providers, provisioner, records, teardown
-from joblib_cloud.ec2api import AWSError
+from joblib_cloud import provisioner
+from joblib_cloud.client import registry
 from joblib_cloud.errors import HostConnectError
+from joblib_cloud.providers.aws import ec2api, machines, sshkeys, teardown
+from joblib_cloud.providers.aws.ec2api import AWSError
 
 
 def _nothing_left(ec2, cluster: str = "test") -> None:
     assert cluster_instances(ec2, cluster) == []  # none pending/running/stopped
     assert ec2.describe_security_groups(
         Filters=ec2api.cluster_filter(cluster))["SecurityGroups"] == []
-    assert not records.exists(REGION, cluster)
+    assert not sshkeys.exists(REGION, cluster)
 
 
 def _subnets(ec2) -> int:
@@ -124,7 +126,7 @@ def test_failure_to_connect_terminates_what_was_launched(aws, monkeypatch):
         port = s.getsockname()[1]
     provisioner.set_address_hook(lambda instance: ("127.0.0.1", port))
     with pytest.raises(HostConnectError, match="unreachable"):
-        providers.connect(aws_config(n=2, connect_timeout=1))
+        registry.connect(aws_config(n=2, connect_timeout=1))
     _nothing_left(aws)
 
 
@@ -135,7 +137,7 @@ def test_failure_to_connect_spares_machines_that_were_already_there(aws):
         port = s.getsockname()[1]
     provisioner.set_address_hook(lambda instance: ("127.0.0.1", port))
     with pytest.raises(HostConnectError):
-        providers.connect(aws_config(n=2, connect_timeout=1))
+        registry.connect(aws_config(n=2, connect_timeout=1))
     assert [i["InstanceId"] for i in cluster_instances(aws)] == first.instance_ids
 
 
@@ -166,7 +168,7 @@ def test_spot_machine_taken_back_while_pending_is_replaced_on_demand(aws, api_ca
     def take_back_first_spot(operation, params, response):
         if operation == "RunInstances" and "InstanceMarketOptions" in params and not reclaimed:
             reclaimed.append(response["Instances"][0]["InstanceId"])
-            end_instance(reclaimed[0], provisioner.SPOT_RECLAIMED,
+            end_instance(reclaimed[0], machines.SPOT_RECLAIMED,
                          "Server.SpotInstanceTermination: Spot instance termination")
         return response
 

@@ -17,8 +17,10 @@ from awsmock import (  # noqa: F401  (fixtures)
     written_file,
 )
 
-from joblib_cloud import ec2api, instance_types, provisioner, records, userdata
-from joblib_cloud.ec2api import TAG_KEY, AWSError
+from joblib_cloud import provisioner
+from joblib_cloud.host import watchdog
+from joblib_cloud.providers.aws import ec2api, instance_types, network, sshkeys, userdata
+from joblib_cloud.providers.aws.ec2api import TAG_KEY, AWSError
 
 
 def _tags(resource) -> dict[str, str]:
@@ -70,7 +72,7 @@ def test_launch_is_tagged_locked_down_and_self_terminating(aws, api_calls):
 
 def test_user_data_carries_host_key_client_key_watchdog_and_client_versions(aws):
     handle = launch(n=2, idle_timeout=321, max_lifetime=7200, packages=["tqdm==4.66.1"])
-    key_path, client_pub = records.client_key("us-east-1", "test")
+    key_path, client_pub = sshkeys.client_key("us-east-1", "test")
     assert str(key_path) == handle.ssh_key
     assert stat.S_IMODE(os.stat(handle.ssh_key).st_mode) == 0o600
     host_keys = set()
@@ -103,7 +105,7 @@ def test_user_data_carries_host_key_client_key_watchdog_and_client_versions(aws)
         assert "--idle-timeout 321 " in unit and "--max-lifetime 7200 " in unit
         assert f"--ready-file {userdata.READY_FILE} " in unit
         assert written_file(doc, "/opt/joblib-cloud/watchdog.py") == (
-            __import__("pathlib").Path(provisioner.__file__).parent / "watchdog.py").read_text()
+            __import__("pathlib").Path(watchdog.__file__).read_text())
         assert doc["bootcmd"] == [userdata.hard_stop_command(7200)]
         assert "sleep 7200;" in doc["bootcmd"][0][-1]
         assert "AWS_SECRET" not in str(doc) and "testing" not in str(doc)  # no credentials
@@ -191,7 +193,7 @@ def test_client_address_unknown_asks_for_ingress_cidr(aws, api_calls, monkeypatc
     with socket.socket() as s:  # a loopback port nobody listens on
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    monkeypatch.setattr(provisioner, "CHECKIP_URL", f"http://127.0.0.1:{port}/")
+    monkeypatch.setattr(network, "CHECKIP_URL", f"http://127.0.0.1:{port}/")
     with pytest.raises(AWSError, match=r"ingress_cidr='203.0.113.7/32'.*JOBLIB_CLOUD_INGRESS"):
         launch(ingress_cidr=None)
     assert api_calls.of("RunInstances") == []

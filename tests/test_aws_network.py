@@ -22,9 +22,11 @@ from awsmock import (  # noqa: F401  (fixtures)
     subnet_of,
 )
 
-from joblib_cloud import ec2api, ec2network, providers, provisioner, records
+from joblib_cloud import provisioner
+from joblib_cloud.client import registry
 from joblib_cloud.config import resolve_config
-from joblib_cloud.ec2api import AWSError
+from joblib_cloud.providers.aws import ec2api, network, sshkeys
+from joblib_cloud.providers.aws.ec2api import AWSError
 
 
 def _private_subnet(ec2) -> tuple[str, str]:
@@ -48,7 +50,7 @@ def test_settings_are_read_and_checked():
                             _file={})
     assert config.subnet_id == "subnet-0123456789abcdef0"
     assert config.security_group_id == "sg-12345678"
-    assert "subnet_id" in providers.FLEET_FIELDS and "security_group_id" in providers.FLEET_FIELDS
+    assert "subnet_id" in registry.FLEET_FIELDS and "security_group_id" in registry.FLEET_FIELDS
     with pytest.raises(ValueError, match=r"keyword subnet_id=.*'subnet-0123456789abcdef0'"):
         resolve_config(subnet_id="vpc-1234", _environ={}, _file={})
 
@@ -106,7 +108,7 @@ def test_no_default_vpc_asks_for_subnet_id(aws, api_calls):
                                        r"create-default-vpc"):
         launch(n=1)
     assert api_calls.of("RunInstances") == []
-    assert not records.exists(REGION, "test")
+    assert not sshkeys.exists(REGION, "test")
 
 
 def test_machine_without_a_public_address_fails_at_once(aws, api_calls):
@@ -153,10 +155,10 @@ def test_client_address_is_asked_over_ipv4_without_a_proxy(monkeypatch):
             return real(host, port, family, *args, **kwargs)
 
         monkeypatch.setattr(socket, "getaddrinfo", recording)
-        monkeypatch.setattr(provisioner, "CHECKIP_URL",
+        monkeypatch.setattr(network, "CHECKIP_URL",
                             f"http://localhost:{server.server_address[1]}/")
         config = resolve_config(provider="aws", _environ={}, _file={})
-        assert provisioner.client_cidr(config) == "203.0.113.9/32"
+        assert network.client_cidr(config) == "203.0.113.9/32"
         assert families and all(f == socket.AF_INET for host, f in families
                                 if host == "localhost")
     finally:
@@ -171,11 +173,11 @@ def test_reattaching_from_a_new_address_moves_the_ssh_rule(aws, api_calls):
         "IpProtocol": "tcp", "FromPort": 22, "ToPort": 22,
         "IpRanges": [{"CidrIp": "192.0.2.0/24", "Description": "office, added by hand"}]}])
     assert _rules(aws, group) == [("192.0.2.0/24", "office, added by hand"),
-                                  (CIDR, ec2network.CLIENT_RULE)]
+                                  (CIDR, network.CLIENT_RULE)]
     again = launch(n=1, ingress_cidr="203.0.113.50/32")
     assert again.instance_ids == first.instance_ids and again.launched_ids == []
     assert _rules(aws, group) == [("192.0.2.0/24", "office, added by hand"),
-                                  ("203.0.113.50/32", ec2network.CLIENT_RULE)]
+                                  ("203.0.113.50/32", network.CLIENT_RULE)]
     assert again.cidr == "203.0.113.50/32"
     assert len(api_calls.of("RevokeSecurityGroupIngress")) == 1
 

@@ -16,9 +16,9 @@ import numpy as np
 import pytest
 from joblib import Parallel, delayed, parallel_backend
 
-import joblib_cloud.providers
+from joblib_cloud.client import registry
 from joblib_cloud.config import resolve_config
-from joblib_cloud.serialization import StoredObject
+from joblib_cloud.wire.serialization import StoredObject
 
 MB = 2**20
 
@@ -30,7 +30,7 @@ def _tcp_bytes_acked(sock: socket.socket) -> int:
 
 
 def _cluster(kwargs: dict):
-    return joblib_cloud.providers.get_cluster(resolve_config(**kwargs))
+    return registry.get_cluster(resolve_config(**kwargs))
 
 
 def _sent(cluster) -> dict[str, int]:
@@ -250,8 +250,8 @@ def test_batches_of_named_functions_and_small_values_skip_cloudpickle():
 
     from joblib.parallel import BatchedCalls
 
-    from joblib_cloud.nested import HostThreadingBackend
-    from joblib_cloud.serialization import (
+    from joblib_cloud.host.nested import HostThreadingBackend
+    from joblib_cloud.wire.serialization import (
         ObjectStore,
         dumps_batch,
         loads_batch,

@@ -21,7 +21,7 @@ from sklearn.model_selection import GridSearchCV, RandomizedSearchCV, cross_vali
 from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import OneHotEncoder, StandardScaler
 
-import joblib_cloud
+from joblib_cloud.client import ssh
 from joblib_cloud.errors import RemoteTraceback
 
 
@@ -273,7 +273,7 @@ def test_few_long_tasks_run_on_every_idle_worker(fleet, tmp_path):
 def test_consecutive_blocks_reuse_one_connection_per_host(fleet):
     kwargs = fleet.kwargs(workers_per_host=2, cluster="reuse-test")
     before = [h.accepted_logins() for h in fleet.hosts]
-    opened_before = joblib_cloud.transport.connections_opened
+    opened_before = ssh.connections_opened
     for round_ in range(3):
         with parallel_backend("cloud", **kwargs):
             assert Parallel(n_jobs=-1)(delayed(abs)(-i) for i in range(10)) == list(range(10))
@@ -281,7 +281,7 @@ def test_consecutive_blocks_reuse_one_connection_per_host(fleet):
             grid.fit(*make_classification(n_samples=60, random_state=round_))
     after = [h.accepted_logins() for h in fleet.hosts]
     assert [a - b for a, b in zip(after, before, strict=True)] == [1, 1, 1]
-    assert joblib_cloud.transport.connections_opened - opened_before == 3
+    assert ssh.connections_opened - opened_before == 3
 
 
 def test_task_output_reaches_client_prefixed_by_host(fleet, capfd):

@@ -173,7 +173,7 @@ def where_am_i() -> tuple[str | None, str]:
 
 
 def test_docker_command_line():
-    from joblib_cloud.docker import check_image, docker_python
+    from joblib_cloud.jobs.docker import check_image, docker_python
 
     command = docker_python("ghcr.io/me/model:1.2", "/opt/py/bin/python3")
     assert command.startswith("sh -c ") and command.endswith(" joblib-cloud-docker")
@@ -189,11 +189,11 @@ def test_docker_command_line():
 
 def test_agent_starts_inside_the_image(fake_docker):
     """The exact command the ssh provider sends, run by a shell with `docker` on PATH."""
-    from joblib_cloud.agent_stream import LocalAgent
-    from joblib_cloud.cluster import Cluster, HostSession, Job
+    from joblib_cloud.client.cluster import Cluster, HostSession, Job
+    from joblib_cloud.client.streams import LocalAgent
     from joblib_cloud.config import resolve_config
-    from joblib_cloud.docker import docker_python
-    from joblib_cloud.serialization import dumps_batch, register_local_modules
+    from joblib_cloud.jobs.docker import docker_python
+    from joblib_cloud.wire.serialization import dumps_batch, register_local_modules
 
     config = resolve_config(provider="local", workers_per_host=1)
     python = docker_python("python:3.11-slim", sys.executable)
@@ -218,8 +218,8 @@ def test_agent_starts_inside_the_image(fake_docker):
 
 
 def test_job_python_runs_inside_the_image(fake_docker, tmp_path):
-    from joblib_cloud import jobhost
-    from joblib_cloud.docker import docker_python
+    from joblib_cloud.host import jobhost
+    from joblib_cloud.jobs.docker import docker_python
 
     bin_dir, workspace = tmp_path / "bin", tmp_path / "ws"
     workspace.mkdir()

@@ -378,9 +378,9 @@ def test_agent_blocked_on_a_busy_client_does_not_take_it_for_gone(fleet, monkeyp
     """While the client sits in a slow callback, results back up and the agent's writes
     block, so it cannot read the client's pings either: that time is not the client's
     silence, or the agent would quit under a healthy client."""
-    import joblib_cloud.transport
+    from joblib_cloud.client import ssh
 
-    monkeypatch.setattr(joblib_cloud.transport, "WINDOW_SIZE", 256 * 1024)
+    monkeypatch.setattr(ssh, "WINDOW_SIZE", 256 * 1024)
 
     def tasks():
         for i in range(8):

@@ -21,8 +21,10 @@ from sklearn.datasets import make_classification
 from sklearn.linear_model import LogisticRegression
 from sklearn.model_selection import GridSearchCV
 
-from joblib_cloud import DistributedPool, providers, records, userdata
+from joblib_cloud import DistributedPool
+from joblib_cloud.client import registry
 from joblib_cloud.errors import ClusterLostError, JoblibCloudError
+from joblib_cloud.providers.aws import sshkeys, userdata
 
 pytestmark = pytest.mark.slow
 
@@ -72,7 +74,7 @@ def test_grid_search_and_pool_on_two_fresh_guests_then_idle_power_off(guest_ec2)
 
         guests = list(guest_ec2.guests.values())
         assert len(guests) == 2
-        keys = records.host_keys(REGION, "guests")
+        keys = sshkeys.host_keys(REGION, "guests")
         for guest in guests:
             # sshd offers the injected key and nothing else; the image's own are gone.
             injected = " ".join(keys[guest.instance_id].split()[:2])
@@ -83,7 +85,7 @@ def test_grid_search_and_pool_on_two_fresh_guests_then_idle_power_off(guest_ec2)
             # cloud-init took the whole document (image's configuration + our user-data).
             assert "Invalid cloud-config" not in (guest.file("/var/log/cloud-init.log") or "")
     finally:
-        providers.close_all()
+        registry.close_all()
 
     # The client has left: each guest powers itself off after idle_timeout, and the
     # fake EC2 reports the instance terminated by its own shutdown.
@@ -126,7 +128,7 @@ def test_run_a_script_on_a_fresh_guest_with_the_cloud_backend_inside(guest_ec2, 
         code = cli.main(["run", "--provider", "aws", "-i", "C2", "--cluster", "guestjob",
                          "--", "python", "job.py"])
     finally:
-        providers.close_all()
+        registry.close_all()
     out, err = capfd.readouterr()
     assert code == 0, (out, err)
     line = next(x for x in out.splitlines() if "JOB-RESULT " in x)
@@ -147,7 +149,7 @@ def test_hard_lifetime_stops_the_machine_with_a_client_attached(guest_ec2):
             with pytest.raises(ClusterLostError) as info:
                 Parallel()(delayed(time.sleep)(300) for _ in range(2))
     finally:
-        providers.close_all()
+        registry.close_all()
     (guest,) = guest_ec2.guests.values()
     guest.wait(lambda: guest.powered_off, 60, "power-off")
     lived = guest.exited_at - guest.started_at
@@ -168,7 +170,7 @@ def test_cloud_init_accepts_every_rendered_user_data(tmp_path):
         pytest.fail(f"guests cannot run here: {reason}")
     requirements = tmp_path / "requirements.txt"
     requirements.write_text("tqdm==4.66.1\n")
-    keys = records.generate_ed25519()
+    keys = sshkeys.generate_ed25519()
     common = {"user": "ec2-user", "host_private_key": keys[0], "host_public_key": keys[1],
               "client_public_key": keys[1], "idle_timeout": 600, "max_lifetime": 43200,
               "shutdown_command": "sudo shutdown -h now"}
@@ -203,7 +205,7 @@ def test_a_boot_that_fails_powers_off_and_the_client_says_why(guest_ec2):
             with parallel_backend("cloud", **settings):
                 Parallel()(delayed(pow)(i, 2) for i in range(2))
     finally:
-        providers.close_all()
+        registry.close_all()
     elapsed = time.monotonic() - started
     message = str(info.value)
     assert elapsed < 75, elapsed
@@ -240,10 +242,10 @@ def test_a_hung_boot_refuses_logins_and_is_stopped_by_its_deadline(guest_ec2, tm
         try:
             _wait(lambda: guest_ec2.guests, 60, "the launch")
             (guest,) = guest_ec2.guests.values()
-            _wait(lambda: guest.instance_id in records.host_keys(REGION, "hungboot"), 30,
+            _wait(lambda: guest.instance_id in sshkeys.host_keys(REGION, "hungboot"), 30,
                   f"the host key record ({outcome})")
-            key_path, _ = records.client_key(REGION, "hungboot")
-            host_keys = records.host_keys(REGION, "hungboot")
+            key_path, _ = sshkeys.client_key(REGION, "hungboot")
+            host_keys = sshkeys.host_keys(REGION, "hungboot")
             guest.wait(lambda: "joblib-cloud: installing" in guest.console(), 60, "install")
             guest.wait(guest.listening, 30, "sshd")
             with pytest.raises(paramiko.AuthenticationException):
@@ -253,7 +255,7 @@ def test_a_hung_boot_refuses_logins_and_is_stopped_by_its_deadline(guest_ec2, tm
             assert not caller.is_alive()
         finally:
             caller.join(timeout=120)
-            providers.close_all()
+            registry.close_all()
     lived = guest.exited_at - guest.started_at
     assert 45 <= lived <= 80, lived
     assert "boot did not finish within boot_timeout 45s" in guest.console()
@@ -287,7 +289,7 @@ def test_an_image_without_the_clients_python_takes_uvs_standalone_python(tmp_pat
     from guests import Guest, base_image
 
     base_image()
-    keys = records.generate_ed25519()
+    keys = sshkeys.generate_ed25519()
     text = userdata.build(user="ec2-user", host_private_key=keys[0], host_public_key=keys[1],
                           client_public_key=keys[1], idle_timeout=600, max_lifetime=600,
                           shutdown_command="shutdown -h now", python_minor="3.13")

@@ -21,7 +21,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from joblib_cloud.workspace import WorkspaceTooLargeError, list_files, pack, walk_files
+from joblib_cloud.jobs.workspace import WorkspaceTooLargeError, list_files, pack, walk_files
 
 STREAMING_SCRIPT = """
 import json, os, sys, time
@@ -40,6 +40,7 @@ ENV_SCRIPT = """
 import json, os, sys
 from joblib import Parallel, delayed, parallel_backend
 import joblib_cloud
+from joblib_cloud.providers.aws import launch
 with parallel_backend("cloud"):
     squares = Parallel()(delayed(pow)(i, 2) for i in range(4))
 print(json.dumps({"executable": os.path.realpath(sys.executable),
@@ -365,11 +366,11 @@ def test_pack_lists_largest_files_when_over_cap(tmp_path):
 
 
 class FleetHandle:
-    """What ``provisioner.ensure_cluster`` returns, for machines that are the sshd fleet:
+    """What ``launch.ensure_cluster`` returns, for machines that are the sshd fleet:
     the aws provider is EC2 provisioning + the ssh path, and this tests the ssh part."""
 
     def __init__(self, fleet, port: int | None = None) -> None:
-        from joblib_cloud.hosts import parse_host
+        from joblib_cloud.client.hosts import parse_host
 
         host = fleet.hosts[2]
         spec = parse_host(f"{host.user}@{host.address}:{port or host.port}")
@@ -383,14 +384,24 @@ class FleetHandle:
     def abort(self) -> None:
         self.aborted = True
 
+    def boot_check(self, spec) -> None:
+        return None  # these hosts are up already
+
+    def timeout_advice(self) -> str:
+        return ""
+
+    def close_metadata(self) -> None:
+        pass
+
 
 def test_run_on_aws_goes_through_the_provisioned_machine(fleet, project, tmp_path,
                                                          monkeypatch, capfd):
-    from joblib_cloud import cli, provisioner
+    from joblib_cloud import cli
+    from joblib_cloud.providers.aws import launch
 
     handle = FleetHandle(fleet)
     seen: list = []
-    monkeypatch.setattr(provisioner, "ensure_cluster",
+    monkeypatch.setattr(launch, "ensure_cluster",
                         lambda config, progress: seen.append(config) or handle)
     monkeypatch.setenv("JOBLIB_CLOUD_HOME", str(tmp_path / "client-home"))
     monkeypatch.chdir(project)
@@ -410,15 +421,17 @@ def test_run_on_aws_goes_through_the_provisioned_machine(fleet, project, tmp_pat
 
 def test_run_on_aws_terminates_a_machine_it_cannot_reach(fleet, project, tmp_path,
                                                           monkeypatch):
-    from joblib_cloud import HostConnectError, jobs, provisioner
+    from joblib_cloud import HostConnectError
     from joblib_cloud.config import resolve_config
+    from joblib_cloud.jobs import control
+    from joblib_cloud.providers.aws import launch
 
     with socket.socket() as s:
         s.bind(("127.0.0.4", 0))
         dead_port = s.getsockname()[1]
     handle = FleetHandle(fleet, port=dead_port)
-    monkeypatch.setattr(provisioner, "ensure_cluster", lambda config, progress: handle)
+    monkeypatch.setattr(launch, "ensure_cluster", lambda config, progress: handle)
     monkeypatch.setenv("JOBLIB_CLOUD_HOME", str(tmp_path / "client-home"))
     with pytest.raises(HostConnectError, match="unreachable"):
-        jobs.start(resolve_config(provider="aws"), ["true"], root=project)
+        control.start(resolve_config(provider="aws"), ["true"], root=project)
     assert handle.aborted

@@ -10,10 +10,9 @@ import paramiko
 import pytest
 from joblib import Parallel, delayed, parallel_backend
 
-import joblib_cloud.providers
-import joblib_cloud.transport
+from joblib_cloud.client import paramiko_fast, registry, ssh
 from joblib_cloud.config import resolve_config
-from joblib_cloud.protocol import FrameBuffer, Kind, encode, frame_data, frame_meta
+from joblib_cloud.wire.protocol import FrameBuffer, Kind, encode, frame_data, frame_meta
 
 MB = 2**20
 
@@ -40,17 +39,17 @@ def _block(i: int, size: int) -> bytes:
 def test_results_larger_than_the_ssh_window_keep_coming(fleet, monkeypatch):
     """Data delivered by paramiko's thread bypasses ``Channel.recv``, which is what
     re-opens the window: without our own grants the agent would stall after 256 KiB."""
-    monkeypatch.setattr(joblib_cloud.transport, "WINDOW_SIZE", 256 * 1024)
+    monkeypatch.setattr(ssh, "WINDOW_SIZE", 256 * 1024)
     kwargs = fleet.kwargs(hosts=fleet.hosts[:1], workers_per_host=2, cluster="small-window")
     try:
         with parallel_backend("cloud", **kwargs):
             out = Parallel(n_jobs=-1, timeout=60)(delayed(_block)(i, MB) for i in range(24))
         assert out == [_block(i, MB) for i in range(24)]
-        cluster = joblib_cloud.providers.get_cluster(resolve_config(**kwargs))
+        cluster = registry.get_cluster(resolve_config(**kwargs))
         channel = cluster.hosts[0].stream.channel
         assert channel.in_window_size == 256 * 1024  # the window really was that small
     finally:
-        joblib_cloud.providers.get_cluster(resolve_config(**kwargs)).close()
+        registry.get_cluster(resolve_config(**kwargs)).close()
 
 
 def test_key_re_exchanges_during_many_tiny_tasks(fleet, monkeypatch):
@@ -73,10 +72,10 @@ def test_key_re_exchanges_during_many_tiny_tasks(fleet, monkeypatch):
                 delayed(abs)(-i) for i in range(3000))
         assert out == list(range(3000))
         assert len(exchanges) >= 10
-        cluster = joblib_cloud.providers.get_cluster(resolve_config(**kwargs))
+        cluster = registry.get_cluster(resolve_config(**kwargs))
         assert [h.lost_reason for h in cluster.hosts] == ["", ""]
     finally:
-        joblib_cloud.providers.get_cluster(resolve_config(**kwargs)).close()
+        registry.get_cluster(resolve_config(**kwargs)).close()
 
 
 @pytest.mark.parametrize("size", [0, 1, 200_000])
@@ -92,16 +91,16 @@ def test_without_paramiko_internals_a_reader_thread_takes_over(fleet, monkeypatc
     without them must still work, read by a thread of ours."""
     import threading
 
-    monkeypatch.setattr(joblib_cloud.paramiko_fast, "AVAILABLE", False)
+    monkeypatch.setattr(paramiko_fast, "AVAILABLE", False)
     kwargs = fleet.kwargs(hosts=fleet.hosts[:2], workers_per_host=1, cluster="no-deliver")
     try:
         with parallel_backend("cloud", **kwargs):
             out = Parallel(n_jobs=-1, batch_size=1)(delayed(_block)(i, 70_000)
                                                     for i in range(40))
         assert out == [_block(i, 70_000) for i in range(40)]
-        cluster = joblib_cloud.providers.get_cluster(resolve_config(**kwargs))
+        cluster = registry.get_cluster(resolve_config(**kwargs))
         readers = {t.name for t in threading.enumerate() if t.name.startswith(
             "joblib-cloud-read-")}
         assert {f"joblib-cloud-read-{h.name}" for h in cluster.hosts} <= readers
     finally:
-        joblib_cloud.providers.get_cluster(resolve_config(**kwargs)).close()
+        registry.get_cluster(resolve_config(**kwargs)).close()

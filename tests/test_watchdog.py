@@ -13,8 +13,9 @@ import pytest
 from joblib import Parallel, delayed, parallel_backend
 from sshfleet import SSHFleet
 
-from joblib_cloud import providers, watchdog
+from joblib_cloud.client import registry
 from joblib_cloud.config import resolve_config
+from joblib_cloud.host import watchdog
 
 
 def _wait_for(condition, timeout: float, what: str) -> None:
@@ -91,7 +92,7 @@ def test_no_shutdown_while_a_client_runs_work(host, start_watchdog, tmp_path):
         worker.join(timeout=60)
     assert outcome.get("result") == [None], outcome
     # The client goes away: now the host is idle and the kill switch fires.
-    providers.get_cluster(resolve_config(**kwargs)).close()
+    registry.get_cluster(resolve_config(**kwargs)).close()
     _wait_for(marker.exists, 30, "the shutdown command after the client left")
     assert "idle for" in log.read_text()
 

@@ -25,12 +25,12 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from .protocol import FrameBuffer, Kind, RawFrame, ResultMeta, Status
+from ..wire.protocol import FrameBuffer, Kind, RawFrame, ResultMeta, Status
 
 #: Run in each worker process: the agent's import path (it may be a zip), then the loop.
 WORKER_BOOTSTRAP = (
     "import json, os, sys; sys.path[:] = json.loads(os.environ.pop('JOBLIB_CLOUD_SYS_PATH'));"
-    "from joblib_cloud.task_runner import serve; serve(*map(int, sys.argv[1:5]), sys.argv[5])"
+    "from joblib_cloud.host.task_runner import serve; serve(*map(int, sys.argv[1:5]), sys.argv[5])"
 )
 #: Workers that die before they are ready, in a row, before the agent stops replacing them.
 MAX_FAILED_STARTS = 3

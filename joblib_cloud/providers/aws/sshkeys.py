@@ -16,7 +16,7 @@ import os
 import shutil
 from pathlib import Path
 
-from .config import home_dir
+from ...config import home_dir
 
 
 def generate_ed25519() -> tuple[str, str]:

@@ -51,7 +51,7 @@ main()
 @functools.lru_cache(maxsize=1)
 def agent_zip() -> bytes:
     """This package's source as a zip: what the host imports the agent from."""
-    root = Path(__file__).resolve().parent
+    root = Path(__file__).resolve().parent.parent  # the joblib_cloud package
     out = io.BytesIO()
     with zipfile.ZipFile(out, "w", zipfile.ZIP_DEFLATED) as zf:
         for path in sorted(root.rglob("*.py")):

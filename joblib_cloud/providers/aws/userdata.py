@@ -30,6 +30,8 @@ import shlex
 from pathlib import Path
 from typing import Any
 
+from ...host import fetch_uv, watchdog
+
 ROOT = "/opt/joblib-cloud"
 VENV = f"{ROOT}/venv"
 HOST_PYTHON = f"{VENV}/bin/python"
@@ -43,7 +45,6 @@ CLIENT_PACKAGES = ("joblib", "cloudpickle", "loky", "numpy", "scipy", "scikit-le
 CLIENT_KEY_PATH = f"{ROOT}/client_key.pub"
 UV_VERSION = "0.13.9"
 MAX_USER_DATA = 16 * 1024  # EC2's limit, before base64
-_HERE = Path(__file__).parent
 
 
 def client_requirements(extra: tuple[str, ...] = ()) -> list[str]:
@@ -170,9 +171,9 @@ def build(*, user: str, host_private_key: str, host_public_key: str, client_publ
         {"path": "/etc/ssh/sshd_config.d/01-joblib-cloud.conf", "permissions": "0644",
          "content": "HostKey /etc/ssh/ssh_host_ed25519_key\nPasswordAuthentication no\n"},
         {"path": f"{ROOT}/watchdog.py", "permissions": "0755",
-         "content": (_HERE / "watchdog.py").read_text()},
+         "content": Path(watchdog.__file__).read_text()},
         {"path": f"{ROOT}/fetch_uv.py", "permissions": "0755",
-         "content": (_HERE / "fetch_uv.py").read_text()},
+         "content": Path(fetch_uv.__file__).read_text()},
         {"path": "/etc/systemd/system/joblib-cloud-watchdog.service", "permissions": "0644",
          "content": watchdog_unit(user, idle_timeout, max_lifetime, boot_timeout,
                                   shutdown_command)},

@@ -26,9 +26,8 @@ from concurrent.futures import Future, InvalidStateError
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from .agent_stream import AgentStream, agent_preamble
-from .config import CloudConfig
-from .errors import (
+from ..config import CloudConfig
+from ..errors import (
     AbortedError,
     ClusterLostError,
     EnvironmentMismatchError,
@@ -39,7 +38,7 @@ from .errors import (
     ResultTooLargeError,
     TerminatedWorkerError,
 )
-from .protocol import (
+from ..wire.protocol import (
     JOIN_BELOW,
     PROTOCOL_VERSION,
     AbortMeta,
@@ -56,11 +55,12 @@ from .protocol import (
     frame_data,
     frame_meta,
 )
-from .serialization import ObjectStore
-from .worker import host_versions
+from ..wire.serialization import ObjectStore
+from ..worker import host_versions
+from .streams import AgentStream, agent_preamble
 
 if TYPE_CHECKING:
-    from .transport import SSHConnection
+    from .ssh import SSHConnection
 
 log = logging.getLogger("joblib_cloud")
 
@@ -502,7 +502,6 @@ class Cluster:
         self.hosts: list[HostSession] = []
         self.store = ObjectStore(config.cache_threshold)
         self.closed = False
-        self.provider_handle: Any = None
 
     # -- lifecycle ---------------------------------------------------------------
     def attach(self, hosts: list[HostSession]) -> None:

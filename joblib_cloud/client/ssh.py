@@ -21,10 +21,10 @@ from pathlib import Path
 
 import paramiko
 
+from ..errors import HostConnectError, HostKeyError
 from . import paramiko_fast
-from .agent_stream import AgentStream, agent_command, pump_stderr
-from .errors import HostConnectError, HostKeyError
 from .hosts import HostSpec
+from .streams import AgentStream, agent_command, pump_stderr
 
 log = logging.getLogger("joblib_cloud")
 

@@ -285,7 +285,7 @@ def register_local_modules(roots: list[str] | None = None) -> None:
         return
     installed = {Path(p).resolve() for p in (*site.getsitepackages(), site.getusersitepackages(),
                                              sysconfig.get_paths()["stdlib"]) if p}
-    own = Path(__file__).resolve().parent
+    own = Path(__file__).resolve().parent.parent  # the joblib_cloud package
     for name, module in fresh:
         file = getattr(module, "__file__", None)
         if not file or name == "__main__":

@@ -13,7 +13,7 @@ from collections.abc import Callable
 from datetime import datetime, timezone
 from typing import Any
 
-from . import ec2api, instance_types, records
+from . import ec2api, instance_types, sshkeys
 from .ec2api import call
 
 #: Every state a billable (or soon billable) instance can be in.
@@ -130,8 +130,8 @@ def down_region(sess: Any, region: str, cluster: str | None, dry_run: bool, out:
     found = find(ec2, cluster)
     instances, groups, volumes = found["instances"], found["groups"], found["volumes"]
     names = {ec2api.tag_value(x) for kind in found.values() for x in kind}
-    local = [cluster] if cluster is not None else records.local_clusters(region)
-    names.update(n for n in local if records.exists(region, n))
+    local = [cluster] if cluster is not None else sshkeys.local_clusters(region)
+    names.update(n for n in local if sshkeys.exists(region, n))
     if not names:
         out(f"{region}: nothing to delete for "
             f"{'any cluster' if cluster is None else f'cluster {cluster!r}'}")
@@ -160,10 +160,10 @@ def down_region(sess: Any, region: str, cluster: str | None, dry_run: bool, out:
                     out(f"{region}: ERROR: could not delete volume {volume['VolumeId']}: {exc}")
                     ok = False
     for name in sorted(names):
-        if records.exists(region, name):
-            out(f"{region}: {verb}remove local keys {records.cluster_dir(region, name)}")
+        if sshkeys.exists(region, name):
+            out(f"{region}: {verb}remove local keys {sshkeys.cluster_dir(region, name)}")
             if not dry_run and ok:
-                records.remove(region, name)
+                sshkeys.remove(region, name)
     return ok
 
 

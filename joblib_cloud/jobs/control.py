@@ -21,14 +21,15 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from . import jobhost
-from .agent_stream import agent_zip
-from .config import CloudConfig, home_dir
+from .. import provisioner
+from ..client.hosts import HostSpec
+from ..client.progress import Progress
+from ..client.ssh import SSHConnection
+from ..client.streams import agent_zip
+from ..config import CloudConfig, home_dir
+from ..host import jobhost
+from ..providers.aws.sshkeys import write_private
 from .docker import docker_python
-from .hosts import HostSpec, parse_host
-from .progress import Progress
-from .records import write_private
-from .transport import SSHConnection
 from .workspace import DEFAULT_MAX_UPLOAD, human, pack
 
 Sink = Callable[[bytes], None]
@@ -208,38 +209,33 @@ def find_record(prefix: str) -> JobRecord:
 
 
 def open_target(config: CloudConfig, progress: Progress) -> tuple[Target, JobRecord]:
-    """Reach the first host of ``config``'s cluster (launching it on ``aws``)."""
+    """Reach the first host of ``config``'s cluster (launching the cluster on a cloud),
+    as the cluster's own connect would."""
     base = dict(id="", provider=config.provider, cluster=config.cluster, command="",
                 created=time.time())
-    if config.provider == "local":
-        python = config.python or sys.executable
+    fleet = provisioner.provider(config.provider).ensure(config, progress)
+    target = fleet.hosts[0]
+    python = config.python or fleet.python or "python3"
+    if target.spec is None:
         return LocalTarget(python), JobRecord(host="local", python=python, **base)
-    python = config.python or "python3"
-    timeout, handle = config.connect_timeout, None
-    if config.provider == "ssh":
-        spec, key, known, retry = parse_host(config.hosts[0]), config.ssh_key, \
-            config.known_hosts, False
-    else:  # aws: what providers.connect does, for the first machine only
-        from .provisioner import ensure_cluster
-
-        handle = ensure_cluster(config, progress)
-        spec, key, known, retry = handle.specs[0], handle.ssh_key, handle.known_hosts, True
-        python = config.python or getattr(handle, "python", None) or python
-        timeout = getattr(handle, "connect_timeout", timeout)
     if config.image:  # config.python is the one in the image; the helper runs on the VM
         python = "python3"
+    spec = target.spec
     progress.update(f"connecting to {spec.name}")
     try:
-        connection = SSHConnection(spec, key_path=key and str(key),
-                                   known_hosts=known and str(known),
-                                   connect_timeout=timeout, retry_auth=retry)
+        connection = SSHConnection(spec, key_path=target.ssh_key,
+                                   known_hosts=target.known_hosts,
+                                   connect_timeout=fleet.connect_timeout
+                                   or config.connect_timeout,
+                                   retry_auth=target.retry_auth, check=target.check,
+                                   timeout_advice=target.timeout_advice)
     except BaseException:
-        if handle is not None and hasattr(handle, "abort"):
-            handle.abort()  # never leave a VM we just launched and cannot reach
+        fleet.abort()  # never leave a VM we just launched and cannot reach
         raise
+    fleet.ready()
     record = JobRecord(host=spec.name, python=python, address=spec.address, port=spec.port,
-                       user=spec.user, host_key=spec.host_key, ssh_key=key and str(key),
-                       known_hosts=known and str(known), **base)
+                       user=spec.user, host_key=spec.host_key, ssh_key=target.ssh_key,
+                       known_hosts=target.known_hosts, **base)
     return SSHTarget(connection, python), record
 
 

@@ -14,7 +14,7 @@ import time
 from collections.abc import Callable
 from typing import Any, TypeVar
 
-from .errors import JoblibCloudError
+from ...errors import JoblibCloudError
 
 log = logging.getLogger("joblib_cloud")
 

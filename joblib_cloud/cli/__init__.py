@@ -1,7 +1,7 @@
 """``joblib-cloud`` command line: cluster commands and job commands.
 
 Subcommands live in their own modules, each with a ``register(subparsers)`` function:
-``cli_cluster`` (up, status, down, instances) and ``cli_jobs`` (run, jobs, logs, cancel).
+``cluster`` (up, status, down, instances) and ``jobs`` (run, jobs, logs, cancel).
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import argparse
 import logging
 import sys
 
-from . import __version__
+from .. import __version__
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -20,10 +20,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"joblib-cloud {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="log what happens")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    from . import cli_cluster, cli_jobs
+    from . import cluster, jobs
 
-    cli_cluster.register(sub)
-    cli_jobs.register(sub)
+    cluster.register(sub)
+    jobs.register(sub)
     return parser
 
 

@@ -1,6 +1,7 @@
-"""Turn a config into connected hosts: ``local`` subprocesses, ``ssh`` hosts, ``aws`` VMs.
+"""Turn a config into a connected :class:`Cluster`, and keep it for the next call.
 
-All three end the same way: an agent stream per host, handed to a :class:`Cluster`.
+Whatever the provider, it ends the same way: an agent stream per host, handed to a
+:class:`Cluster`.
 Clusters are kept in a registry keyed by what defines the fleet, so consecutive ``with
 parallel_backend('cloud')`` blocks and GridSearchCV's several ``Parallel`` calls reuse the
 same connections and agents.  Lifetime: until the interpreter exits (``atexit``); the VMs
@@ -16,13 +17,14 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from concurrent.futures import wait as futures_wait
 
-from .agent_stream import LocalAgent
+from .. import provisioner
+from ..config import CloudConfig
+from ..errors import GaveUpWaitingError, HostConnectError
+from ..jobs.docker import docker_python
+from ..provisioner import HostTarget
 from .cluster import Cluster, HostSession
-from .config import CloudConfig
-from .docker import docker_python
-from .errors import GaveUpWaitingError, HostConnectError
-from .hosts import HostSpec, parse_host
 from .progress import Progress
+from .streams import LocalAgent
 
 _registry: dict[tuple, Cluster] = {}
 _registry_lock = threading.Lock()
@@ -71,37 +73,20 @@ atexit.register(close_all)
 
 
 def connect(config: CloudConfig, progress: Progress | None = None) -> Cluster:
+    """Ask the configured provider for its hosts, then connect and start an agent on each
+    (in parallel, all or nothing: a failure undoes what the provider made for this)."""
     progress = progress or Progress(config.verbose)
+    fleet = provisioner.provider(config.provider).ensure(config, progress)
+    config = config.replace(python=config.python or fleet.python,
+                            connect_timeout=fleet.connect_timeout or config.connect_timeout)
     cluster = Cluster(config)
-    if config.provider == "local":
-        python = config.python or sys.executable
-        openers = [(f"local-{i}", _local_opener(cluster, f"local-{i}", python))
-                   for i in range(config.n)]
-    elif config.provider == "ssh":
-        specs = [parse_host(h) for h in config.hosts]
-        openers = [(s.name, _ssh_opener(cluster, s, config.ssh_key, config.known_hosts,
-                                        retry_auth=False)) for s in specs]
-    else:
-        from .provisioner import ensure_cluster
-
-        handle = ensure_cluster(config, progress)
-        cluster.provider_handle = handle
-        # The venv the boot script built, and a wait long enough for a VM to boot.
-        config = config.replace(python=config.python or (None if config.image
-                                                         else handle.python),
-                                connect_timeout=handle.connect_timeout)
-        openers = [(s.name, _ssh_opener(cluster, s, handle.ssh_key, handle.known_hosts,
-                                        retry_auth=True, check=handle.boot_check(s),
-                                        timeout_advice=handle.timeout_advice()))
-                   for s in handle.specs]
+    openers = [(target.name, _opener(cluster, target)) for target in fleet.hosts]
     try:
         hosts = _open_all(openers, config, progress)
     except BaseException:
-        if cluster.provider_handle is not None:  # never leave a VM we just launched
-            cluster.provider_handle.abort()
+        fleet.abort()  # never leave a VM we just launched
         raise
-    if cluster.provider_handle is not None:  # booted: the user-data has served its purpose
-        cluster.provider_handle.close_metadata()
+    fleet.ready()
     cluster.attach(hosts)
     progress.done(f"{len(hosts)}/{len(openers)} hosts connected, {cluster.n_workers} workers")
     return cluster
@@ -110,37 +95,33 @@ def connect(config: CloudConfig, progress: Progress | None = None) -> Cluster:
 Opener = Callable[[CloudConfig], HostSession]
 
 
-def _local_opener(cluster: Cluster, name: str, python: str) -> Opener:
-    def open_(config: CloudConfig) -> HostSession:
-        return HostSession(cluster, name, lambda on_stderr: LocalAgent(name, python, on_stderr))
+def _opener(cluster: Cluster, target: HostTarget) -> Opener:
+    """How to start one host's agent: a subprocess here, or over a verified SSH login."""
+    def local(config: CloudConfig) -> HostSession:
+        python = config.python or sys.executable
+        return HostSession(cluster, target.name,
+                           lambda on_stderr: LocalAgent(target.name, python, on_stderr))
 
-    return open_
+    def ssh(config: CloudConfig) -> HostSession:
+        from .ssh import SSHAgent, SSHConnection
 
-
-def _ssh_opener(cluster: Cluster, spec: HostSpec, key: str | None, known_hosts: str | None,
-                retry_auth: bool, check: Callable[[], None] | None = None,
-                timeout_advice: str | None = None) -> Opener:
-    """``check`` runs while SSH is retried (it raises when the VM has died);
-    ``timeout_advice`` is what a connect timeout tells the user to check."""
-    def open_(config: CloudConfig) -> HostSession:
-        from .transport import SSHAgent, SSHConnection
-
-        connection = SSHConnection(spec, key_path=key, known_hosts=known_hosts,
+        connection = SSHConnection(target.spec, key_path=target.ssh_key,
+                                   known_hosts=target.known_hosts,
                                    connect_timeout=config.connect_timeout,
-                                   retry_auth=retry_auth, check=check,
-                                   timeout_advice=timeout_advice)
+                                   retry_auth=target.retry_auth, check=target.check,
+                                   timeout_advice=target.timeout_advice)
         python = config.python or "python3"
         if config.image:  # the agent runs inside that Docker image on the VM
             python = docker_python(config.image, python)
         try:
-            return HostSession(cluster, spec.name,
+            return HostSession(cluster, target.name,
                                lambda on_stderr: SSHAgent(connection, python, on_stderr),
                                connection)
         except BaseException:
             connection.close()
             raise
 
-    return open_
+    return local if target.spec is None else ssh
 
 
 def _open_all(openers: list[tuple[str, Opener]], config: CloudConfig, progress: Progress

@@ -7,9 +7,11 @@ import datetime
 import sys
 from typing import Any
 
-from . import jobs
-from .config import _to_size, resolve_config
-from .workspace import DEFAULT_MAX_UPLOAD
+from ..config import _to_size, resolve_config
+from ..jobs import control
+from ..jobs.workspace import DEFAULT_MAX_UPLOAD
+from ..provisioner import PROVIDERS
+from .table import table
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -22,7 +24,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     run.add_argument("-n", type=int, help="number of machines in the cluster (the job "
                                           "runs on the first)")
     run.add_argument("--cluster", help="cluster name (default: 'default')")
-    run.add_argument("--provider", choices=("aws", "ssh", "local"))
+    run.add_argument("--provider", choices=sorted(PROVIDERS))
     run.add_argument("--detach", action="store_true",
                      help="print the job id and return; see `jobs`, `logs`, `cancel`")
     run.add_argument("--max-upload", default=str(DEFAULT_MAX_UPLOAD), metavar="SIZE",
@@ -58,7 +60,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         print(f"joblib-cloud: note: the job runs on the first of the {config.n} machines; "
               "inside it, parallel_backend('cloud') uses that machine's cores",
               file=sys.stderr)
-    return jobs.run(config, command, detach=args.detach, max_upload=max_upload)
+    return control.run(config, command, detach=args.detach, max_upload=max_upload)
 
 
 def _when(timestamp: float | None) -> str:
@@ -67,20 +69,14 @@ def _when(timestamp: float | None) -> str:
     return datetime.datetime.fromtimestamp(timestamp).strftime("%Y-%m-%d %H:%M:%S")
 
 
-def table(rows: list[list[str]]) -> str:
-    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)
-                               ).rstrip() for row in rows)
-
-
 def cmd_jobs(args: argparse.Namespace) -> int:
-    records = jobs.load_records()
+    records = control.load_records()
     if not records:
         print("no jobs started from this machine (start one with `joblib-cloud run`)",
               file=sys.stderr)
         return 0
     rows = [["JOB", "STATE", "EXIT", "HOST", "STARTED", "COMMAND"]]
-    for info in jobs.statuses(records):
+    for info in control.statuses(records):
         code: Any = info.get("exit_code")
         rows.append([info["id"], info["state"], "-" if code is None else str(code),
                      info["host"], _when(info.get("created")), info["command"]])
@@ -89,11 +85,11 @@ def cmd_jobs(args: argparse.Namespace) -> int:
 
 
 def cmd_logs(args: argparse.Namespace) -> int:
-    return jobs.logs(args.job, follow_output=args.follow)
+    return control.logs(args.job, follow_output=args.follow)
 
 
 def cmd_cancel(args: argparse.Namespace) -> int:
-    info = jobs.cancel(jobs.find_record(args.job))
+    info = control.cancel(control.find_record(args.job))
     code = info.get("exit_code")
     print(f"job {info['id']}: {info['state']}"
           + ("" if code is None else f" (exit code {code})"))

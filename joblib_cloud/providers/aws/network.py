@@ -8,11 +8,15 @@ own (tagged, created on first use) or ``security_group_id``, which is used as it
 from __future__ import annotations
 
 import dataclasses
+import http.client
+import ipaddress
 import logging
+import socket
+import urllib.request
 from typing import Any
 
+from ...config import CloudConfig
 from . import ec2api
-from .config import CloudConfig
 from .ec2api import AWSError, call, tag_spec
 
 log = logging.getLogger("joblib_cloud")
@@ -178,3 +182,76 @@ def interface_params(network: Network, subnet: str | None, public_ip: bool
     if subnet:
         nic["SubnetId"] = subnet
     return {"NetworkInterfaces": [nic]}
+
+
+# ---------------------------------------------------------------- the client's address
+
+CHECKIP_URL = "https://checkip.amazonaws.com"  # AWS's own service: no third party
+
+
+def client_cidr(config: CloudConfig) -> str:
+    """Where SSH may come from: ``ingress_cidr``, else this computer's public address."""
+    if config.ingress_cidr:
+        try:
+            return str(ipaddress.ip_network(config.ingress_cidr, strict=False))
+        except ValueError as exc:
+            raise ValueError(f"invalid ingress_cidr {config.ingress_cidr!r}: {exc}") from None
+    try:
+        ip = ipaddress.ip_address(lookup_public_ip(CHECKIP_URL))
+    except Exception as exc:  # noqa: BLE001 - any failure gets the same advice
+        raise AWSError(
+            f"could not find this computer's public IP address ({CHECKIP_URL}: {exc}), "
+            "which the security group needs to open SSH to you alone. Pass "
+            "ingress_cidr='203.0.113.7/32' (or set JOBLIB_CLOUD_INGRESS_CIDR).") from None
+    return f"{ip}/{ip.max_prefixlen}"
+
+
+def lookup_public_ip(url: str, timeout: float = 10.0) -> str:
+    """The address ``url`` sees this computer come from, asked over IPv4 and never
+    through a proxy: SSH to the machines goes out directly over IPv4, so a proxy's or an
+    IPv6 address would open the wrong door."""
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}), _IPv4HTTPHandler,
+                                         _IPv4HTTPSHandler)
+    with opener.open(url, timeout=timeout) as response:
+        return response.read().decode().strip()
+
+
+def _ipv4_connection(address: tuple[str, int], timeout: Any = socket._GLOBAL_DEFAULT_TIMEOUT,
+                     source_address: Any = None, **_: Any) -> socket.socket:
+    host, port = address
+    last: OSError | None = None
+    for family, kind, proto, _, sockaddr in socket.getaddrinfo(host, port, socket.AF_INET,
+                                                               socket.SOCK_STREAM):
+        sock = socket.socket(family, kind, proto)
+        try:
+            if timeout is not socket._GLOBAL_DEFAULT_TIMEOUT:
+                sock.settimeout(timeout)
+            sock.connect(sockaddr)
+            return sock
+        except OSError as exc:
+            sock.close()
+            last = exc
+    raise last or OSError(f"no IPv4 address for {host}")
+
+
+class _IPv4HTTPConnection(http.client.HTTPConnection):
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._create_connection = _ipv4_connection
+
+
+class _IPv4HTTPSConnection(http.client.HTTPSConnection):
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._create_connection = _ipv4_connection
+
+
+class _IPv4HTTPHandler(urllib.request.HTTPHandler):
+    def http_open(self, req: urllib.request.Request) -> Any:
+        return self.do_open(_IPv4HTTPConnection, req)
+
+
+class _IPv4HTTPSHandler(urllib.request.HTTPSHandler):
+    def https_open(self, req: urllib.request.Request) -> Any:
+        return self.do_open(_IPv4HTTPSConnection, req, context=self._context)
+

@@ -1,0 +1,107 @@
+"""Cluster commands: ``up``, ``status``, ``down``, ``instances``.
+
+Each asks the provider in the configuration (``--provider``, or ``JOBLIB_CLOUD_PROVIDER``,
+or the config file; ``aws`` by default).  On ``aws``, ``down`` is the command that
+guarantees nothing is left running: it finds resources by tag only, so it works after a
+crash and from any computer with the same AWS account, and it exits non-zero when
+something could not be deleted so a CI job notices.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from ..config import resolve_config
+from ..provisioner import PROVIDERS, provider
+from .table import table
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    up = subparsers.add_parser("up", help="launch (or re-attach to) a cluster and check it")
+    _provider_arg(up)
+    up.add_argument("-i", "--instance", help="alias such as C16, M8, R4, or an EC2 type")
+    up.add_argument("-n", type=int, help="number of machines")
+    up.add_argument("--cluster", help="cluster name (default: 'default')")
+    up.add_argument("--region")
+    up.add_argument("--spot", action="store_true", default=None,
+                    help="spot machines, falling back to on-demand")
+    up.set_defaults(func=cmd_up)
+
+    status = subparsers.add_parser(
+        "status", help="what runs and whether it answers (aws: machines, state, age, $/h)")
+    _provider_arg(status)
+    status.add_argument("--cluster", help="one cluster (default: every cluster)")
+    status.add_argument("--idle", action="store_true",
+                        help="also ask each running machine over SSH how long it has been idle")
+    _region_args(status)
+    status.set_defaults(func=cmd_status)
+
+    down = subparsers.add_parser(
+        "down", help="remove a cluster (aws: machines, security group, local keys)")
+    _provider_arg(down)
+    which = down.add_mutually_exclusive_group()
+    which.add_argument("--cluster", help="cluster name (default: the configured cluster)")
+    which.add_argument("--all", action="store_true", help="every joblib-cloud cluster")
+    _region_args(down)
+    down.add_argument("--yes", "-y", action="store_true", help="do not ask for confirmation")
+    down.add_argument("--dry-run", action="store_true", help="show what would be deleted")
+    down.set_defaults(func=cmd_down)
+
+    instances = subparsers.add_parser("instances", help="instance aliases: type, vCPUs, memory")
+    instances.set_defaults(func=cmd_instances)
+
+
+def _provider_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--provider", choices=sorted(PROVIDERS),
+                        help="the kind of machines (default: the configured provider)")
+
+
+def _region_args(parser: argparse.ArgumentParser) -> None:
+    where = parser.add_mutually_exclusive_group()
+    where.add_argument("--region", help="region (default: the configured region)")
+    where.add_argument("--all-regions", action="store_true", help="sweep every region")
+
+
+def cmd_up(args: argparse.Namespace) -> int:
+    from ..client.registry import connect
+
+    config = resolve_config(provider=args.provider, instance=args.instance, n=args.n,
+                            cluster=args.cluster, region=args.region, spot=args.spot,
+                            verbose=True)
+    cluster = connect(config)
+    try:
+        for host in cluster.hosts:
+            print(f"{host.name}: {host.workers} workers")
+    finally:
+        cluster.close()
+    if config.provider == "aws":
+        print(f"cluster {config.cluster!r} is up; it stops after {config.idle_timeout:.0f}s "
+              f"without a client. Remove it now with `joblib-cloud down --cluster "
+              f"{config.cluster}`.")
+    else:
+        print(f"cluster {config.cluster!r} is up ({config.provider}): every host answered")
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    config = resolve_config(provider=args.provider, region=args.region)
+    return provider(config.provider).status(config, args, print)
+
+
+def cmd_down(args: argparse.Namespace) -> int:
+    config = resolve_config(provider=args.provider, region=args.region,
+                            cluster=None if args.all else args.cluster)
+    return provider(config.provider).down(config, args, print)
+
+
+def cmd_instances(args: argparse.Namespace) -> int:
+    from ..providers.aws import instance_types
+
+    rows = [["alias", "type", "vCPUs", "memory", "est. $/h"]]
+    for alias, name, vcpus, memory in instance_types.aliases():
+        price = instance_types.hourly_price(name, vcpus)
+        rows.append([alias, name, str(vcpus), f"{memory} GiB", f"{price:.3f}"])
+    print(table(rows))
+    print("Any literal EC2 type works too (instance='c7g.2xlarge'). Prices: us-east-1 "
+          "on-demand estimates; spot is usually cheaper.")
+    return 0

@@ -1,0 +1,1 @@
+"""The kinds of machines, one module (or folder) each, behind ``provisioner.Provider``."""

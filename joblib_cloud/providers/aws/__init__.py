@@ -1,0 +1,57 @@
+"""The ``aws`` provider: EC2 machines for a cluster, found again by tag, never leaked.
+
+``launch.py`` starts or re-attaches the machines, ``machines.py`` waits on them and
+undoes a failed launch, ``userdata.py`` is what each machine boots, ``network.py`` the
+VPC, subnets, security group and the client's address, ``sshkeys.py`` the cluster's
+keys on this computer, ``teardown.py`` and ``commands.py`` ``down`` and ``status``.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from ...client.progress import Progress
+from ...config import CloudConfig
+from ...provisioner import Fleet, HostTarget, Out
+from .machines import ClusterHandle
+
+
+class AWSFleet(Fleet):
+    """The machines of one ``ensure``: SSH waits for their boot (and stops early when one
+    died), their metadata endpoint closes once they answered, and a failed connect
+    terminates what this call launched."""
+
+    def __init__(self, handle: ClusterHandle, python: str | None) -> None:
+        advice = handle.timeout_advice()
+        super().__init__([HostTarget(s.name, s, handle.ssh_key, handle.known_hosts,
+                                     retry_auth=True, check=handle.boot_check(s),
+                                     timeout_advice=advice) for s in handle.specs],
+                         python=python, connect_timeout=handle.connect_timeout)
+        self.handle = handle
+
+    def ready(self) -> None:
+        self.handle.close_metadata()
+
+    def abort(self) -> None:
+        self.handle.abort()
+
+
+class AWSProvider:
+    name = "aws"
+
+    def ensure(self, config: CloudConfig, progress: Progress) -> AWSFleet:
+        from .launch import ensure_cluster
+
+        handle = ensure_cluster(config, progress)
+        # The venv the boot script built, unless the agent runs in a Docker image.
+        return AWSFleet(handle, None if config.image else handle.python)
+
+    def status(self, config: CloudConfig, args: argparse.Namespace, out: Out) -> int:
+        from . import commands
+
+        return commands.status(config, args, out)
+
+    def down(self, config: CloudConfig, args: argparse.Namespace, out: Out) -> int:
+        from . import commands
+
+        return commands.down(config, args, out)

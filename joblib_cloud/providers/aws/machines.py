@@ -1,0 +1,263 @@
+"""The machines of one launch: waiting on them, checking them while they boot, and
+undoing the launch when anything fails.
+
+EC2 is eventually consistent: an instance launched a moment ago may be missing from
+``DescribeInstances``, and ``TerminateInstances`` may not know it yet.  So a clean-up
+terminates the union of what it launched, what its launch requests' client tokens find
+(a response lost on the way) and, for a new cluster, what the tag finds, retrying until
+EC2 agrees.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import re
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+from ...client.hosts import HostSpec
+from ...errors import GaveUpWaitingError
+from . import ec2api, teardown, userdata
+from .ec2api import BootFailedError, call
+
+log = logging.getLogger("joblib_cloud")
+
+LIVE_STATES = ("pending", "running")
+
+
+DEAD_STATES = ("shutting-down", "terminated", "stopping", "stopped")
+
+
+SPOT_RECLAIMED = "Server.SpotInstanceTermination"
+
+
+#: Seconds between polls while waiting for instances to run (tests shorten it).
+POLL = 2.0
+
+
+#: While waiting for SSH, the machines' state is checked every this many polls.
+BOOT_CHECK_POLLS = 2.5
+
+
+#: How long a clean-up keeps looking for (and retrying) instances EC2 does not list yet.
+CONSISTENCY_TIMEOUT = 30.0
+
+
+#: Lines of a failed machine's console output shown in the error.
+CONSOLE_LINES = 25
+
+
+@dataclasses.dataclass
+class Launches:
+    """What one call launched: instance ids it got back, and the client token of every
+    ``RunInstances`` it sent, so a machine whose launch response was lost is found too."""
+
+    ids: list[str] = dataclasses.field(default_factory=list)
+    spot_ids: list[str] = dataclasses.field(default_factory=list)
+    tokens: list[str] = dataclasses.field(default_factory=list)
+    #: Tokens of requests that failed in a way that may still have started a machine.
+    uncertain: list[str] = dataclasses.field(default_factory=list)
+
+    def __bool__(self) -> bool:
+        return bool(self.ids or self.uncertain)
+
+
+@dataclasses.dataclass
+class ClusterHandle:
+    """What the ``ssh`` path needs to reach the machines, plus how to undo a launch."""
+
+    cluster: str
+    region: str
+    specs: list[HostSpec]
+    ssh_key: str
+    known_hosts: str | None
+    instance_ids: list[str]
+    #: Launched by this call (not re-attached): terminated by :meth:`abort`.
+    launched_ids: list[str]
+    #: True if the cluster did not exist before this call: abort removes all of it.
+    fresh: bool
+    python: str = userdata.HOST_PYTHON
+    connect_timeout: float = 1200.0
+    session: Any = None
+    ec2: Any = None
+    launches: Launches = dataclasses.field(default_factory=Launches)
+    #: Where port 22 was opened (``None``: the user's own ``security_group_id``).
+    cidr: str | None = None
+    security_group_id: str | None = None
+    #: Machines whose metadata endpoint (which serves the user-data) is still on.
+    metadata_open: list[str] = dataclasses.field(default_factory=list)
+    _seen: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict, repr=False)
+    _seen_at: float = dataclasses.field(default=float("-inf"), repr=False)
+    #: The first machine found dead: the others stop waiting too (all or nothing).
+    _failed: str | None = dataclasses.field(default=None, repr=False)
+    _lock: threading.Lock = dataclasses.field(default_factory=threading.Lock, repr=False)
+
+    def abort(self) -> None:
+        """Connecting failed: terminate what this call launched (never re-attached ones)."""
+        if self.launches or self.launched_ids:
+            launches = self.launches if self.launches else Launches(ids=self.launched_ids)
+            _cleanup(self.session, self.region, self.cluster, launches, self.fresh)
+
+    def boot_check(self, spec: HostSpec) -> Callable[[], None]:
+        """For the SSH wait on ``spec``: raises :class:`BootFailedError` once its machine
+        has left pending/running, instead of retrying a dead address until the timeout."""
+        instance_id = spec.label
+        return lambda: self._check_alive(instance_id)
+
+    def _check_alive(self, instance_id: str) -> None:
+        with self._lock:  # one DescribeInstances per interval for all hosts
+            if time.monotonic() - self._seen_at >= POLL * BOOT_CHECK_POLLS:
+                try:
+                    self._seen = {i["InstanceId"]: i for i in
+                                  _describe_ids(self.ec2, self.instance_ids)}
+                except Exception as exc:  # noqa: BLE001 - a failed look is not a failed boot
+                    log.debug("could not check the machines' state: %s", exc)
+                self._seen_at = time.monotonic()
+            instance = self._seen.get(instance_id)
+            failed = self._failed
+        if failed is not None and failed != instance_id:
+            raise GaveUpWaitingError(f"stopped waiting for {instance_id}: machine {failed} "
+                                     "of the same cluster failed to boot (see its error)")
+        if instance is not None and instance["State"]["Name"] not in LIVE_STATES:
+            with self._lock:
+                self._failed = self._failed or instance_id
+            raise boot_failure(self.ec2, instance)
+
+    def timeout_advice(self) -> str:
+        """What to check when a machine never accepts SSH."""
+        if self.cidr is None:
+            where = (f"Port 22 must be open to this computer in security group "
+                     f"{self.security_group_id} (security_group_id=).")
+        else:
+            where = (f"Port 22 of the machines is open to {self.cidr} only: if this "
+                     "computer's public address is not in it (another network, a VPN or "
+                     "proxy), pass ingress_cidr= with the right one, or unset it to detect "
+                     "it again.")
+        return (f"{where} A machine that is only slow to boot needs a longer wait: raise "
+                f"boot_timeout (or connect_timeout; now {self.connect_timeout:.0f}s).")
+
+    def close_metadata(self) -> None:
+        """The machines have booted: turn off their metadata endpoint, which would serve
+        the user-data (with the host's private SSH key) to any process on them."""
+        for instance_id in self.metadata_open:
+            try:
+                call(self.ec2.modify_instance_metadata_options,
+                     "turn off the metadata endpoint", InstanceId=instance_id,
+                     HttpEndpoint="disabled")
+            except Exception as exc:  # noqa: BLE001 - the cluster still works
+                log.warning(
+                    "could not turn off the metadata endpoint of %s (%s): any process on it "
+                    "can read its SSH host key. Allow ec2:ModifyInstanceMetadataOptions to "
+                    "these credentials.", instance_id, exc)
+        self.metadata_open = []
+
+
+def _describe_ids(ec2: Any, ids: list[str]) -> list[dict[str, Any]]:
+    if not ids:
+        return []
+    pages = call(lambda: list(ec2.get_paginator("describe_instances").paginate(
+        Filters=[{"Name": "instance-id", "Values": ids}])), "check the machines")
+    return [i for page in pages for r in page["Reservations"] for i in r["Instances"]]
+
+
+def console_tail(ec2: Any, instance_id: str, lines: int = CONSOLE_LINES) -> str:
+    """The last ``lines`` of the machine's console output (where the boot script writes)."""
+    try:
+        try:
+            response = ec2.get_console_output(InstanceId=instance_id, Latest=True)
+        except Exception as exc:
+            if not ec2api.error_code(exc).startswith(("Unsupported", "InvalidParameter")):
+                raise
+            response = ec2.get_console_output(InstanceId=instance_id)  # not on Xen types
+    except Exception as exc:  # noqa: BLE001 - the error is still worth showing without it
+        return f"(console output unavailable: {ec2api.error_code(exc) or exc})"
+    tail = boot_lines(response.get("Output") or "")[-lines:]
+    return "\n".join(tail) if tail else "(no console output yet)"
+
+
+_ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
+
+
+def boot_lines(console: str) -> list[str]:
+    """The console lines that tell how the boot went: what cloud-init and joblib-cloud
+    printed (the boot script, the kill switch), without the rest of the system's start
+    and stop messages; all lines if there are none of those.  (botocore has already
+    decoded EC2's base64.)"""
+    rows = [_ANSI.sub("", row).rstrip() for row in console.splitlines()]
+    rows = [row for row in rows if row.strip()]
+    ours = [row for row in rows if "cloud-init[" in row or "joblib-cloud" in row]
+    return ours or rows
+
+
+def boot_failure(ec2: Any, instance: dict[str, Any],
+                 others: list[dict[str, Any]] | None = None) -> BootFailedError:
+    """The error for a machine that stopped before it accepted SSH."""
+    iid, state = instance["InstanceId"], instance["State"]["Name"]
+    reason = instance.get("StateReason") or {}
+    why = reason.get("Message") or instance.get("StateTransitionReason") or "no reason given"
+    if reason.get("Code") == SPOT_RECLAIMED:
+        advice = "EC2 took the spot capacity back: run again, or use spot=False."
+    else:
+        advice = ("Fix what the console output shows (e.g. a package in packages= or "
+                  "requirements= that does not install, or an image_id= without the "
+                  "expected user or Python), then run again.")
+    also = "".join(f" Also {o['InstanceId']}: {o['State']['Name']}." for o in others or ())
+    return BootFailedError(
+        f"machine {iid} stopped while booting: it is {state} ({why}).{also} {advice}\n"
+        f"Last lines of its console output:\n{console_tail(ec2, iid)}")
+
+
+def _find_by_tokens(ec2: Any, launches: Launches) -> tuple[set[str], list[str]]:
+    """Instances the launch requests' client tokens find, waiting a bounded time for the
+    requests of unknown outcome to show up.  Returns (ids, tokens never found)."""
+    deadline = time.monotonic() + CONSISTENCY_TIMEOUT
+    found: dict[str, str] = {}
+    delay = POLL
+    while True:
+        for start in range(0, len(launches.tokens), 100):
+            batch = launches.tokens[start:start + 100]
+            pages = call(lambda b=batch: list(ec2.get_paginator("describe_instances").paginate(
+                Filters=[{"Name": "client-token", "Values": b}])), "find launched machines")
+            found.update({i["ClientToken"]: i["InstanceId"] for page in pages
+                          for r in page["Reservations"] for i in r["Instances"]
+                          if i.get("ClientToken")})
+        missing = [t for t in launches.uncertain if t not in found]
+        if not missing or time.monotonic() > deadline:
+            return set(found.values()), missing
+        time.sleep(delay)
+        delay = min(delay * 2, 5.0)
+
+
+def _cleanup(sess: Any, region: str, cluster: str, launches: Launches, fresh: bool,
+             error: BaseException | None = None) -> None:
+    """Undo a failed launch: terminate what this call launched (found by id, by client
+    token, and for a fresh cluster by tag), then for a fresh cluster remove the rest."""
+    lines: list[str] = []
+    try:
+        ec2 = sess.client("ec2")
+        ids = set(launches.ids)
+        if launches.tokens:
+            by_token, lost = _find_by_tokens(ec2, launches)
+            ids |= by_token
+            if lost:
+                lines.append(f"launch requests {', '.join(lost)} may still start machines")
+        if fresh:
+            ids |= {i["InstanceId"] for i in
+                    ec2api.describe_instances(ec2, cluster, teardown.ALL_STATES)}
+        ok = not lines
+        ok &= teardown.terminate_ids(ec2, sorted(ids), out=lines.append,
+                                     not_found_timeout=CONSISTENCY_TIMEOUT)
+        if fresh:
+            ok &= teardown.down_region(sess, region, cluster, dry_run=False, out=lines.append)
+    except Exception as exc:  # noqa: BLE001 - reported with the original error
+        ok, lines = False, [*lines, f"{type(exc).__name__}: {exc}"]
+    if not ok:
+        note = (f"joblib-cloud could not fully clean up after this error: {'; '.join(lines)}. "
+                f"Run `joblib-cloud down --cluster {cluster} --region {region}`.")
+        log.error(note)
+        if error is not None and hasattr(error, "add_note"):  # Python 3.11+
+            error.add_note(note)
+
