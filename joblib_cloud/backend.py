@@ -82,7 +82,7 @@ class CloudBackend(AutoBatchingMixin, ParallelBackendBase):
         self.cluster.new_call()
 
     def submit(self, func: Any, callback: Any = None) -> Future:
-        from .client.cluster import Job, describe_batch
+        from .client.batch import Batch, describe_batch
         from .wire.serialization import dumps_batch
 
         cluster = self.cluster
@@ -96,7 +96,7 @@ class CloudBackend(AutoBatchingMixin, ParallelBackendBase):
                 f"{type(exc).__name__}: {exc}"))
             future.exception().__cause__ = exc
         else:
-            job = Job(payload, frozenset(refs), label, owner=self,
+            job = Batch(payload, frozenset(refs), label, owner=self,
                       threads=self.inner_max_num_threads)
             future = cluster.submit(job)
         if callback is not None:

@@ -1,6 +1,6 @@
 """``DistributedPool``: ``multiprocessing.Pool``'s interface, with workers on a cluster.
 
-Each chunk of tasks travels exactly like a joblib batch (``dumps_batch`` → ``Job`` →
+Each chunk of tasks travels exactly like a joblib batch (``dumps_batch`` → ``Batch`` →
 ``Cluster.submit``), so it gets the same per-host data cache, shipping of local modules,
 retries on lost hosts and remote tracebacks.  A chunk runs its items in order and stops at
 the first exception, as ``multiprocessing``'s ``mapstar`` does, so results and errors
@@ -16,7 +16,8 @@ from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future
 from typing import Any
 
-from .client.cluster import Cluster, Job
+from .client.batch import Batch
+from .client.cluster import Cluster
 from .client.registry import get_cluster
 from .config import resolve_config
 from .errors import TaskPicklingError
@@ -195,7 +196,7 @@ class DistributedPool:
             error.__cause__ = exc
             future.set_exception(error)
         else:
-            future = cluster.submit(Job(payload, frozenset(refs), label, owner=self))
+            future = cluster.submit(Batch(payload, frozenset(refs), label, owner=self))
         with self._lock:
             self._futures.add(future)
         future.add_done_callback(self._forget)

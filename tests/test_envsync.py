@@ -189,7 +189,9 @@ def test_docker_command_line():
 
 def test_agent_starts_inside_the_image(fake_docker):
     """The exact command the ssh provider sends, run by a shell with `docker` on PATH."""
-    from joblib_cloud.client.cluster import Cluster, HostSession, Job
+    from joblib_cloud.client.batch import Batch
+    from joblib_cloud.client.cluster import Cluster
+    from joblib_cloud.client.session import HostSession
     from joblib_cloud.client.streams import LocalAgent
     from joblib_cloud.config import resolve_config
     from joblib_cloud.jobs.docker import docker_python
@@ -205,7 +207,7 @@ def test_agent_starts_inside_the_image(fake_docker):
         cluster.attach([session])
         register_local_modules()
         payload, refs = dumps_batch(where_am_i, cluster.store)
-        future = cluster.submit(Job(payload, frozenset(refs), "probe", owner=object()))
+        future = cluster.submit(Batch(payload, frozenset(refs), "probe", owner=object()))
         image, home = future.result(timeout=60)
     finally:
         cluster.close()

@@ -22,8 +22,9 @@ from ..config import CloudConfig
 from ..errors import GaveUpWaitingError, HostConnectError
 from ..jobs.docker import docker_python
 from ..provisioner import HostTarget
-from .cluster import Cluster, HostSession
+from .cluster import Cluster
 from .progress import Progress
+from .session import HostSession
 from .streams import LocalAgent
 
 _registry: dict[tuple, Cluster] = {}

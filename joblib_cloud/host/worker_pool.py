@@ -38,7 +38,7 @@ MAX_FAILED_STARTS = 3
 Send = Callable[[Kind, dict[str, Any]], None]
 SendRaw = Callable[[RawFrame], None]
 #: (batch id, the client's batch frame as it came)
-Batch = tuple[int, RawFrame]
+Queued = tuple[int, RawFrame]
 
 
 def write_all(fd: int, parts: list[bytes | memoryview]) -> None:
@@ -92,7 +92,7 @@ class WorkerProcess:
         self.to_worker = to_w
         self.from_worker = from_r
         self.frames = FrameBuffer()
-        self.batch: Batch | None = None  # the one it runs, until its result comes
+        self.batch: Queued | None = None  # the one it runs, until its result comes
         self.ready = False
         self.doomed = False  # being killed by an abort: hand it nothing more
 
@@ -122,7 +122,7 @@ class WorkerPool:
         self.selector = selector
         self.send = send
         self.send_raw = send_raw
-        self.queue: collections.deque[Batch] = collections.deque()
+        self.queue: collections.deque[Queued] = collections.deque()
         self.idle: list[WorkerProcess] = []
         self.running: dict[int, WorkerProcess] = {}
         self.workers: list[WorkerProcess] = []
@@ -156,7 +156,7 @@ class WorkerPool:
             return
         self._run(worker, self.queue.popleft())
 
-    def _run(self, worker: WorkerProcess, batch: Batch) -> None:
+    def _run(self, worker: WorkerProcess, batch: Queued) -> None:
         worker.batch = batch
         self.running[batch[0]] = worker
         try:

@@ -1,0 +1,403 @@
+"""One host's agent as seen from the client: the handshake, one writer at a time on its
+stream, uploads into its cache, and its results, output and heartbeats as they arrive.
+
+Threads: a *sender* per host (uploads, control frames, pings, and batches that cannot go
+out at once) and a *reader* (results, output, heartbeats): over SSH that is paramiko's
+own transport thread, which hands us each packet's data (``paramiko_fast``); over a pipe,
+a thread of ours.
+"""
+
+from __future__ import annotations
+
+import collections
+import pickle
+import sys
+import threading
+import time
+import warnings
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from ..config import CloudConfig
+from ..errors import (
+    AbortedError,
+    EnvironmentMismatchError,
+    HostConnectError,
+    RemoteTaskError,
+)
+from ..wire.protocol import (
+    JOIN_BELOW,
+    PROTOCOL_VERSION,
+    BatchMeta,
+    ConfigMeta,
+    EvictMeta,
+    FrameReader,
+    Kind,
+    PutMeta,
+    RawFrame,
+    ResultMeta,
+    Status,
+    encode,
+    frame_data,
+    frame_meta,
+)
+from ..worker import host_versions
+from .batch import Batch, resolve, result_error
+from .streams import AgentStream, agent_preamble
+
+if TYPE_CHECKING:
+    from .cluster import Cluster
+
+if TYPE_CHECKING:
+    from .ssh import SSHConnection
+
+
+
+UPLOAD_CHUNK = 4 * 2**20
+
+
+def check_versions(host: str, remote: dict[str, str | None]) -> None:
+    """Refuse a host whose Python minor or cloudpickle differs; warn on other packages."""
+    local = host_versions()
+    py_l, py_r = local["python"], remote.get("python") or "?"
+    if py_l.split(".")[:2] != py_r.split(".")[:2]:
+        raise EnvironmentMismatchError(
+            f"host {host} runs Python {py_r} but this client runs Python {py_l}: pickled "
+            "tasks do not cross Python minor versions. Point python= at a Python "
+            f"{'.'.join(py_l.split('.')[:2])} interpreter on the host.")
+    if local["cloudpickle"] != remote.get("cloudpickle"):
+        raise EnvironmentMismatchError(
+            f"host {host} has cloudpickle {remote.get('cloudpickle')} but this client has "
+            f"cloudpickle {local['cloudpickle']}: install cloudpickle=={local['cloudpickle']} "
+            "on the host (packages=[...] on aws).")
+    for name, version in local.items():
+        if name in ("python", "cloudpickle") or version is None:
+            continue
+        if remote.get(name) != version:
+            warnings.warn(
+                f"host {host} has {name} {remote.get(name) or '(not installed)'} but this "
+                f"client has {name} {version}; results may differ or tasks may fail.",
+                RuntimeWarning, stacklevel=2)
+
+
+class Writer:
+    """The right to write to one host's stream, held by one thread at a time so frames
+    never interleave: the host's sender thread, or a thread that submits a small batch
+    and sends it itself (``Cluster.submit``).  Taken and given back with
+    ``cluster.lock`` held.  The holder alone changes the host's upload cache
+    (``HostSession.cache``); others read it under the lock only to decide whether a batch
+    can go out at once."""
+
+    __slots__ = ("held",)
+
+    def __init__(self) -> None:
+        self.held = False
+
+    def take(self) -> None:
+        assert not self.held, "two writers on one stream"
+        self.held = True
+
+    def give_back(self) -> None:
+        self.held = False
+
+
+class HostSession:
+    """One host's agent, as seen from the client."""
+
+    def __init__(self, cluster: Cluster, name: str,
+                 open_stream: Callable[[Callable[[bytes], None]], AgentStream],
+                 connection: SSHConnection | None = None) -> None:
+        self.cluster = cluster
+        self.name = name
+        self.connection = connection
+        self.alive = False
+        self.lost_reason = ""
+        self.inflight: dict[int, Batch] = {}
+        self.wake = threading.Condition(cluster.lock)
+        self.writer = Writer()
+        self.outbox: collections.deque[tuple[Kind, dict[str, Any]]] = collections.deque()
+        self.cache: collections.OrderedDict[str, int] = collections.OrderedDict()
+        self.cache_bytes = 0
+        self.bytes_uploaded = 0
+        self.last_recv = time.monotonic()
+        self.last_send = time.monotonic()
+        self.in_callback = False  # a result's callbacks are running (joblib dispatching)
+        self.workers = 0
+        self.cpu_count = 0
+        self.hello: dict[str, Any] = {}
+        self._line_buffers: dict[str, bytes] = {}
+        self._stderr_tail = b""
+        self._reader = FrameReader(self._recv)  # the handshake's; then its frames are fed
+        self.stream = open_stream(self.on_agent_stderr)
+
+    # -- start ---------------------------------------------------------------------
+    def on_agent_stderr(self, data: bytes) -> None:
+        """The channel's own stderr: shell errors, or the agent's dying words."""
+        self._stderr_tail = (self._stderr_tail + data)[-4000:]
+        if self.alive:
+            self._print("stderr", data)
+
+    def _recv(self, n: int) -> bytes:
+        data = self.stream.recv(n)
+        self.last_recv = time.monotonic()
+        return data
+
+    def handshake(self, config: CloudConfig) -> None:
+        try:
+            self.stream.sendall(agent_preamble())
+            self._reader.skip_to_magic()
+            kind, hello, _ = self._reader.read()
+        except (EOFError, OSError) as exc:
+            time.sleep(0.3)  # let the stderr pump collect the reason
+            detail = self._stderr_tail.decode(errors="replace").strip() or str(exc)
+            raise HostConnectError(
+                f"the joblib-cloud agent on {self.name} did not start with python="
+                f"{config.python or 'python3'!r}: {detail}. It needs Python with joblib "
+                "and cloudpickle installed (set python= to the right interpreter).") from None
+        if kind != Kind.HELLO or hello.get("protocol") != PROTOCOL_VERSION:
+            raise HostConnectError(f"host {self.name} speaks another protocol: {hello!r}")
+        self.hello = hello
+        check_versions(self.name, hello["versions"])
+        self.cpu_count = int(hello["cpu_count"])
+        settings: ConfigMeta = {"workers": config.workers_per_host,
+                                "max_result_size": config.max_result_size,
+                                "heartbeat_timeout": config.heartbeat_timeout}
+        self._send(Kind.CONFIG, settings)
+        kind, ready, _ = self._reader.read()
+        if kind != Kind.READY:
+            raise HostConnectError(f"host {self.name} did not get ready: {ready!r}")
+        self.workers = int(ready["workers"])
+        self.alive = True
+        self.last_recv = time.monotonic()
+        self._on_bytes(b"")  # frames that came with the handshake's last read
+        threading.Thread(target=self._send_loop, daemon=True,
+                         name=f"joblib-cloud-send-{self.name}").start()
+        if not self.stream.deliver(self._on_bytes, self._on_stream_closed):
+            threading.Thread(target=self._read_loop, daemon=True,
+                             name=f"joblib-cloud-read-{self.name}").start()
+
+    @property
+    def capacity(self) -> int:
+        """Batches in flight: two per worker, so a worker never waits for the wire."""
+        return 2 * self.workers
+
+    def _may_take(self) -> bool:
+        """Called with ``cluster.lock`` held; the rule is ``Cluster.takers``."""
+        return self in self.cluster.takers()
+
+    # -- sending -------------------------------------------------------------------
+    def _send(self, kind: Kind, meta: dict[str, Any] | None = None,
+              data: bytes | memoryview = b"") -> None:
+        for part in encode(kind, meta, data):
+            if len(part):
+                self.stream.sendall(part)
+        self.last_send = time.monotonic()
+
+    def _send_loop(self) -> None:
+        cluster = self.cluster
+        ping_every = max(cluster.config.heartbeat_timeout / 5, 0.2)
+        while True:
+            item: tuple[str, Any]
+            with cluster.lock:
+                while True:
+                    if not self.alive:
+                        return
+                    wait = ping_every - (time.monotonic() - self.last_send)
+                    if self.writer.held:  # a dispatching thread is sending a batch now
+                        self.wake.wait(max(wait, 0.01))
+                        continue
+                    if self.outbox:
+                        item = ("control", self.outbox.popleft())
+                        break
+                    if cluster.pending and self._may_take():
+                        job = cluster.pending.popleft()
+                        self.inflight[job.id] = job
+                        item = ("job", job)
+                        if cluster.pending:
+                            cluster.wake_one(exclude=self)
+                        break
+                    if wait <= 0:
+                        item = ("ping", None)
+                        break
+                    self.wake.wait(wait)
+                self.writer.take()
+            try:
+                if item[0] == "control":
+                    self._send(*item[1])
+                elif item[0] == "job":
+                    self._send_job(item[1])
+                else:
+                    self._send(Kind.PING)
+            except Exception as exc:  # noqa: BLE001 - the stream is gone
+                self._send_failed(exc)
+                return
+            finally:
+                with cluster.lock:
+                    self.writer.give_back()
+
+    def can_send_now(self, job: Batch) -> bool:
+        """Whether the thread submitting ``job`` may send it itself, skipping the hand-off
+        to this host's sender thread: a small batch whose cached arguments are all here,
+        with nothing ahead of it, that the stream takes without waiting.  That thread is
+        often another host's reader (joblib dispatches from the result callback), which
+        a stalled host must never block.  Called with ``cluster.lock`` held."""
+        size = len(job.payload)
+        return (not self.writer.held and not self.outbox and size <= JOIN_BELOW
+                and all(digest in self.cache for digest in job.refs)
+                and self.stream.can_write_now(size + 1024))
+
+    def send_now(self, job: Batch) -> None:
+        """Send ``job`` from this thread, which took the writer after ``can_send_now``."""
+        cluster = self.cluster
+        try:
+            self._send_job(job)
+        except Exception as exc:  # noqa: BLE001 - the stream is gone
+            with cluster.lock:
+                self.writer.give_back()
+            self._send_failed(exc)
+            return
+        with cluster.lock:
+            self.writer.give_back()
+            if self.outbox or (cluster.pending and self._may_take()):
+                self.wake.notify()
+
+    def _send_failed(self, exc: Exception) -> None:
+        self.cluster.host_lost(self, f"sending failed: {type(exc).__name__}: {exc}")
+
+    def _send_job(self, job: Batch) -> None:
+        for digest in job.refs:
+            if digest in self.cache:
+                self.cache.move_to_end(digest)
+            else:
+                self._upload(digest, job)
+        meta: BatchMeta = {"id": job.id, "threads": job.threads}
+        self._send(Kind.BATCH, meta, job.payload)
+
+    def _upload(self, digest: str, job: Batch) -> None:
+        stored = self.cluster.store.get(digest)
+        self._make_room(stored.nbytes, job)
+        offset = 0
+        for chunk in stored.chunks(UPLOAD_CHUNK):
+            offset += len(chunk)
+            put: PutMeta = {"digest": digest, "offset": offset - len(chunk),
+                            "last": offset == stored.nbytes}
+            self._send(Kind.PUT, put, chunk)
+        self.cache[digest] = stored.nbytes
+        self.cache_bytes += stored.nbytes
+        self.bytes_uploaded += stored.nbytes
+
+    def _make_room(self, nbytes: int, job: Batch) -> None:
+        """Evict least recently used objects that no queued batch on this host needs."""
+        limit = self.cluster.config.cache_size
+        if self.cache_bytes + nbytes <= limit:
+            return
+        with self.cluster.lock:
+            needed = set(job.refs).union(*(j.refs for j in self.inflight.values()))
+        victims = []
+        for digest, size in self.cache.items():
+            if self.cache_bytes + nbytes <= limit:
+                break
+            if digest not in needed:
+                victims.append(digest)
+                self.cache_bytes -= size
+        for digest in victims:
+            del self.cache[digest]
+        if victims:
+            evict: EvictMeta = {"digests": victims}
+            self._send(Kind.EVICT, evict)
+
+    # -- receiving -------------------------------------------------------------------
+    def _read_loop(self) -> None:
+        """For streams that do not deliver from a thread of their own (pipes)."""
+        while self.alive:
+            try:
+                data = self.stream.recv(self._reader.frames.want())
+            except Exception:  # noqa: BLE001 - a broken pipe is a closed stream
+                data = b""
+            if not data:
+                self._on_stream_closed()
+                return
+            self._on_bytes(data)
+
+    def _on_stream_closed(self) -> None:
+        """The agent's stream ended.  paramiko may call this holding the channel's lock,
+        which closing the host takes again: so close from a thread of its own."""
+        if not self.alive:
+            return
+        tail = self._stderr_tail.decode(errors="replace").strip()
+        reason = "connection closed" + (f" (agent said: {tail[-500:]})" if tail else "")
+        threading.Thread(target=self.cluster.host_lost, args=(self, reason), daemon=True,
+                         name=f"joblib-cloud-lost-{self.name}").start()
+
+    def _on_bytes(self, data: bytes) -> None:
+        """What the agent sent, in order: from the SSH transport's own thread, or from
+        ``_read_loop``."""
+        if not self.alive:
+            return
+        self.last_recv = time.monotonic()
+        try:
+            frames = self._reader.frames
+            frames.feed(data)
+            while (frame := frames.pop()) is not None:
+                self._on_frame(frame)
+        except Exception as exc:  # noqa: BLE001 - a garbled stream: the host is gone
+            self.cluster.host_lost(self, f"{type(exc).__name__}: {exc}")
+
+    def _on_frame(self, frame: RawFrame) -> None:
+        kind = frame[0]
+        if kind == Kind.RESULT:
+            # joblib's callback runs here and dispatches the next batch, which pulls the
+            # user's task generator: for as long as that takes, this host's silence is
+            # ours, not the host's.
+            self.in_callback = True
+            try:
+                self._on_result(frame_meta(frame), frame_data(frame))
+            finally:
+                self.in_callback = False
+                self.last_recv = time.monotonic()
+        elif kind == Kind.OUTPUT:
+            self._print(frame_meta(frame)["stream"], bytes(frame_data(frame)))
+
+    def _on_result(self, meta: ResultMeta, data: bytes | memoryview) -> None:
+        cluster = self.cluster
+        with cluster.lock:
+            job = self.inflight.pop(meta["id"], None)
+            if cluster.pending:  # the freed slot is this host's to fill
+                self.wake.notify()
+        if job is None:
+            return
+        status = Status(meta["status"])
+        if status is Status.CANCELLED:  # only batches this client aborted, by id
+            resolve(job, exc=AbortedError(f"{job.label} was cancelled"))
+        elif job.aborted:
+            return
+        elif status is Status.OK:
+            try:
+                resolve(job, pickle.loads(data))
+            except Exception as exc:  # noqa: BLE001
+                resolve(job, exc=RemoteTaskError(
+                    f"the result of {job.label} from host {self.name} could not be "
+                    f"unpickled here: {type(exc).__name__}: {exc}"))
+        else:
+            resolve(job, exc=result_error(status, meta, data, self.name, job.label))
+
+    def _print(self, stream: str, data: bytes) -> None:
+        text = self._line_buffers.get(stream, b"") + data
+        *lines, rest = text.split(b"\n")
+        self._line_buffers[stream] = rest
+        if lines:
+            target = sys.stdout if stream == "stdout" else sys.stderr
+            prefix = f"[{self.name}] "
+            target.write("".join(prefix + line.decode(errors="replace") + "\n"
+                                 for line in lines))
+            target.flush()
+
+    def close(self) -> None:
+        self.alive = False
+        for closer in (self.stream.close, self.connection.close if self.connection else None):
+            if closer is not None:
+                try:
+                    closer()
+                except Exception:  # noqa: BLE001 - closing a dead stream may fail
+                    pass
+
