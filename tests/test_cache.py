@@ -251,10 +251,10 @@ def test_batches_of_named_functions_and_small_values_skip_cloudpickle():
     from joblib.parallel import BatchedCalls
 
     from joblib_cloud.host.nested import HostThreadingBackend
+    from joblib_cloud.wire.cached import loads_batch
     from joblib_cloud.wire.serialization import (
         ObjectStore,
         dumps_batch,
-        loads_batch,
         plain_payload,
         register_local_modules,
     )

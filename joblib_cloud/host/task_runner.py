@@ -13,8 +13,8 @@ from typing import Any
 
 import cloudpickle
 
+from ..wire.cached import loads_batch
 from ..wire.protocol import FrameReader, Kind, ResultMeta, Status, WorkerReadyMeta, encode
-from ..wire.serialization import loads_batch
 from .worker_pool import write_all
 
 CORES_PER_WORKER_ENV = "JOBLIB_CLOUD_CORES_PER_WORKER"

@@ -7,22 +7,16 @@ itself is encoded once (pickle protocol 5, its buffers out of band, so the array
 sent as is, never copied into a pickle) and uploaded to a host only if that host does not
 hold it yet.
 
-Host side: the agent writes each upload to one file; workers resolve references with
-:func:`load_cached`, which memory-maps the file, so all workers on a host share one copy
-of ``X`` in the page cache instead of holding one copy each.
+Host side: ``cached.py`` (the file format, and the memory-mapped loads).
 """
 
 from __future__ import annotations
 
-import collections
 import hashlib
-import importlib
 import io
-import mmap
 import os
 import pickle
 import site
-import struct
 import sys
 import sysconfig
 import threading
@@ -35,12 +29,7 @@ from typing import Any
 import cloudpickle
 from joblib.parallel import BatchedCalls, ParallelBackendBase
 
-ALIGN = 64
-_LEN = struct.Struct("!Q")
-
-
-def _pad(n: int) -> int:
-    return (-n) % ALIGN
+from .cached import _LEN, _pad, _warning_category
 
 
 class StoredObject:
@@ -119,6 +108,7 @@ def _sizer_for(t: type) -> Callable[[Any], int] | None:
 #: type -> its sizer (None: never cached).  Pickle calls ``persistent_id`` for every
 #: object of every task, so each object costs one dict lookup (bench/tiny_tasks.py).
 _sizers: dict[type, Callable[[Any], int] | None] = {}
+
 
 #: Objects of at least threshold / REPEATED_FRACTION (64 kB by default) are cached too once
 #: they are passed again in another batch of the same call.
@@ -378,25 +368,6 @@ def _host_may_lack_warning(cls: type) -> bool:
     return top not in sys.stdlib_module_names and top != "builtins" and _named(cls)
 
 
-_stand_ins: dict[tuple[str, str], type] = {}
-
-
-def _warning_category(module: str, qualname: str) -> type:
-    """Host side of :func:`_host_may_lack_warning`: the category, or a stand-in."""
-    try:
-        obj: Any = importlib.import_module(module)
-        for part in qualname.split("."):
-            obj = getattr(obj, part)
-        return obj
-    except (ImportError, AttributeError):
-        key = (module, qualname)
-        if key not in _stand_ins:
-            _stand_ins[key] = type(qualname.rpartition(".")[2], (Warning,), {
-                "__module__": module, "__qualname__": qualname,
-                "__doc__": f"Stands in for {module}.{qualname}, not installed on this host."})
-        return _stand_ins[key]
-
-
 def plain_payload(batch: Any, threshold: int) -> bytes | None:
     """``batch`` pickled plainly, if that is the same as cloudpickle and holds nothing the
     cache would take (a str or bytes over ``threshold``); else None."""
@@ -409,50 +380,3 @@ def plain_payload(batch: Any, threshold: int) -> bytes | None:
         return None
     return buffer.getvalue() if buffer.tell() < threshold else None
 
-
-# --------------------------------------------------------------------------- host side
-
-_loaded: collections.OrderedDict[str, Any] = collections.OrderedDict()
-_LOADED_MAX = 64
-
-
-def load_cached(cache_dir: str, digest: str) -> Any:
-    """The cached object ``digest``, memory-mapped read-only (shared between workers)."""
-    hit = _loaded.get(digest)
-    if hit is not None:
-        _loaded.move_to_end(digest)
-        return hit
-    with open(os.path.join(cache_dir, digest), "rb") as fh:
-        mm = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
-    (hlen,) = _LEN.unpack_from(mm, 0)
-    header = pickle.loads(mm[_LEN.size : _LEN.size + hlen])
-    start = _LEN.size + hlen + _pad(_LEN.size + hlen)
-    view = memoryview(mm)
-    buffers = [view[start + off : start + off + length] for off, length in header["buffers"]]
-    obj = pickle.loads(header["meta"], buffers=buffers)
-    _loaded[digest] = obj
-    if len(_loaded) > _LOADED_MAX:
-        _loaded.popitem(last=False)
-    return obj
-
-
-class CachedUnpickler(pickle.Unpickler):
-    def __init__(self, file: io.BytesIO, cache_dir: str) -> None:
-        super().__init__(file)
-        self.cache_dir = cache_dir
-
-    def persistent_load(self, pid: Any) -> Any:
-        if pid[0] == "c":
-            return load_cached(self.cache_dir, pid[1])
-        if pid[0] == "v":
-            import numpy as np
-
-            _, digest, offset, shape, strides, dtype = pid
-            base = load_cached(self.cache_dir, digest)
-            return np.ndarray(shape, dtype=np.dtype(dtype), buffer=base, offset=offset,
-                              strides=strides)
-        raise pickle.UnpicklingError(f"unknown persistent id {pid!r}")
-
-
-def loads_batch(payload: bytes | memoryview, cache_dir: str) -> Any:
-    return CachedUnpickler(io.BytesIO(payload), cache_dir).load()
