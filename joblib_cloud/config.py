@@ -16,6 +16,8 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
+from .wire import contract
+
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover - exercised on 3.10 only
@@ -28,7 +30,7 @@ DEFAULT_CONNECT_TIMEOUT = 60.0
 
 def home_dir() -> Path:
     """Local state directory (keys, known hosts, cluster records): mode 0700."""
-    path = Path(os.environ.get("JOBLIB_CLOUD_HOME") or Path.home() / ".joblib-cloud")
+    path = Path(contract.home())
     path.mkdir(parents=True, exist_ok=True, mode=0o700)
     return path
 

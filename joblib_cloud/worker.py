@@ -21,8 +21,11 @@ import time
 from pathlib import Path
 from typing import Any
 
+from joblib.parallel import ParallelBackendBase
+
 from .host.task_runner import CORES_PER_WORKER_ENV
 from .host.worker_pool import WorkerPool, grow_pipe, write_all
+from .wire import contract
 from .wire.protocol import (
     AGENT_MAGIC,
     PROTOCOL_VERSION,
@@ -39,16 +42,14 @@ from .wire.protocol import (
     frame_meta,
 )
 
-THREAD_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS",
-               "BLIS_NUM_THREADS", "VECLIB_MAXIMUM_THREADS", "NUMEXPR_NUM_THREADS")
+#: The variables joblib itself caps for nested threads (BLAS, OpenMP, numexpr...).
+THREAD_VARS = tuple(ParallelBackendBase.MAX_NUM_THREADS_VARS)
 REPORTED_PACKAGES = ("joblib", "cloudpickle", "numpy", "scipy", "scikit-learn",
                      "pandas")
-#: The on-VM kill switch reads this file's mtime: "a client was here, or work ran".
-ACTIVITY_FILE = "activity"
 
 
 def agent_home() -> Path:
-    home = Path(os.environ.get("JOBLIB_CLOUD_HOME") or Path.home() / ".joblib-cloud")
+    home = Path(contract.home())
     home.mkdir(parents=True, exist_ok=True, mode=0o700)
     return home
 
@@ -221,7 +222,7 @@ class Agent:
         self._start_pool()
         ready: ReadyMeta = {"workers": self.workers, "cores_per_worker": self.cores_per_worker}
         self.send(Kind.READY, ready)
-        activity = self.home / ACTIVITY_FILE
+        activity = self.home / contract.ACTIVITY_FILE
         activity.touch(mode=0o600)
         selector.register(self.in_fd, selectors.EVENT_READ, self._on_client)
         self._handle_frames()  # any that came with CONFIG

@@ -18,6 +18,8 @@ import zipfile
 from collections.abc import Callable
 from pathlib import Path
 
+from ..wire import contract
+
 # Reads the agent zip from fd 0 (length-prefixed), stores it by hash, imports it.  Raw
 # os.read (not sys.stdin) so no byte of the protocol that follows is swallowed by a buffer.
 BOOTSTRAP = r"""
@@ -31,8 +33,8 @@ def rd(n):
             sys.exit('joblib-cloud agent: stdin closed during start')
         b += c
     return b
-z = rd(int.from_bytes(rd(8), 'big'))
-h = os.environ.get('JOBLIB_CLOUD_HOME') or os.path.expanduser('~/.joblib-cloud')
+z = rd(int.from_bytes(rd(@LENGTH_PREFIX@), 'big'))
+h = os.environ.get('@HOME_ENV@') or os.path.expanduser('@HOME_DEFAULT@')
 d = os.path.join(h, 'agent')
 os.makedirs(d, mode=0o700, exist_ok=True)
 p = os.path.join(d, hashlib.sha256(z).hexdigest()[:16] + '.zip')
@@ -43,9 +45,11 @@ if not os.path.exists(p):
     os.replace(t, p)
 os.umask(umask)
 sys.path.insert(0, p)
-from joblib_cloud.worker import main
+from @AGENT_MODULE@ import main
 main()
 """.strip()
+for _name in ("LENGTH_PREFIX", "HOME_ENV", "HOME_DEFAULT", "AGENT_MODULE"):
+    BOOTSTRAP = BOOTSTRAP.replace(f"@{_name}@", str(getattr(contract, _name)))
 
 
 @functools.lru_cache(maxsize=1)
@@ -64,7 +68,7 @@ def agent_zip() -> bytes:
 
 def agent_preamble() -> bytes:
     blob = agent_zip()
-    return len(blob).to_bytes(8, "big") + blob
+    return contract.length_prefix(blob) + blob
 
 
 def agent_command(python: str) -> str:

@@ -31,11 +31,16 @@ import tarfile
 import time
 
 ERROR_EXIT = 254  # the helper itself failed (not the job)
+#: Copies of ``wire/contract.py`` (this script runs without the package).
+HOME_ENV = "JOBLIB_CLOUD_HOME"
+HOME_DEFAULT = "~/.joblib-cloud"
+ACTIVITY_FILE = "activity"
+LENGTH_PREFIX = 8
 ACTIVITY_INTERVAL = 5.0  # seconds between touches of the activity file while a job runs
 
 
 def jobs_root() -> str:
-    home = os.environ.get("JOBLIB_CLOUD_HOME") or os.path.expanduser("~/.joblib-cloud")
+    home = os.environ.get(HOME_ENV) or os.path.expanduser(HOME_DEFAULT)
     return os.path.join(home, "jobs")
 
 
@@ -101,7 +106,7 @@ def op_start(job_id: str, python: str, command: str) -> None:
     except FileExistsError:
         fail(f"job {job_id} already exists on this host")
     # The job imports the client's exact joblib-cloud (DESIGN §7), like the agent does.
-    blob = read_exact(0, int.from_bytes(read_exact(0, 8), "big"))
+    blob = read_exact(0, int.from_bytes(read_exact(0, LENGTH_PREFIX), "big"))
     agent_dir = os.path.join(os.path.dirname(jobs_root()), "agent")
     os.makedirs(agent_dir, mode=0o700, exist_ok=True)
     agent_zip = os.path.join(agent_dir, hashlib.sha256(blob).hexdigest()[:16] + ".zip")
@@ -158,7 +163,7 @@ def write_shims(bin_dir: str, python: str) -> None:
 
 def touch_activity() -> None:
     """What the on-VM watchdog reads (its mtime) to tell a busy machine from an idle one."""
-    path = os.path.join(os.path.dirname(jobs_root()), "activity")
+    path = os.path.join(os.path.dirname(jobs_root()), ACTIVITY_FILE)
     try:
         with open(path, "a"):
             pass
@@ -177,7 +182,7 @@ def supervise(directory: str) -> None:
     os.dup2(log, 2)
     spec = json.loads(read(os.path.join(directory, "command.json")) or "{}")
     env = {k: v for k, v in os.environ.items()
-           if not k.startswith("JOBLIB_CLOUD_") or k == "JOBLIB_CLOUD_HOME"}
+           if not k.startswith("JOBLIB_CLOUD_") or k == HOME_ENV}
     env.update({
         # parallel_backend('cloud') inside the job uses this machine's own cores.
         "JOBLIB_CLOUD_PROVIDER": "local",

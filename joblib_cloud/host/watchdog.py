@@ -24,7 +24,11 @@ import subprocess
 import sys
 import time
 
+#: Copies of ``wire/contract.py`` (this script runs without the package).
 AGENT_MARK = b"joblib_cloud.worker"
+HOME_ENV = "JOBLIB_CLOUD_HOME"
+HOME_DIRNAME = ".joblib-cloud"
+ACTIVITY_FILE = "activity"
 
 
 def log(message: str) -> None:
@@ -57,9 +61,9 @@ def agent_running(home: str) -> bool:
             env = _environ(pid)
         except OSError:  # gone, or not ours to read
             continue
-        agent_home = env.get(b"JOBLIB_CLOUD_HOME", b"").decode(errors="replace")
+        agent_home = env.get(HOME_ENV.encode(), b"").decode(errors="replace")
         if not agent_home and env.get(b"HOME"):
-            agent_home = os.path.join(env[b"HOME"].decode(errors="replace"), ".joblib-cloud")
+            agent_home = os.path.join(env[b"HOME"].decode(errors="replace"), HOME_DIRNAME)
         if agent_home and os.path.realpath(agent_home) == target:
             return True
     return False
@@ -73,7 +77,7 @@ def mtime(path: str) -> float | None:
 
 
 def last_activity(home: str, since: float) -> float:
-    touched = mtime(os.path.join(home, "activity"))
+    touched = mtime(os.path.join(home, ACTIVITY_FILE))
     return since if touched is None else max(touched, since)
 
 
@@ -128,7 +132,7 @@ def main(argv: list[str] | None = None) -> None:
                         help="with --ready-file: seconds the boot may take")
     args = parser.parse_args(argv)
     started = boot_time() if args.since_boot else time.time()
-    home = args.home or os.path.join(pwd.getpwnam(args.user).pw_dir, ".joblib-cloud")
+    home = args.home or os.path.join(pwd.getpwnam(args.user).pw_dir, HOME_DIRNAME)
     watch(home, args.idle_timeout, args.max_lifetime, args.shutdown_command,
           args.poll, started, args.ready_file, args.boot_timeout)
 

@@ -29,6 +29,7 @@ from ..client.streams import agent_zip
 from ..config import CloudConfig, home_dir
 from ..host import jobhost
 from ..providers.aws.sshkeys import write_private
+from ..wire.contract import length_prefix
 from .docker import docker_python
 from .workspace import DEFAULT_MAX_UPLOAD, human, pack
 
@@ -305,7 +306,7 @@ def start(config: CloudConfig, argv: list[str], *, root: Path | None = None,
         progress.update(f"uploading {human(len(workspace.archive) + len(blob))} "
                         f"to {target.name}")
         _check(target.call(["start", record.id, job_python(config, target), command],
-                           stdin=len(blob).to_bytes(8, "big") + blob + workspace.archive),
+                           stdin=length_prefix(blob) + blob + workspace.archive),
                f"starting the job on {target.name}")
         save_record(record)
     except BaseException:

@@ -20,11 +20,13 @@ from __future__ import annotations
 import re
 import shlex
 
+from ..wire.contract import HOME_ENV, HOME_SHELL
+
 #: What a Docker image reference may contain (registry/name:tag@digest).
 _IMAGE_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._/:@+-]*$")
 #: What ``jobhost`` sets for a job that must reach the job's Python in the container.
 JOB_ENV = ("JOBLIB_CLOUD_PROVIDER", "JOBLIB_CLOUD_JOB_ID", "PYTHONPATH", "PYTHONUNBUFFERED")
-HOME_EXPR = '"${JOBLIB_CLOUD_HOME:-$HOME/.joblib-cloud}"'
+HOME_EXPR = HOME_SHELL
 
 
 def check_image(image: str) -> str:
@@ -39,7 +41,7 @@ def docker_run_args(image: str, python: str = "python3", *, mount_cwd: bool = Fa
                     docker: str = "docker") -> list[str]:
     """The ``docker run`` words (shell-quoted, ``$H`` = the host's joblib-cloud home)."""
     words = [docker, "run", "--rm", "-i", "--init", "--network", "host", "--ipc", "host",
-             "--user", '"$(id -u):$(id -g)"', "-v", '"$H:$H"', "-e", '"JOBLIB_CLOUD_HOME=$H"',
+             "--user", '"$(id -u):$(id -g)"', "-v", '"$H:$H"', "-e", f'"{HOME_ENV}=$H"',
              "-e", "HOME=/tmp"]
     if mount_cwd:  # a job: its workspace is the working directory inside too
         words += ["-v", '"$PWD:$PWD"', "-w", '"$PWD"']

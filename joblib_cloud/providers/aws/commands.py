@@ -10,6 +10,7 @@ from ... import provisioner
 from ...cli.table import table
 from ...client.hosts import HostSpec
 from ...config import CloudConfig
+from ...wire import contract
 from . import ec2api, sshkeys, teardown
 from .launch import DEFAULT_USER
 
@@ -115,8 +116,9 @@ def idle_seconds(region: str, cluster: str, instance: dict[str, Any], user: str 
     except Exception:  # noqa: BLE001 - unreachable or still booting: shown as "?"
         return None
     try:
-        channel = connection.exec('h="${JOBLIB_CLOUD_HOME:-$HOME/.joblib-cloud}"; '
-                                  'echo $(( $(date +%s) - $(stat -c %Y "$h/activity") ))')
+        channel = connection.exec(
+            f'h={contract.HOME_SHELL}; '
+            f'echo $(( $(date +%s) - $(stat -c %Y "$h/{contract.ACTIVITY_FILE}") ))')
         channel.settimeout(timeout)
         output = b""
         while chunk := channel.recv(1024):
