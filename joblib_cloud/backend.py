@@ -18,7 +18,6 @@ from typing import TYPE_CHECKING, Any
 from joblib.parallel import AutoBatchingMixin, ParallelBackendBase
 
 from .config import resolve_config
-from .errors import TaskPicklingError
 
 if TYPE_CHECKING:
     from .client.cluster import Cluster
@@ -82,23 +81,10 @@ class CloudBackend(AutoBatchingMixin, ParallelBackendBase):
         self.cluster.new_call()
 
     def submit(self, func: Any, callback: Any = None) -> Future:
-        from .client.batch import Batch, describe_batch
-        from .wire.serialization import dumps_batch
+        from .client.batch import describe_batch, submit
 
-        cluster = self.cluster
-        label = describe_batch(func)
-        try:
-            payload, refs = dumps_batch(func, cluster.store)
-        except Exception as exc:  # noqa: BLE001 - becomes this batch's outcome
-            future: Future = Future()
-            future.set_exception(TaskPicklingError(
-                f"could not pickle {label} to send it to the cluster: "
-                f"{type(exc).__name__}: {exc}"))
-            future.exception().__cause__ = exc
-        else:
-            job = Batch(payload, frozenset(refs), label, owner=self,
-                      threads=self.inner_max_num_threads)
-            future = cluster.submit(job)
+        future = submit(self.cluster, func, describe_batch(func), owner=self,
+                        threads=self.inner_max_num_threads)
         if callback is not None:
             future.add_done_callback(callback)
         return future

@@ -35,6 +35,16 @@ def home_dir() -> Path:
     return path
 
 
+def write_private(path: Path, text: str) -> None:
+    """Write ``text`` to a file that is mode 0600 from its first byte."""
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as fh:
+        fh.write(text)
+    os.replace(tmp, path)
+
+
 def _to_bool(value: Any) -> bool:
     if isinstance(value, bool):
         return value

@@ -1,6 +1,6 @@
 """``DistributedPool``: ``multiprocessing.Pool``'s interface, with workers on a cluster.
 
-Each chunk of tasks travels exactly like a joblib batch (``dumps_batch`` → ``Batch`` →
+Each chunk of tasks travels exactly like a joblib batch (``client.batch.submit`` →
 ``Cluster.submit``), so it gets the same per-host data cache, shipping of local modules,
 retries on lost hosts and remote tracebacks.  A chunk runs its items in order and stops at
 the first exception, as ``multiprocessing``'s ``mapstar`` does, so results and errors
@@ -16,13 +16,12 @@ from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future
 from typing import Any
 
-from .client.batch import Batch
+from .client.batch import submit
 from .client.cluster import Cluster
 from .client.registry import get_cluster
 from .config import resolve_config
-from .errors import TaskPicklingError
 from .host.pool_tasks import _Call, _Chunk, _Init
-from .wire.serialization import dumps_batch, register_local_modules
+from .wire.serialization import register_local_modules
 
 
 def _name(func: Any) -> str:
@@ -187,16 +186,7 @@ class DistributedPool:
         cluster = self._cluster
         if cluster.closed or not cluster.alive_hosts:
             self._cluster = cluster = get_cluster(self.config)
-        try:
-            payload, refs = dumps_batch(task, cluster.store)
-        except Exception as exc:  # noqa: BLE001 - becomes this task's outcome
-            future: Future = Future()
-            error = TaskPicklingError(f"could not pickle {label} to send it to the cluster: "
-                                      f"{type(exc).__name__}: {exc}")
-            error.__cause__ = exc
-            future.set_exception(error)
-        else:
-            future = cluster.submit(Batch(payload, frozenset(refs), label, owner=self))
+        future = submit(cluster, task, label, owner=self)
         with self._lock:
             self._futures.add(future)
         future.add_done_callback(self._forget)

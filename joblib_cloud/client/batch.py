@@ -13,6 +13,7 @@ from ..errors import (
     RemoteTaskError,
     RemoteTraceback,
     ResultTooLargeError,
+    TaskPicklingError,
     TerminatedWorkerError,
 )
 from ..wire.protocol import (
@@ -21,8 +22,7 @@ from ..wire.protocol import (
 )
 
 if TYPE_CHECKING:
-    pass
-
+    from .cluster import Cluster
 
 
 _batch_ids = itertools.count(1)
@@ -115,3 +115,20 @@ def _callable_name(func: Any) -> str:
     inner = getattr(func, "function", None) or getattr(func, "func", None) or func
     return getattr(inner, "__qualname__", None) or type(inner).__name__
 
+
+def submit(cluster: Cluster, obj: Any, label: str, owner: object,
+           threads: int | None = None) -> Future:
+    """Pickle ``obj`` (a joblib batch, a pool's chunk) and queue it on ``cluster``; a
+    pickling error becomes the future's outcome, naming what could not be sent."""
+    from ..wire.serialization import dumps_batch
+
+    try:
+        payload, refs = dumps_batch(obj, cluster.store)
+    except Exception as exc:  # noqa: BLE001 - becomes this batch's outcome
+        future: Future = Future()
+        error = TaskPicklingError(f"could not pickle {label} to send it to the cluster: "
+                                  f"{type(exc).__name__}: {exc}")
+        error.__cause__ = exc
+        future.set_exception(error)
+        return future
+    return cluster.submit(Batch(payload, frozenset(refs), label, owner=owner, threads=threads))

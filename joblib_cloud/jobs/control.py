@@ -26,9 +26,8 @@ from ..client.hosts import HostSpec
 from ..client.progress import Progress
 from ..client.ssh import SSHConnection
 from ..client.streams import agent_zip
-from ..config import CloudConfig, home_dir
+from ..config import CloudConfig, home_dir, write_private
 from ..host import jobhost
-from ..providers.aws.sshkeys import write_private
 from ..wire.contract import length_prefix
 from .docker import docker_python
 from .workspace import DEFAULT_MAX_UPLOAD, human, pack

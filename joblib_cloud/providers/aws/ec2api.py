@@ -207,15 +207,17 @@ def tag_value(resource: dict[str, Any]) -> str | None:
     return None
 
 
+def instances(ec2: Any, what: str, filters: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Every instance ``DescribeInstances`` lists for ``filters``, all pages."""
+    pages = call(lambda: list(ec2.get_paginator("describe_instances").paginate(
+        Filters=filters)), what)
+    return [i for page in pages for r in page["Reservations"] for i in r["Instances"]]
+
+
 def describe_instances(ec2: Any, cluster: str | None, states: tuple[str, ...]
                        ) -> list[dict[str, Any]]:
     filters = cluster_filter(cluster) + [{"Name": "instance-state-name", "Values": list(states)}]
-    found = []
-    paginator = ec2.get_paginator("describe_instances")
-    pages = call(lambda: list(paginator.paginate(Filters=filters)), "list instances")
-    for page in pages:
-        for reservation in page["Reservations"]:
-            found.extend(reservation["Instances"])
+    found = instances(ec2, "list instances", filters)
     # Tag filters are done by EC2; re-check so an untagged resource can never slip in.
     return [i for i in found if tag_value(i) is not None
             and (cluster is None or tag_value(i) == cluster)]

@@ -158,9 +158,8 @@ class ClusterHandle:
 def _describe_ids(ec2: Any, ids: list[str]) -> list[dict[str, Any]]:
     if not ids:
         return []
-    pages = call(lambda: list(ec2.get_paginator("describe_instances").paginate(
-        Filters=[{"Name": "instance-id", "Values": ids}])), "check the machines")
-    return [i for page in pages for r in page["Reservations"] for i in r["Instances"]]
+    return ec2api.instances(ec2, "check the machines",
+                            [{"Name": "instance-id", "Values": ids}])
 
 
 def console_tail(ec2: Any, instance_id: str, lines: int = CONSOLE_LINES) -> str:
@@ -219,10 +218,9 @@ def _find_by_tokens(ec2: Any, launches: Launches) -> tuple[set[str], list[str]]:
     while True:
         for start in range(0, len(launches.tokens), 100):
             batch = launches.tokens[start:start + 100]
-            pages = call(lambda b=batch: list(ec2.get_paginator("describe_instances").paginate(
-                Filters=[{"Name": "client-token", "Values": b}])), "find launched machines")
-            found.update({i["ClientToken"]: i["InstanceId"] for page in pages
-                          for r in page["Reservations"] for i in r["Instances"]
+            listed = ec2api.instances(ec2, "find launched machines",
+                                      [{"Name": "client-token", "Values": batch}])
+            found.update({i["ClientToken"]: i["InstanceId"] for i in listed
                           if i.get("ClientToken")})
         missing = [t for t in launches.uncertain if t not in found]
         if not missing or time.monotonic() > deadline:

@@ -48,13 +48,8 @@ def find_network(ec2: Any, config: CloudConfig, region: str, cidr: str | None) -
 
 def _subnets(ec2: Any, config: CloudConfig, region: str) -> tuple[str, list[str | None]]:
     if config.subnet_id:
-        try:
-            found = call(ec2.describe_subnets, "look up subnet_id",
-                         SubnetIds=[config.subnet_id])["Subnets"]
-        except Exception as exc:
-            if ec2api.cause_code(exc) != "InvalidSubnetID.NotFound":
-                raise
-            found = []
+        found = _by_id(ec2.describe_subnets, "look up subnet_id", "Subnets", "SubnetIds",
+                       config.subnet_id, "InvalidSubnetID.NotFound")
         if not found:
             raise AWSError(f"subnet {config.subnet_id} does not exist in region {region}: pass "
                            "a subnet_id= of this region (or change region=)")
@@ -74,15 +69,21 @@ def _subnets(ec2: Any, config: CloudConfig, region: str) -> tuple[str, list[str 
     return vpc, [s["SubnetId"] for s in subnets] or [None]
 
 
+def _by_id(describe: Any, what: str, key: str, ids_param: str, resource_id: str,
+           not_found: str) -> list[dict[str, Any]]:
+    """The resource with this id, or [] when EC2 says there is none."""
+    try:
+        return call(describe, what, **{ids_param: [resource_id]})[key]
+    except Exception as exc:
+        if ec2api.cause_code(exc) != not_found:
+            raise
+        return []
+
+
 def _user_group(ec2: Any, group_id: str, vpc: str) -> str:
     """``security_group_id``, checked to exist in the VPC the machines launch in."""
-    try:
-        groups = call(ec2.describe_security_groups, "look up security_group_id",
-                      GroupIds=[group_id])["SecurityGroups"]
-    except Exception as exc:
-        if ec2api.cause_code(exc) != "InvalidGroup.NotFound":
-            raise
-        groups = []
+    groups = _by_id(ec2.describe_security_groups, "look up security_group_id",
+                    "SecurityGroups", "GroupIds", group_id, "InvalidGroup.NotFound")
     if not groups:
         raise AWSError(f"security group {group_id} does not exist in this region: pass a "
                        "security_group_id= of this region, or unset it")

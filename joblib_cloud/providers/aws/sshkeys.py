@@ -12,11 +12,10 @@ needed to verify hosts when a later program re-attaches.  Layout::
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from pathlib import Path
 
-from ...config import home_dir
+from ...config import home_dir, write_private
 
 
 def generate_ed25519() -> tuple[str, str]:
@@ -30,16 +29,6 @@ def generate_ed25519() -> tuple[str, str]:
     public = key.public_key().public_bytes(serialization.Encoding.OpenSSH,
                                            serialization.PublicFormat.OpenSSH).decode()
     return private, public
-
-
-def write_private(path: Path, text: str) -> None:
-    """Write ``text`` to a file that is mode 0600 from its first byte."""
-    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as fh:
-        fh.write(text)
-    os.replace(tmp, path)
 
 
 def aws_root() -> Path:

@@ -44,10 +44,8 @@ def terminate_ids(ec2: Any, ids: list[str], out: Out, timeout: float | None = No
     ids = [i for i in ids if i not in unknown]
     deadline = time.monotonic() + timeout
     while True:
-        pages = call(lambda: list(ec2.get_paginator("describe_instances").paginate(
-            Filters=[{"Name": "instance-id", "Values": ids}])), "check terminated machines")
-        states = {i["InstanceId"]: i["State"]["Name"]
-                  for page in pages for r in page["Reservations"] for i in r["Instances"]}
+        states = {i["InstanceId"]: i["State"]["Name"] for i in ec2api.instances(
+            ec2, "check terminated machines", [{"Name": "instance-id", "Values": ids}])}
         left = [i for i in ids if states.get(i, "terminated") not in GONE]
         if not left:
             out(f"{len(ids)} machines shutting down or terminated")
