@@ -1,4 +1,4 @@
-"""The aws provider's launch call does what DESIGN §6 promises (moto, in-process)."""
+"""The aws provider's launch call: tagged, locked down, self-terminating (moto, in-process)."""
 
 from __future__ import annotations
 

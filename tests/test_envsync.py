@@ -1,4 +1,4 @@
-"""Environment sync (DESIGN §7): mismatched hosts are refused before any task runs, and
+"""Environment sync: mismatched hosts are refused before any task runs, and
 modules that exist only in the client's working directory still work in tasks."""
 
 from __future__ import annotations

@@ -105,7 +105,7 @@ def op_start(job_id: str, python: str, command: str) -> None:
         os.mkdir(directory, 0o700)
     except FileExistsError:
         fail(f"job {job_id} already exists on this host")
-    # The job imports the client's exact joblib-cloud (DESIGN §7), like the agent does.
+    # The job imports the client's exact joblib-cloud, like the agent does.
     blob = read_exact(0, int.from_bytes(read_exact(0, LENGTH_PREFIX), "big"))
     agent_dir = os.path.join(os.path.dirname(jobs_root()), "agent")
     os.makedirs(agent_dir, mode=0o700, exist_ok=True)

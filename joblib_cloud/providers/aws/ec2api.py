@@ -1,7 +1,7 @@
 """boto3 clients and EC2 error classification for the ``aws`` provider.
 
-Every EC2 error falls into one of a few classes, and each class has one reaction
-(DESIGN §6): *capacity* → try the next zone, then on-demand; *quota*, *credentials*,
+Every EC2 error falls into one of a few classes, and each class has one reaction:
+*capacity* → try the next zone, then on-demand; *quota*, *credentials*,
 *image* → fail at once with the fix in the message; *throttling* → back off and retry.
 """
 
