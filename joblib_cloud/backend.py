@@ -48,7 +48,7 @@ class CloudBackend(AutoBatchingMixin, ParallelBackendBase):
     @property
     def cluster(self) -> Cluster:
         """Connected on first use, then reused by every call with the same settings."""
-        if self._cluster is None or not self._cluster.alive_hosts or self._cluster.closed:
+        if self._cluster is None or not self._cluster.usable:
             from .client.registry import get_cluster
 
             self._cluster = get_cluster(self.config)
@@ -59,7 +59,7 @@ class CloudBackend(AutoBatchingMixin, ParallelBackendBase):
             raise ValueError("n_jobs == 0 in Parallel has no meaning")
         if n_jobs == 1:
             return 1  # joblib's convention: run in the calling process
-        total = self.cluster.n_workers
+        total = self.cluster.target_workers
         if n_jobs is None:
             n_jobs = -1
         wanted = max(total + 1 + n_jobs, 1) if n_jobs < 0 else n_jobs

@@ -21,10 +21,6 @@ class HostConnectError(JoblibCloudError):
     """A host could not be reached or refused us."""
 
 
-class GaveUpWaitingError(HostConnectError):
-    """Waiting for a host stopped because another host of the same launch failed."""
-
-
 class HostKeyError(HostConnectError):
     """A host presented an SSH key we cannot verify."""
 

@@ -172,7 +172,7 @@ class DistributedPool:
         self._init = _Init(initializer, tuple(initargs)) if initializer else None
         self.config = resolve_config(**settings)
         self._cluster: Cluster = get_cluster(self.config)
-        self._processes = processes or self._cluster.n_workers
+        self._processes = processes or self._cluster.target_workers
         self._state = "RUN"
         self._futures: set[Future] = set()
         self._lock = threading.Lock()
@@ -184,7 +184,7 @@ class DistributedPool:
 
     def _submit(self, task: Callable[[], Any], label: str) -> Future:
         cluster = self._cluster
-        if cluster.closed or not cluster.alive_hosts:
+        if not cluster.usable:
             self._cluster = cluster = get_cluster(self.config)
         future = submit(cluster, task, label, owner=self)
         with self._lock:

@@ -54,19 +54,25 @@ class HostTarget:
 
 class Fleet:
     """What :meth:`Provider.ensure` gives the client: the hosts, the interpreter on them,
-    how long to wait for them, and what to do once they answered or if they did not."""
+    how long to wait for them, how many workers each will have (if known before it
+    answers), and what to do as each answers, or does not."""
 
     def __init__(self, hosts: list[HostTarget], python: str | None = None,
-                 connect_timeout: float | None = None) -> None:
+                 connect_timeout: float | None = None,
+                 workers_per_host: int | None = None) -> None:
         self.hosts = hosts
         self.python = python
         self.connect_timeout = connect_timeout
+        self.workers_per_host = workers_per_host
 
-    def ready(self) -> None:
-        """Every host answered: drop what only the boot needed."""
+    def ready(self, host: HostTarget) -> None:
+        """``host`` answered, before it gets work: drop what only its boot needed."""
+
+    def drop(self, host: HostTarget) -> None:
+        """``host`` never came up while others did: release it."""
 
     def abort(self) -> None:
-        """Connecting failed: undo what :meth:`Provider.ensure` created for it."""
+        """No host came up: undo what :meth:`Provider.ensure` created for this call."""
 
 
 class Provider(Protocol):

@@ -30,7 +30,10 @@ def _tcp_bytes_acked(sock: socket.socket) -> int:
 
 
 def _cluster(kwargs: dict):
-    return registry.get_cluster(resolve_config(**kwargs))
+    """The connected cluster, every host joined (they join as they come up)."""
+    cluster = registry.get_cluster(resolve_config(**kwargs))
+    assert cluster.wait_until_settled(60) and not cluster.failures
+    return cluster
 
 
 def _sent(cluster) -> dict[str, int]:

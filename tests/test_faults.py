@@ -25,6 +25,8 @@ from sklearn.datasets import make_classification
 from sklearn.linear_model import LogisticRegression
 from sklearn.model_selection import GridSearchCV
 
+from joblib_cloud.client import registry
+from joblib_cloud.config import resolve_config
 from joblib_cloud.errors import ClusterLostError, HostConnectError, TerminatedWorkerError
 
 
@@ -263,30 +265,68 @@ def test_client_killed_agents_stop_their_workers(fresh_fleet, tmp_path):
             proc.wait()
 
 
-def test_late_sshd_is_retried_with_backoff(fresh_fleet):
+def _slow_home(i):
+    time.sleep(0.2)
+    return os.environ["JOBLIB_CLOUD_HOME"]  # each fleet host has its own (sshd SetEnv)
+
+
+def test_work_starts_on_the_first_hosts_and_a_late_host_joins_mid_call(fresh_fleet):
+    """A host whose sshd starts late is retried with back-off; the call does not wait
+    for it, and it takes work as soon as it joins.  joblib is told the fleet's full
+    capacity from the start, so enough batches are queued for it."""
     late = fresh_fleet.hosts[2]
     late.kill()
-    timer = threading.Timer(1.5, late.start, kwargs={"wait": False})
-    timer.start()
+    kwargs = fresh_fleet.kwargs(workers_per_host=2, connect_timeout=60, cluster="late")
+    homes: list[str] = []
     try:
-        start = time.monotonic()
-        with parallel_backend("cloud", **fresh_fleet.kwargs(workers_per_host=1,
-                                                            connect_timeout=30)):
-            assert Parallel(n_jobs=-1)(delayed(abs)(-i) for i in range(6)) == list(range(6))
-        assert time.monotonic() - start >= 1.5
+        with parallel_backend("cloud", **kwargs):
+            backend = registry.get_cluster(resolve_config(**kwargs))
+            assert backend.target_workers == 6  # 2 hosts here, 1 on its way, 2 workers each
+            for i, home in enumerate(Parallel(n_jobs=-1, batch_size=1,
+                                              return_as="generator")(
+                    delayed(_slow_home)(i) for i in range(60))):
+                homes.append(home)
+                if i == 3:  # the call is under way without the late host: start it now
+                    assert str(late.home) not in homes
+                    late.start(wait=False)
+        assert str(late.home) in homes, "the host that joined mid-call took no work"
+        assert len(homes) == 60
     finally:
-        timer.join()
+        registry.get_cluster(resolve_config(**kwargs)).close()
 
 
-def test_host_never_up_clear_error_naming_host(fresh_fleet):
+def test_host_never_up_is_dropped_and_the_call_runs_on_the_others(fresh_fleet, caplog):
     dead = fresh_fleet.hosts[1]
     dead.kill()
+    kwargs = fresh_fleet.kwargs(connect_timeout=2, workers_per_host=1, cluster="one-dead")
+    try:
+        with parallel_backend("cloud", **kwargs):
+            assert Parallel(n_jobs=-1)(delayed(abs)(-i) for i in range(6)) == list(range(6))
+        cluster = registry.get_cluster(resolve_config(**kwargs))
+        deadline = time.monotonic() + 15
+        while dead.spec not in cluster.failures and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert "unreachable after" in str(cluster.failures[dead.spec])
+        assert len(cluster.alive_hosts) == 2
+        assert any(dead.spec in r.getMessage() and "did not come up" in r.getMessage()
+                   for r in caplog.records)
+    finally:
+        registry.get_cluster(resolve_config(**kwargs)).close()
+
+
+def test_no_host_up_is_a_clear_error_naming_every_host(fresh_fleet):
+    for host in fresh_fleet.hosts:
+        host.kill()
     start = time.monotonic()
     with pytest.raises(HostConnectError) as info:
-        with parallel_backend("cloud", **fresh_fleet.kwargs(connect_timeout=2)):
+        with parallel_backend("cloud", **fresh_fleet.kwargs(connect_timeout=2,
+                                                            cluster="none-up")):
             Parallel(n_jobs=-1)(delayed(abs)(i) for i in range(3))
     elapsed = time.monotonic() - start
-    assert dead.spec in str(info.value) and "unreachable after" in str(info.value)
+    message = str(info.value)
+    assert "3 hosts failed to connect" in message
+    assert all(h.spec in message for h in fresh_fleet.hosts)
+    assert message.count("unreachable after") == 3
     assert 1.5 < elapsed < 15
 
 

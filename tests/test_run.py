@@ -379,6 +379,7 @@ class FleetHandle:
         self.known_hosts = str(fleet.known_hosts)
         self.python = sys.executable
         self.connect_timeout = 2.0
+        self.vcpus = 2
         self.aborted = False
 
     def abort(self) -> None:
@@ -390,7 +391,7 @@ class FleetHandle:
     def timeout_advice(self) -> str:
         return ""
 
-    def close_metadata(self) -> None:
+    def close_metadata(self, instance_ids=None) -> None:
         pass
 
 

@@ -70,6 +70,9 @@ def cmd_up(args: argparse.Namespace) -> int:
                             verbose=True)
     cluster = connect(config)
     try:
+        cluster.wait_until_settled()
+        for name, error in cluster.failures.items():
+            print(f"{name}: did not come up: {error}")
         for host in cluster.hosts:
             print(f"{host.name}: {host.workers} workers")
     finally:

@@ -24,6 +24,7 @@ from ..config import CloudConfig
 from ..errors import (
     AbortedError,
     ClusterLostError,
+    HostConnectError,
     HostLostError,
 )
 from ..wire.protocol import (
@@ -47,7 +48,7 @@ MAX_TRIES = 3
 class Cluster:
     """Connected hosts plus the queue of batches waiting for a free slot."""
 
-    def __init__(self, config: CloudConfig) -> None:
+    def __init__(self, config: CloudConfig, workers_per_host: int | None = None) -> None:
         self.config = config
         #: Guards the queue and every host's in-flight table.  Each host's sender waits on
         #: its own condition of this lock, so a result or a new batch wakes one thread,
@@ -57,12 +58,84 @@ class Cluster:
         self.hosts: list[HostSession] = []
         self.store = ObjectStore(config.cache_threshold)
         self.closed = False
+        #: Hosts still connecting (booting, installing): they take work once they join,
+        #: so the queue waits for them rather than failing while any is on its way.
+        self.joining = 0
+        #: Hosts that never joined, and why.
+        self.failures: dict[str, BaseException] = {}
+        #: The workers a host will have, before it says so (the fleet's target capacity).
+        self.workers_per_host = workers_per_host
+        self.changed = threading.Condition(self.lock)  # a host joined or gave up
+        self._monitoring = False
 
     # -- lifecycle ---------------------------------------------------------------
     def attach(self, hosts: list[HostSession]) -> None:
-        self.hosts = hosts
-        threading.Thread(target=self._monitor, daemon=True,
-                         name=f"joblib-cloud-monitor-{self.config.cluster}").start()
+        """These hosts are connected: they take work from now on."""
+        for host in hosts:
+            self.join(host, expected=False)
+
+    def expect(self, count: int) -> None:
+        """``count`` hosts are on their way (see :meth:`join` and :meth:`give_up_on`)."""
+        with self.lock:
+            self.joining += count
+
+    def join(self, host: HostSession, expected: bool = True) -> None:
+        """A host finished its handshake: it takes work at once."""
+        with self.lock:
+            if expected:
+                self.joining -= 1
+            if self.closed:
+                host.close()
+                return
+            self.hosts.append(host)
+            self.wake_all()
+            self.changed.notify_all()
+            if not self._monitoring:
+                self._monitoring = True
+                threading.Thread(target=self._monitor, daemon=True,
+                                 name=f"joblib-cloud-monitor-{self.config.cluster}").start()
+
+    def give_up_on(self, name: str, error: BaseException) -> None:
+        """A host that never came up: the others take its share; with none left and none
+        coming, what waits fails with every host's reason."""
+        with self.lock:
+            self.joining -= 1
+            self.failures[name] = error
+            self.changed.notify_all()
+            stranded = self._strand_if_hopeless()
+        if self.alive_hosts and not self.closed:
+            log.warning("host %s did not come up, the others take its share: %s", name, error)
+        self._fail(stranded)
+
+    def wait_until_settled(self, timeout: float | None = None) -> bool:
+        """Until every host has joined or given up (``joblib-cloud up``, tests)."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self.lock:
+            while self.joining and not self.closed:
+                left = None if deadline is None else deadline - time.monotonic()
+                if left is not None and left <= 0:
+                    return False
+                self.changed.wait(left)
+            return True
+
+    def wait_for_first_host(self) -> None:
+        """Until a host has joined; raises the reason(s) when none will."""
+        with self.lock:
+            while not self.alive_hosts and self.joining and not self.closed:
+                self.changed.wait()
+            if self.alive_hosts:
+                return
+        raise self.connect_error()
+
+    def connect_error(self) -> BaseException:
+        """Why no host came up: the one error as it is, or all of them."""
+        errors = list(self.failures.items())
+        if len(errors) == 1:
+            return errors[0][1]
+        message = "; ".join(f"{name}: {exc}" for name, exc in errors)
+        error = HostConnectError(f"{len(errors)} hosts failed to connect: {message}")
+        error.__cause__ = errors[0][1] if errors else None
+        return error
 
     def close(self) -> None:
         with self.lock:
@@ -112,13 +185,26 @@ class Cluster:
         return [h for h in self.hosts if h.alive]
 
     @property
+    def usable(self) -> bool:
+        """Open, with a host here or on its way."""
+        return not self.closed and bool(self.alive_hosts or self.joining)
+
+    @property
     def n_workers(self) -> int:
         return sum(h.workers for h in self.alive_hosts)
+
+    @property
+    def target_workers(self) -> int:
+        """The workers of the hosts that are here and of those still coming: joblib keeps
+        enough batches queued for hosts that join mid-call."""
+        alive = self.alive_hosts
+        per_host = self.workers_per_host or max((h.workers for h in alive), default=1)
+        return sum(h.workers for h in alive) + self.joining * per_host
 
     # -- work ----------------------------------------------------------------------
     def submit(self, job: Batch) -> Future:
         with self.lock:
-            if not self.alive_hosts:
+            if not self.alive_hosts and not self.joining:
                 resolve(job, exc=self._lost_error())
                 return job.future
             # This thread sends the oldest waiting batch itself if a host can take it at
@@ -166,7 +252,9 @@ class Cluster:
 
     # -- failures ------------------------------------------------------------------
     def _lost_error(self) -> ClusterLostError:
-        detail = "; ".join(f"{h.name}: {h.lost_reason or 'closed'}" for h in self.hosts)
+        detail = "; ".join([f"{h.name}: {h.lost_reason or 'closed'}" for h in self.hosts]
+                           + [f"{name}: did not come up: {exc}"
+                              for name, exc in self.failures.items()])
         return ClusterLostError(
             f"no host of cluster {self.config.cluster!r} is left ({detail}). "
             "The remaining work could not run; start the call again to reconnect.")
@@ -180,27 +268,40 @@ class Cluster:
             jobs = sorted(host.inflight.values(), key=lambda j: j.id)
             host.inflight.clear()
             survivors = self.alive_hosts
+            hope = bool(survivors or self.joining)
             retry, failed = [], []
             for job in jobs:
                 if job.aborted or job.future.done():
                     continue
                 job.tries += 1
-                (retry if survivors and job.tries < MAX_TRIES else failed).append(job)
+                (retry if hope and job.tries < MAX_TRIES else failed).append(job)
             for job in reversed(retry):
                 self.pending.appendleft(job)
-            if not survivors:
-                failed.extend(self.pending)
-                self.pending.clear()
+            failed.extend(self._strand_if_hopeless())
             self.wake_all()
         if not self.closed:
             log.warning("host %s lost: %s; %d batch(es) re-queued on %d remaining host(s)",
                         host.name, reason, len(retry), len(survivors))
         host.close()
         if failed:
-            error: Exception = self._lost_error() if not survivors else HostLostError(
+            error: Exception = self._lost_error() if not hope else HostLostError(
                 f"host {host.name} was lost ({reason}) and this batch already failed on "
                 f"{MAX_TRIES} hosts")
             for job in failed:
+                resolve(job, exc=error)
+
+    def _strand_if_hopeless(self) -> list[Batch]:
+        """With ``lock`` held: no host here and none coming, so the queue can never run."""
+        if self.alive_hosts or self.joining:
+            return []
+        stranded = list(self.pending)
+        self.pending.clear()
+        return stranded
+
+    def _fail(self, batches: list[Batch]) -> None:
+        if batches:
+            error = self._lost_error()
+            for job in batches:
                 resolve(job, exc=error)
 
     def _monitor(self) -> None:

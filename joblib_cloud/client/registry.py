@@ -14,14 +14,11 @@ import atexit
 import sys
 import threading
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
-from concurrent.futures import wait as futures_wait
 
 from .. import provisioner
 from ..config import CloudConfig
-from ..errors import GaveUpWaitingError, HostConnectError
 from ..jobs.docker import docker_python
-from ..provisioner import HostTarget
+from ..provisioner import Fleet, HostTarget
 from .cluster import Cluster
 from .progress import Progress
 from .session import HostSession
@@ -54,7 +51,7 @@ def get_cluster(config: CloudConfig) -> Cluster:
     with lock:
         with _registry_lock:
             cluster = _registry.get(key)
-        if cluster is not None and cluster.alive_hosts and not cluster.closed:
+        if cluster is not None and cluster.usable:
             return cluster
         cluster = connect(config)
         with _registry_lock:
@@ -74,23 +71,51 @@ atexit.register(close_all)
 
 
 def connect(config: CloudConfig, progress: Progress | None = None) -> Cluster:
-    """Ask the configured provider for its hosts, then connect and start an agent on each
-    (in parallel, all or nothing: a failure undoes what the provider made for this)."""
+    """Ask the configured provider for its hosts, start an agent on each in parallel, and
+    return the cluster as soon as the first host is ready: the others join as they come
+    up, and one that never does is dropped with a warning (``Cluster.give_up_on``).  Only
+    when no host comes up does this fail, with every host's reason, after undoing what
+    the provider made for it."""
     progress = progress or Progress(config.verbose)
     fleet = provisioner.provider(config.provider).ensure(config, progress)
     config = config.replace(python=config.python or fleet.python,
                             connect_timeout=fleet.connect_timeout or config.connect_timeout)
-    cluster = Cluster(config)
-    openers = [(target.name, _opener(cluster, target)) for target in fleet.hosts]
+    cluster = Cluster(config, fleet.workers_per_host)
+    total = len(fleet.hosts)
+    cluster.expect(total)
+    for target in fleet.hosts:
+        threading.Thread(target=_join, args=(cluster, fleet, target, config, progress, total),
+                         daemon=True, name=f"joblib-cloud-connect-{target.name}").start()
     try:
-        hosts = _open_all(openers, config, progress)
+        cluster.wait_for_first_host()
     except BaseException:
+        cluster.close()
         fleet.abort()  # never leave a VM we just launched
         raise
-    fleet.ready()
-    cluster.attach(hosts)
-    progress.done(f"{len(hosts)}/{len(openers)} hosts connected, {cluster.n_workers} workers")
     return cluster
+
+
+def _join(cluster: Cluster, fleet: Fleet, target: HostTarget, config: CloudConfig,
+          progress: Progress, total: int) -> None:
+    """Connect one host and hand it to the cluster, or tell the cluster it never came."""
+    try:
+        session = _opener(cluster, target)(config)
+        try:
+            session.handshake(config)
+            fleet.ready(target)
+        except BaseException:
+            session.close()
+            raise
+    except BaseException as exc:  # noqa: BLE001 - the cluster reports it
+        closed = cluster.closed  # then the failure is only the close, not the host's
+        cluster.give_up_on(target.name, exc)
+        if not closed and (cluster.alive_hosts or cluster.joining):
+            fleet.drop(target)
+        return
+    cluster.join(session)
+    ready = len(cluster.alive_hosts)
+    message = f"{ready} of {total} hosts ready, {cluster.n_workers} workers"
+    (progress.done if ready + len(cluster.failures) == total else progress.update)(message)
 
 
 Opener = Callable[[CloudConfig], HostSession]
@@ -123,56 +148,3 @@ def _opener(cluster: Cluster, target: HostTarget) -> Opener:
             raise
 
     return local if target.spec is None else ssh
-
-
-def _open_all(openers: list[tuple[str, Opener]], config: CloudConfig, progress: Progress
-              ) -> list[HostSession]:
-    """Connect and handshake every host in parallel; all or nothing."""
-    done: list[HostSession] = []
-    errors: list[tuple[str, BaseException]] = []
-    lock = threading.Lock()
-    abandoned = threading.Event()
-
-    def one(name: str, opener: Opener) -> None:
-        try:
-            session = opener(config)
-            try:
-                session.handshake(config)
-            except BaseException:
-                session.close()
-                raise
-        except BaseException as exc:  # noqa: BLE001 - collected and re-raised below
-            with lock:
-                errors.append((name, exc))
-            return
-        with lock:
-            if abandoned.is_set():  # the caller gave up (Ctrl-C): don't leak the session
-                session.close()
-                return
-            done.append(session)
-            progress.update(f"{len(done)}/{len(openers)} hosts connected")
-
-    pool = ThreadPoolExecutor(max_workers=min(len(openers), 32))
-    try:
-        futures_wait([pool.submit(one, name, opener) for name, opener in openers])
-    except BaseException:
-        # Ctrl-C must not wait for every connect to time out (10 min on a booting VM).
-        with lock:
-            abandoned.set()
-            for session in done:
-                session.close()
-        pool.shutdown(wait=False, cancel_futures=True)
-        raise
-    pool.shutdown()
-    if errors:
-        for session in done:
-            session.close()
-        # Hosts that only stopped waiting because another failed: report the cause.
-        errors = [e for e in errors if not isinstance(e[1], GaveUpWaitingError)] or errors
-        first = errors[0][1]
-        if len(errors) == 1:
-            raise first
-        message = "; ".join(f"{name}: {exc}" for name, exc in errors)
-        raise HostConnectError(f"{len(errors)} hosts failed to connect: {message}") from first
-    order = {name: i for i, (name, _) in enumerate(openers)}
-    return sorted(done, key=lambda s: order[s.name])

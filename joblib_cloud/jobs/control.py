@@ -232,7 +232,7 @@ def open_target(config: CloudConfig, progress: Progress) -> tuple[Target, JobRec
     except BaseException:
         fleet.abort()  # never leave a VM we just launched and cannot reach
         raise
-    fleet.ready()
+    fleet.ready(target)
     record = JobRecord(host=spec.name, python=python, address=spec.address, port=spec.port,
                        user=spec.user, host_key=spec.host_key, ssh_key=target.ssh_key,
                        known_hosts=target.known_hosts, **base)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from ..client.progress import Progress
@@ -14,7 +15,8 @@ class LocalProvider:
     name = "local"
 
     def ensure(self, config: CloudConfig, progress: Progress) -> Fleet:
-        return Fleet([HostTarget(f"local-{i}") for i in range(config.n)], python=sys.executable)
+        return Fleet([HostTarget(f"local-{i}") for i in range(config.n)], python=sys.executable,
+                     workers_per_host=config.workers_per_host or os.cpu_count())
 
     def status(self, config: CloudConfig, args: argparse.Namespace, out: Out) -> int:
         out("provider 'local' runs its agents as subprocesses of the program that uses "

@@ -21,7 +21,7 @@ class SSHProvider:
     def ensure(self, config: CloudConfig, progress: Progress) -> Fleet:
         specs = [parse_host(h) for h in config.hosts]
         return Fleet([HostTarget(s.name, s, config.ssh_key, config.known_hosts)
-                      for s in specs])
+                      for s in specs], workers_per_host=config.workers_per_host)
 
     def status(self, config: CloudConfig, args: argparse.Namespace, out: Out) -> int:
         """Reachability: each host's SSH login, host key verified."""

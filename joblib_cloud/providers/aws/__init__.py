@@ -21,16 +21,21 @@ class AWSFleet(Fleet):
     died), their metadata endpoint closes once they answered, and a failed connect
     terminates what this call launched."""
 
-    def __init__(self, handle: ClusterHandle, python: str | None) -> None:
+    def __init__(self, handle: ClusterHandle, python: str | None,
+                 workers_per_host: int | None) -> None:
         advice = handle.timeout_advice()
         super().__init__([HostTarget(s.name, s, handle.ssh_key, handle.known_hosts,
                                      retry_auth=True, check=handle.boot_check(s),
                                      timeout_advice=advice) for s in handle.specs],
-                         python=python, connect_timeout=handle.connect_timeout)
+                         python=python, connect_timeout=handle.connect_timeout,
+                         workers_per_host=workers_per_host)
         self.handle = handle
 
-    def ready(self) -> None:
-        self.handle.close_metadata()
+    def ready(self, host: HostTarget) -> None:
+        self.handle.close_metadata([host.spec.label])
+
+    def drop(self, host: HostTarget) -> None:
+        self.handle.drop(host.spec.label)
 
     def abort(self) -> None:
         self.handle.abort()
@@ -43,8 +48,10 @@ class AWSProvider:
         from .launch import ensure_cluster
 
         handle = ensure_cluster(config, progress)
-        # The venv the boot script built, unless the agent runs in a Docker image.
-        return AWSFleet(handle, None if config.image else handle.python)
+        # The venv the boot script built, unless the agent runs in a Docker image; a
+        # worker per vCPU unless told otherwise.
+        return AWSFleet(handle, None if config.image else handle.python,
+                        config.workers_per_host or handle.vcpus)
 
     def status(self, config: CloudConfig, args: argparse.Namespace, out: Out) -> int:
         from . import commands

@@ -85,7 +85,8 @@ def ensure_cluster(config: CloudConfig, progress: Progress) -> ClusterHandle:
     return ClusterHandle(
         config.cluster, region, specs, str(key_path), str(known),
         [i["InstanceId"] for i in instances], launches.ids, fresh=fresh,
-        connect_timeout=timeout, session=sess, ec2=ec2, launches=launches, cidr=cidr,
+        connect_timeout=timeout, vcpus=itype.vcpus, session=sess, ec2=ec2,
+        launches=launches, cidr=cidr,
         security_group_id=config.security_group_id,
         metadata_open=[i["InstanceId"] for i in instances
                        if (i.get("MetadataOptions") or {}).get("HttpEndpoint") != "disabled"])

@@ -19,7 +19,6 @@ from collections.abc import Callable
 from typing import Any
 
 from ...client.hosts import HostSpec
-from ...errors import GaveUpWaitingError
 from . import ec2api, teardown, userdata
 from .ec2api import BootFailedError, call
 
@@ -81,6 +80,8 @@ class ClusterHandle:
     fresh: bool
     python: str = userdata.HOST_PYTHON
     connect_timeout: float = 1200.0
+    #: vCPUs of the instance type: the workers a host will have.
+    vcpus: int | None = None
     session: Any = None
     ec2: Any = None
     launches: Launches = dataclasses.field(default_factory=Launches)
@@ -91,8 +92,6 @@ class ClusterHandle:
     metadata_open: list[str] = dataclasses.field(default_factory=list)
     _seen: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict, repr=False)
     _seen_at: float = dataclasses.field(default=float("-inf"), repr=False)
-    #: The first machine found dead: the others stop waiting too (all or nothing).
-    _failed: str | None = dataclasses.field(default=None, repr=False)
     _lock: threading.Lock = dataclasses.field(default_factory=threading.Lock, repr=False)
 
     def abort(self) -> None:
@@ -117,13 +116,7 @@ class ClusterHandle:
                     log.debug("could not check the machines' state: %s", exc)
                 self._seen_at = time.monotonic()
             instance = self._seen.get(instance_id)
-            failed = self._failed
-        if failed is not None and failed != instance_id:
-            raise GaveUpWaitingError(f"stopped waiting for {instance_id}: machine {failed} "
-                                     "of the same cluster failed to boot (see its error)")
         if instance is not None and instance["State"]["Name"] not in LIVE_STATES:
-            with self._lock:
-                self._failed = self._failed or instance_id
             raise boot_failure(self.ec2, instance)
 
     def timeout_advice(self) -> str:
@@ -139,10 +132,20 @@ class ClusterHandle:
         return (f"{where} A machine that is only slow to boot needs a longer wait: raise "
                 f"boot_timeout (or connect_timeout; now {self.connect_timeout:.0f}s).")
 
-    def close_metadata(self) -> None:
-        """The machines have booted: turn off their metadata endpoint, which would serve
-        the user-data (with the host's private SSH key) to any process on them."""
-        for instance_id in self.metadata_open:
+    def drop(self, instance_id: str) -> None:
+        """A machine that never came up, while the others did: terminate it if this call
+        launched it (a re-attached one stops on its own idle timer)."""
+        if instance_id in self.launches.ids:
+            ec2 = self.session.client("ec2")
+            teardown.terminate_ids(ec2, [instance_id], log.info, timeout=60.0,
+                                   not_found_timeout=CONSISTENCY_TIMEOUT)
+
+    def close_metadata(self, instance_ids: list[str] | None = None) -> None:
+        """These machines (default: all) have booted: turn off their metadata endpoint,
+        which would serve the user-data (with the host's private SSH key) to any process
+        on them."""
+        closing = [i for i in self.metadata_open if instance_ids is None or i in instance_ids]
+        for instance_id in closing:
             try:
                 call(self.ec2.modify_instance_metadata_options,
                      "turn off the metadata endpoint", InstanceId=instance_id,
@@ -152,7 +155,7 @@ class ClusterHandle:
                     "could not turn off the metadata endpoint of %s (%s): any process on it "
                     "can read its SSH host key. Allow ec2:ModifyInstanceMetadataOptions to "
                     "these credentials.", instance_id, exc)
-        self.metadata_open = []
+        self.metadata_open = [i for i in self.metadata_open if i not in closing]
 
 
 def _describe_ids(ec2: Any, ids: list[str]) -> list[dict[str, Any]]:
