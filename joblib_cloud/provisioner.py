@@ -56,6 +56,10 @@ class Fleet:
     """What :meth:`Provider.ensure` gives the client: the hosts, the interpreter on them,
     how long to wait for them, and what to do once they answered or if they did not."""
 
+    #: The hosts' boot installed ``packages=`` and ``requirements=`` already (aws); else,
+    #: with ``sync_packages`` on, the client installs them once connected.
+    boot_installs_packages = False
+
     def __init__(self, hosts: list[HostTarget], python: str | None = None,
                  connect_timeout: float | None = None) -> None:
         self.hosts = hosts
@@ -91,6 +95,9 @@ PROVIDERS: dict[str, str] = {
     "local": "joblib_cloud.providers.local:LocalProvider",
 }
 _loaded: dict[str, Provider] = {}
+#: Providers whose hosts' Python environment joblib-cloud made itself, so it may add to it:
+#: ``sync_packages`` is on by default there (elsewhere the environment is the user's own).
+MANAGED_ENVIRONMENTS = frozenset({"aws"})
 
 
 def provider(name: str) -> Provider:

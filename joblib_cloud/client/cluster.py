@@ -57,6 +57,8 @@ class Cluster:
         self.hosts: list[HostSession] = []
         self.store = ObjectStore(config.cache_threshold)
         self.closed = False
+        #: The hosts' boot installed packages= (aws): the client need not.
+        self.boot_installs_packages = False
 
     # -- lifecycle ---------------------------------------------------------------
     def attach(self, hosts: list[HostSession]) -> None:

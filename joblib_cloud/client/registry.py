@@ -23,6 +23,7 @@ from ..errors import GaveUpWaitingError, HostConnectError
 from ..jobs.docker import docker_python
 from ..provisioner import HostTarget
 from .cluster import Cluster
+from .packages import install_configured_everywhere
 from .progress import Progress
 from .session import HostSession
 from .streams import LocalAgent
@@ -33,6 +34,10 @@ _connect_locks: dict[tuple, threading.Lock] = {}
 
 #: Settings that define a fleet and how the client talks to it: any difference means
 #: another cluster (a changed heartbeat or cache size must not be silently ignored).
+#: ``sync_packages`` is not one: it changes neither the hosts nor how they are reached and
+#: spoken to, only what the client does when a batch misses a module (each batch carries
+#: its own setting) and whether packages= get installed, which ``get_cluster`` also does
+#: on a cluster it reuses.  So turning it on does not start a second set of agents.
 FLEET_FIELDS = ("provider", "cluster", "hosts", "n", "instance", "region", "python",
                 "workers_per_host", "image_id", "image", "user", "ssh_key", "known_hosts",
                 "spot", "heartbeat_timeout", "max_result_size", "cache_threshold",
@@ -55,6 +60,8 @@ def get_cluster(config: CloudConfig) -> Cluster:
         with _registry_lock:
             cluster = _registry.get(key)
         if cluster is not None and cluster.alive_hosts and not cluster.closed:
+            if _installs_configured(config, cluster.boot_installs_packages):
+                install_configured_everywhere(cluster.alive_hosts, config)
             return cluster
         cluster = connect(config)
         with _registry_lock:
@@ -81,9 +88,11 @@ def connect(config: CloudConfig, progress: Progress | None = None) -> Cluster:
     config = config.replace(python=config.python or fleet.python,
                             connect_timeout=fleet.connect_timeout or config.connect_timeout)
     cluster = Cluster(config)
+    cluster.boot_installs_packages = fleet.boot_installs_packages
     openers = [(target.name, _opener(cluster, target)) for target in fleet.hosts]
+    install = _installs_configured(config, fleet.boot_installs_packages)
     try:
-        hosts = _open_all(openers, config, progress)
+        hosts = _open_all(openers, config, progress, install)
     except BaseException:
         fleet.abort()  # never leave a VM we just launched
         raise
@@ -91,6 +100,13 @@ def connect(config: CloudConfig, progress: Progress | None = None) -> Cluster:
     cluster.attach(hosts)
     progress.done(f"{len(hosts)}/{len(openers)} hosts connected, {cluster.n_workers} workers")
     return cluster
+
+
+def _installs_configured(config: CloudConfig, boot_installs: bool) -> bool:
+    """Whether the client installs packages= and requirements= on connected hosts: with
+    sync_packages, where the hosts' boot did not (ssh, local)."""
+    return (config.sync_packages and not boot_installs
+            and bool(config.packages or config.requirements))
 
 
 Opener = Callable[[CloudConfig], HostSession]
@@ -125,9 +141,10 @@ def _opener(cluster: Cluster, target: HostTarget) -> Opener:
     return local if target.spec is None else ssh
 
 
-def _open_all(openers: list[tuple[str, Opener]], config: CloudConfig, progress: Progress
-              ) -> list[HostSession]:
-    """Connect and handshake every host in parallel; all or nothing."""
+def _open_all(openers: list[tuple[str, Opener]], config: CloudConfig, progress: Progress,
+              install: bool = False) -> list[HostSession]:
+    """Connect and handshake every host in parallel (then, with ``install``, install
+    packages= and requirements= there before any batch); all or nothing."""
     done: list[HostSession] = []
     errors: list[tuple[str, BaseException]] = []
     lock = threading.Lock()
@@ -138,6 +155,8 @@ def _open_all(openers: list[tuple[str, Opener]], config: CloudConfig, progress: 
             session = opener(config)
             try:
                 session.handshake(config)
+                if install:
+                    session.packages.install_configured(config)
             except BaseException:
                 session.close()
                 raise
