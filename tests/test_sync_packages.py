@@ -74,7 +74,8 @@ def install_on_client(site: Path, monkeypatch, name: str = PROBE, version: str =
 class HostPython:
     """A throwaway venv behind a wrapper that points pip and uv at ``wheels`` only."""
 
-    def __init__(self, root: Path, wheels: Path, fake_uv_log: Path | None = None) -> None:
+    def __init__(self, root: Path, wheels: Path, fake_uv_log: Path | None = None,
+                 fake_uv_steps: tuple[str, str] = ("", "")) -> None:
         self.venv = root / "venv"
         subprocess.run([sys.executable, "-m", "venv", "--system-site-packages",
                         "--without-pip", str(self.venv)], check=True)
@@ -84,7 +85,7 @@ class HostPython:
             check=True, capture_output=True, text=True).stdout.strip())
         path = "$PATH"
         if fake_uv_log is not None:
-            path = f"{self._fake_uv(root / 'fakebin', fake_uv_log)}:$PATH"
+            path = f"{self._fake_uv(root / 'fakebin', fake_uv_log, fake_uv_steps)}:$PATH"
         self.wrapper = root / "host-python"
         self.wrapper.write_text(
             "#!/bin/sh\n"
@@ -95,16 +96,17 @@ class HostPython:
         self.wrapper.chmod(0o755)
 
     @staticmethod
-    def _fake_uv(bin_dir: Path, log: Path) -> Path:
-        """A ``uv`` on PATH that logs each call, then does its work with pip: it shows how
-        many installs ran and that the agent speaks uv's command line."""
+    def _fake_uv(bin_dir: Path, log: Path, steps: tuple[str, str]) -> Path:
+        """A ``uv`` on PATH that logs each call, then does its work with pip (between the
+        shell ``steps`` given): it shows how many installs ran and that the agent speaks
+        uv's command line."""
         bin_dir.mkdir()
         uv = bin_dir / "uv"
         uv.write_text("#!/bin/sh\n"
                       f'echo "$@" >> {log}\n'
                       '[ "$1 $2 $3" = "pip install --python" ] || exit 2\n'
                       'py="$4"; shift 4\n'
-                      'exec "$py" -m pip install "$@"\n')
+                      f'{steps[0]}\n"$py" -m pip install "$@" || exit $?\n{steps[1]}\n')
         uv.chmod(0o755)
         return bin_dir
 
@@ -201,6 +203,41 @@ def test_batches_missing_the_same_module_share_one_install(tmp_path, wheels, pro
                                                                       "python")]
     assert calls[0].split()[4:] == [f"{PROBE}==1.0"]
     assert host.has(PROBE)
+    registry.close_all()
+
+
+#: The install leaves site-packages' modification time as it was, as on a file system with
+#: coarse timestamps: a worker's import system then believes its cached listing.
+SAME_MTIME = (
+    'site=$("$py" -c "import sysconfig; print(sysconfig.get_paths()[\'purelib\'])")\n'
+    'touch -r "$site" "$0.stamp"',
+    'touch -r "$0.stamp" "$site"')
+
+
+def test_workers_that_missed_the_module_import_it_once_installed(tmp_path, wheels, probe):
+    log = tmp_path / "uv.log"
+    host = HostPython(tmp_path / "host", wheels, fake_uv_log=log, fake_uv_steps=SAME_MTIME)
+    settings = _settings("local", None, host.wrapper, "sync-mtime", sync_packages=True)
+    with parallel_backend("cloud", **settings):
+        out = Parallel(batch_size=1)(delayed(probe.where)(i) for i in range(4))
+    assert [x for x, _ in out] == [0, 1, 2, 3]
+    assert len(log.read_text().splitlines()) == 1
+    registry.close_all()
+
+
+def test_a_long_install_does_not_stop_the_heartbeats(tmp_path, wheels, probe):
+    """The agent watches the installer from its event loop: an install longer than
+    heartbeat_timeout does not get the host taken for lost, on either side."""
+    log = tmp_path / "uv.log"
+    host = HostPython(tmp_path / "host", wheels, fake_uv_log=log,
+                      fake_uv_steps=("sleep 4", ""))
+    settings = _settings("local", None, host.wrapper, "sync-slow", sync_packages=True,
+                         heartbeat_timeout=1.5)
+    with parallel_backend("cloud", **settings):
+        cluster = registry.get_cluster(resolve_config(**settings))  # the backend's own
+        out = Parallel(batch_size=1)(delayed(probe.where)(i) for i in range(2))
+        assert cluster.alive_hosts == cluster.hosts and not cluster.closed
+    assert [x for x, _ in out] == [0, 1]
     registry.close_all()
 
 
