@@ -289,6 +289,17 @@ def test_sync_packages_setting_defaults_by_provider(monkeypatch):
                        _file={})
 
 
+def test_aws_hosts_let_the_agent_install_with_the_boots_uv():
+    from joblib_cloud.host.installer import MANAGED_UV
+    from joblib_cloud.providers.aws import userdata
+
+    assert MANAGED_UV == f"{userdata.ROOT}/bin/uv"
+    script = userdata.boot_script("ec2-user", "3.11", ["joblib==1.4.2"], False)
+    assert f"python3 {userdata.ROOT}/fetch_uv.py {userdata.UV_VERSION} {userdata.ROOT}/bin" \
+        in script
+    assert f"chown -R ec2-user: {userdata.VENV}\n" in script
+
+
 def test_installer_command_prefers_uv_and_targets_the_agents_python():
     assert installer_command(["a==1"], python="/py", uv="/opt/uv") == [
         "/opt/uv", "pip", "install", "--python", "/py", "a==1"]
