@@ -305,3 +305,19 @@ def test_installer_command_prefers_uv_and_targets_the_agents_python():
         "/opt/uv", "pip", "install", "--python", "/py", "a==1"]
     assert installer_command(["a==1", "-r", "f"], python="/py")[:4] == [
         "/py", "-m", "pip", "install"]
+
+
+def test_turning_sync_on_keeps_the_cluster_and_installs_the_packages(tmp_path, wheels):
+    """sync_packages does not define the fleet: the same agents go on, and the packages
+    the call names are installed on them."""
+    host = HostPython(tmp_path / "host", wheels)
+    plain = _settings("local", None, host.wrapper, "sync-later")
+    synced = {**plain, "sync_packages": True, "packages": [f"{PROBE}==1.0"]}
+    with parallel_backend("cloud", **plain):
+        assert Parallel()(delayed(host_can_import)(PROBE) for _ in range(2)) == [False] * 2
+    cluster = registry.get_cluster(resolve_config(**plain))
+    with parallel_backend("cloud", **synced):
+        assert Parallel()(delayed(host_can_import)(PROBE) for _ in range(2)) == [True] * 2
+    assert registry.get_cluster(resolve_config(**synced)) is cluster
+    assert host.has(PROBE)
+    registry.close_all()
