@@ -84,7 +84,8 @@ class CloudBackend(AutoBatchingMixin, ParallelBackendBase):
         from .client.batch import describe_batch, submit
 
         future = submit(self.cluster, func, describe_batch(func), owner=self,
-                        threads=self.inner_max_num_threads)
+                        threads=self.inner_max_num_threads,
+                        sync_packages=self.config.sync_packages)
         if callback is not None:
             future.add_done_callback(callback)
         return future

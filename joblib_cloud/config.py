@@ -146,6 +146,9 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("image_id", None, _to_opt_str, "EC2 AMI id (default: current Amazon Linux)"),
     Setting("packages", [], _to_list, "extra pip packages to install on the hosts"),
     Setting("requirements", None, _to_opt_str, "requirements file to install on the hosts"),
+    Setting("sync_packages", None, lambda v: None if v is None else _to_bool(v),
+            "install on a host the client's version of a package a task misses there "
+            "(default: on for aws, off for ssh and local)"),
     Setting("ingress_cidr", None, _to_opt_str, "CIDR allowed to reach port 22 on EC2 hosts"),
     Setting("subnet_id", None, _to_opt_str,
             "EC2 subnet to launch in (default: the default VPC's subnets)"),
@@ -209,6 +212,7 @@ class CloudConfig:
     image_id: str | None
     packages: tuple[str, ...]
     requirements: str | None
+    sync_packages: bool
     ingress_cidr: str | None
     subnet_id: str | None
     security_group_id: str | None
@@ -266,10 +270,12 @@ def _validate(values: dict[str, Any], origins: dict[str, str]) -> None:
         raise ValueError(f"invalid value {values[name]!r} for {origin}: {message}")
 
     values["provider"] = values["provider"].strip().lower()
-    from .provisioner import PROVIDERS
+    from .provisioner import MANAGED_ENVIRONMENTS, PROVIDERS
 
     if values["provider"] not in PROVIDERS:
         fail("provider", f"unknown provider; choose one of {', '.join(PROVIDERS)}")
+    if values["sync_packages"] is None:
+        values["sync_packages"] = values["provider"] in MANAGED_ENVIRONMENTS
     if values["n"] < 1:
         fail("n", "the number of machines must be at least 1")
     if values["workers_per_host"] is not None and values["workers_per_host"] < 1:

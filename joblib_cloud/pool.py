@@ -186,7 +186,8 @@ class DistributedPool:
         cluster = self._cluster
         if not cluster.usable:
             self._cluster = cluster = get_cluster(self.config)
-        future = submit(cluster, task, label, owner=self)
+        future = submit(cluster, task, label, owner=self,
+                        sync_packages=self.config.sync_packages)
         with self._lock:
             self._futures.add(future)
         future.add_done_callback(self._forget)

@@ -57,6 +57,10 @@ class Fleet:
     how long to wait for them, how many workers each will have (if known before it
     answers), and what to do as each answers, or does not."""
 
+    #: The hosts' boot installed ``packages=`` and ``requirements=`` already (aws); else,
+    #: with ``sync_packages`` on, the client installs them once connected.
+    boot_installs_packages = False
+
     def __init__(self, hosts: list[HostTarget], python: str | None = None,
                  connect_timeout: float | None = None,
                  workers_per_host: int | None = None) -> None:
@@ -97,6 +101,9 @@ PROVIDERS: dict[str, str] = {
     "local": "joblib_cloud.providers.local:LocalProvider",
 }
 _loaded: dict[str, Provider] = {}
+#: Providers whose hosts' Python environment joblib-cloud made itself, so it may add to it:
+#: ``sync_packages`` is on by default there (elsewhere the environment is the user's own).
+MANAGED_ENVIRONMENTS = frozenset({"aws"})
 
 
 def provider(name: str) -> Provider:

@@ -23,6 +23,7 @@ from typing import Any
 
 from joblib.parallel import ParallelBackendBase
 
+from .host.installer import Installer
 from .host.task_runner import CORES_PER_WORKER_ENV
 from .host.worker_pool import WorkerPool, grow_pipe, write_all
 from .wire import contract
@@ -32,6 +33,7 @@ from .wire.protocol import (
     ConfigMeta,
     FrameReader,
     HelloMeta,
+    InstalledMeta,
     Kind,
     RawFrame,
     ReadyMeta,
@@ -84,6 +86,7 @@ class Agent:
         self.frames = self.reader.frames  # then fed by the event loop
         self.last_recv = time.monotonic()
         self.pool: WorkerPool | None = None
+        self.installer = Installer(self.selector, self._installed)
         self.home = agent_home()
         self.cache_dir = self.home / "cache" / str(os.getpid())
         self.uploads: dict[str, Any] = {}
@@ -140,6 +143,8 @@ class Agent:
                 self.evict(frame_meta(frame)["digests"])
             elif kind == Kind.ABORT:
                 self.abort(frame_meta(frame)["ids"])
+            elif kind == Kind.INSTALL:
+                self.installer.request(frame_meta(frame))  # type: ignore[arg-type]
             elif kind == Kind.BYE:
                 self.done = True
                 return
@@ -167,6 +172,9 @@ class Agent:
         for batch_id in self.pool.abort(batch_ids):
             cancelled: ResultMeta = {"id": batch_id, "status": Status.CANCELLED.value}
             self.send(Kind.RESULT, cancelled)
+
+    def _installed(self, answer: InstalledMeta) -> None:
+        self.send(Kind.INSTALLED, answer)  # type: ignore[arg-type]
 
     # ------------------------------------------------------------------ cache
     def put(self, meta: dict[str, Any], data: memoryview) -> None:
@@ -197,6 +205,7 @@ class Agent:
             raise TimeoutError(f"no word from the client for {silent:.0f}s")
         self.send(Kind.PING)
         activity.touch(mode=0o600)
+        self.installer.check_deadline()
 
     def run(self) -> None:
         self.cache_dir.parent.mkdir(exist_ok=True, mode=0o700)
@@ -238,6 +247,7 @@ class Agent:
                 next_beat = time.monotonic() + interval
 
     def shutdown(self) -> None:
+        self.installer.close()
         if self.pool is not None:
             self.pool.close()
         for fh in self.uploads.values():

@@ -39,6 +39,8 @@ class Batch:
     id: int = field(default_factory=lambda: next(_batch_ids))
     tries: int = 0
     aborted: bool = False
+    #: A module it misses on a host may be installed there, and then it runs again.
+    sync_packages: bool = False
 
 
 def resolve(job: Batch, result: Any = None, exc: BaseException | None = None) -> None:
@@ -90,7 +92,9 @@ def remote_exception(meta: ResultMeta, data: bytes | memoryview, host: str, labe
         exc = ModuleNotFoundError(
             f"{label} needs module {module!r}, which host {host} cannot import. Install it "
             f"there (packages=['{module}'] on aws, or pip install on your own hosts); "
-            "modules in your working directory are sent automatically.", name=module)
+            "modules in your working directory are sent automatically. With "
+            "sync_packages=True, a module this client has from an installed package is "
+            "installed on the host for you.", name=module)
     elif exc is None:
         exc = RemoteTaskError(
             f"{meta.get('exc_type')}: {meta.get('message')} (raised on host {host} in "
@@ -117,7 +121,7 @@ def _callable_name(func: Any) -> str:
 
 
 def submit(cluster: Cluster, obj: Any, label: str, owner: object,
-           threads: int | None = None) -> Future:
+           threads: int | None = None, sync_packages: bool = False) -> Future:
     """Pickle ``obj`` (a joblib batch, a pool's chunk) and queue it on ``cluster``; a
     pickling error becomes the future's outcome, naming what could not be sent."""
     from ..wire.serialization import dumps_batch
@@ -131,4 +135,5 @@ def submit(cluster: Cluster, obj: Any, label: str, owner: object,
         error.__cause__ = exc
         future.set_exception(error)
         return future
-    return cluster.submit(Batch(payload, frozenset(refs), label, owner=owner, threads=threads))
+    return cluster.submit(Batch(payload, frozenset(refs), label, owner=owner, threads=threads,
+                                sync_packages=sync_packages))

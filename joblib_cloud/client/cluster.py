@@ -67,6 +67,8 @@ class Cluster:
         self.workers_per_host = workers_per_host
         self.changed = threading.Condition(self.lock)  # a host joined or gave up
         self._monitoring = False
+        #: The hosts' boot installed packages= (aws): the client need not.
+        self.boot_installs_packages = False
 
     # -- lifecycle ---------------------------------------------------------------
     def attach(self, hosts: list[HostSession]) -> None:
@@ -102,6 +104,7 @@ class Cluster:
             self.joining -= 1
             self.failures[name] = error
             self.changed.notify_all()
+            self.wake_all()  # with none left to come, hosts may queue a batch ahead
             stranded = self._strand_if_hopeless()
         if self.alive_hosts and not self.closed:
             log.warning("host %s did not come up, the others take its share: %s", name, error)
@@ -164,14 +167,17 @@ class Cluster:
 
     def takers(self) -> list[HostSession]:
         """The hosts that may take the next batch (with ``lock`` held): those with an idle
-        worker; only when there is none, those below their capacity.
+        worker; only when there is none and no host is still joining, those below their
+        capacity.
 
         Without that order one host could queue 2x its workers while another sits idle,
         which leaves a few long tasks running one after another.
         """
         alive = self.alive_hosts
         idle = [h for h in alive if len(h.inflight) < h.workers]
-        return idle or [h for h in alive if len(h.inflight) < h.capacity]
+        if idle or self.joining:  # hosts on their way take what waits here, not behind a
+            return idle           # busy host's running batches
+        return [h for h in alive if len(h.inflight) < h.capacity]
 
     def wake_one(self, exclude: HostSession | None = None) -> None:
         """The sender of a host that may take the next queued batch (with ``lock`` held)."""

@@ -20,6 +20,7 @@ from ..config import CloudConfig
 from ..jobs.docker import docker_python
 from ..provisioner import Fleet, HostTarget
 from .cluster import Cluster
+from .packages import install_configured_everywhere
 from .progress import Progress
 from .session import HostSession
 from .streams import LocalAgent
@@ -30,6 +31,10 @@ _connect_locks: dict[tuple, threading.Lock] = {}
 
 #: Settings that define a fleet and how the client talks to it: any difference means
 #: another cluster (a changed heartbeat or cache size must not be silently ignored).
+#: ``sync_packages`` is not one: it changes neither the hosts nor how they are reached and
+#: spoken to, only what the client does when a batch misses a module (each batch carries
+#: its own setting) and whether packages= get installed, which ``get_cluster`` also does
+#: on a cluster it reuses.  So turning it on does not start a second set of agents.
 FLEET_FIELDS = ("provider", "cluster", "hosts", "n", "instance", "region", "python",
                 "workers_per_host", "image_id", "image", "user", "ssh_key", "known_hosts",
                 "spot", "heartbeat_timeout", "max_result_size", "cache_threshold",
@@ -52,6 +57,8 @@ def get_cluster(config: CloudConfig) -> Cluster:
         with _registry_lock:
             cluster = _registry.get(key)
         if cluster is not None and cluster.usable:
+            if _installs_configured(config, cluster.boot_installs_packages):
+                install_configured_everywhere(cluster.alive_hosts, config)
             return cluster
         cluster = connect(config)
         with _registry_lock:
@@ -81,10 +88,13 @@ def connect(config: CloudConfig, progress: Progress | None = None) -> Cluster:
     config = config.replace(python=config.python or fleet.python,
                             connect_timeout=fleet.connect_timeout or config.connect_timeout)
     cluster = Cluster(config, fleet.workers_per_host)
+    cluster.boot_installs_packages = fleet.boot_installs_packages
+    install = _installs_configured(config, fleet.boot_installs_packages)
     total = len(fleet.hosts)
     cluster.expect(total)
     for target in fleet.hosts:
-        threading.Thread(target=_join, args=(cluster, fleet, target, config, progress, total),
+        threading.Thread(target=_join, args=(cluster, fleet, target, config, progress, total,
+                                             install),
                          daemon=True, name=f"joblib-cloud-connect-{target.name}").start()
     try:
         cluster.wait_for_first_host()
@@ -96,12 +106,15 @@ def connect(config: CloudConfig, progress: Progress | None = None) -> Cluster:
 
 
 def _join(cluster: Cluster, fleet: Fleet, target: HostTarget, config: CloudConfig,
-          progress: Progress, total: int) -> None:
-    """Connect one host and hand it to the cluster, or tell the cluster it never came."""
+          progress: Progress, total: int, install: bool) -> None:
+    """Connect one host (with ``install``, install packages= and requirements= there
+    before any batch) and hand it to the cluster, or tell the cluster it never came."""
     try:
         session = _opener(cluster, target)(config)
         try:
             session.handshake(config)
+            if install:
+                session.packages.install_configured(config)
             fleet.ready(target)
         except BaseException:
             session.close()
@@ -116,6 +129,13 @@ def _join(cluster: Cluster, fleet: Fleet, target: HostTarget, config: CloudConfi
     ready = len(cluster.alive_hosts)
     message = f"{ready} of {total} hosts ready, {cluster.n_workers} workers"
     (progress.done if ready + len(cluster.failures) == total else progress.update)(message)
+
+
+def _installs_configured(config: CloudConfig, boot_installs: bool) -> bool:
+    """Whether the client installs packages= and requirements= on connected hosts: with
+    sync_packages, where the hosts' boot did not (ssh, local)."""
+    return (config.sync_packages and not boot_installs
+            and bool(config.packages or config.requirements))
 
 
 Opener = Callable[[CloudConfig], HostSession]

@@ -43,14 +43,12 @@ from ..wire.protocol import (
 )
 from ..worker import host_versions
 from .batch import Batch, resolve, result_error
+from .packages import HostPackages
 from .streams import AgentStream, agent_preamble
 
 if TYPE_CHECKING:
     from .cluster import Cluster
-
-if TYPE_CHECKING:
     from .ssh import SSHConnection
-
 
 
 UPLOAD_CHUNK = 4 * 2**20
@@ -116,6 +114,9 @@ class HostSession:
         self.wake = threading.Condition(cluster.lock)
         self.writer = Writer()
         self.outbox: collections.deque[tuple[Kind, dict[str, Any]]] = collections.deque()
+        #: In-flight batches to send again (after an install their module was missing).
+        self.resends: collections.deque[Batch] = collections.deque()
+        self.packages = HostPackages(self)
         self.cache: collections.OrderedDict[str, int] = collections.OrderedDict()
         self.cache_bytes = 0
         self.bytes_uploaded = 0
@@ -208,6 +209,9 @@ class HostSession:
                         continue
                     if self.outbox:
                         item = ("control", self.outbox.popleft())
+                        break
+                    if self.resends:
+                        item = ("job", self.resends.popleft())
                         break
                     if cluster.pending and self._may_take():
                         job = cluster.pending.popleft()
@@ -357,8 +361,12 @@ class HostSession:
                 self.last_recv = time.monotonic()
         elif kind == Kind.OUTPUT:
             self._print(frame_meta(frame)["stream"], bytes(frame_data(frame)))
+        elif kind == Kind.INSTALLED:
+            self.packages.on_installed(frame_meta(frame))  # type: ignore[arg-type]
 
     def _on_result(self, meta: ResultMeta, data: bytes | memoryview) -> None:
+        if "missing_module" in meta and self.packages.take_over(meta, data):
+            return
         cluster = self.cluster
         with cluster.lock:
             job = self.inflight.pop(meta["id"], None)

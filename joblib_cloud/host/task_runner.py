@@ -4,6 +4,7 @@ forwards it without unpickling user objects itself."""
 
 from __future__ import annotations
 
+import importlib
 import os
 import pickle
 import sys
@@ -57,7 +58,7 @@ def run_batch(payload: bytes | memoryview, cache_dir: str, max_result_size: int,
     """Run one cloudpickled batch; return the result frame's ``(meta, data)``."""
     _line_buffered_output()
     try:
-        batch = loads_batch(payload, cache_dir)
+        batch = _loads(payload, cache_dir)
     except BaseException as exc:  # noqa: BLE001 - reported to the client, not swallowed
         meta, data = _error(exc)
         if isinstance(exc, ModuleNotFoundError) and exc.name:
@@ -81,6 +82,17 @@ def run_batch(payload: bytes | memoryview, cache_dir: str, max_result_size: int,
         return {"status": Status.TOO_LARGE.value, "size": len(data),
                 "limit": max_result_size}, b""
     return {"status": Status.OK.value}, data
+
+
+def _loads(payload: bytes | memoryview, cache_dir: str) -> Any:
+    """Unpickle a batch.  A module missing here may have been installed since this worker
+    started (the client asks the agent to install it, then sends the batch again), and the
+    import system caches directory listings: look again once, on this failure path only."""
+    try:
+        return loads_batch(payload, cache_dir)
+    except ModuleNotFoundError:
+        importlib.invalidate_caches()
+        return loads_batch(payload, cache_dir)
 
 
 def _dumps_result(result: Any) -> bytes:

@@ -37,6 +37,8 @@ class Kind(enum.IntEnum):
     OUTPUT = 10  # agent -> client: OutputMeta, data = what tasks printed
     BYE = 11  # client -> agent, no meta: exit now
     READY = 12  # agent -> client: ReadyMeta; worker -> agent: WorkerReadyMeta
+    INSTALL = 13  # client -> agent: InstallMeta (install into the agent's own Python)
+    INSTALLED = 14  # agent -> client: InstalledMeta, how one INSTALL ended
 
 
 class Status(str, enum.Enum):
@@ -106,6 +108,19 @@ class AbortMeta(TypedDict):
 
 class OutputMeta(TypedDict):
     stream: str  # "stdout" or "stderr"
+
+
+class InstallMeta(TypedDict):
+    id: int  # the client's, echoed in the answer
+    requirements: list[str]  # pip requirement strings, e.g. "scikit-learn==1.5.2"
+    requirements_file: str | None  # the text of a requirements file (may hold options)
+
+
+class InstalledMeta(TypedDict):
+    id: int
+    ok: bool
+    command: str  # the installer that ran
+    output: str  # the last lines it printed (stdout and stderr), or why it did not run
 
 
 #: ``Kind(n)`` goes through the enum machinery (~1 µs); frames are read six times per task.

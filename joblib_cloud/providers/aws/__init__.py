@@ -21,6 +21,8 @@ class AWSFleet(Fleet):
     died), their metadata endpoint closes once they answered, and a failed connect
     terminates what this call launched."""
 
+    boot_installs_packages = True  # the user-data installs them (userdata.py)
+
     def __init__(self, handle: ClusterHandle, python: str | None,
                  workers_per_host: int | None) -> None:
         advice = handle.timeout_advice()

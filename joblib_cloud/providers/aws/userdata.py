@@ -108,8 +108,10 @@ def boot_script(user: str, python_minor: str, requirements: list[str],
     pins = " ".join(shlex.quote(r) for r in requirements)
     if requirements_file:
         pins += f" -r {ROOT}/requirements.txt"
+    # The agent (as ``user``) installs into the venv what tasks miss there (sync_packages).
     setup = (_docker_steps(user, image) if image
-             else _python_steps(python_minor, pins, len(requirements)))
+             else _python_steps(python_minor, pins, len(requirements))
+             + f"chown -R {user}: {VENV}\n")
     what = "Docker and the image" if image else f"uv, Python {python_minor}, the packages"
     return f"""#!/bin/bash
 # joblib-cloud boot: {what}, then SSH access.

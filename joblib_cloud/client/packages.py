@@ -1,0 +1,227 @@
+"""Hosts get what tasks need (``sync_packages``).
+
+A batch that cannot be unpickled on a host because a module is missing there comes back
+with ``missing_module``.  If this client has that module from an installed distribution,
+the host's agent installs the client's exact version of it (``INSTALL``) and the batch
+runs again on that host, once.  Batches that miss the same module on the same host while
+its install runs wait for that one install.  ``packages=`` and ``requirements=`` go
+through the same path once a host is connected, on providers whose boot does not install
+them.
+
+Threads: ``take_over`` and ``on_installed`` run on the host's reader (results and answers
+arrive in order there); ``install_configured`` runs on a connecting thread and waits.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import importlib.util
+import itertools
+import threading
+import time
+import weakref
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from ..config import CloudConfig
+from ..errors import HostConnectError
+from ..host.installer import INSTALL_TIMEOUT
+from ..wire.protocol import InstalledMeta, InstallMeta, Kind, ResultMeta
+from .batch import Batch, remote_exception, resolve
+
+if TYPE_CHECKING:
+    from .session import HostSession
+
+#: Lines of the installer's output an error shows.
+OUTPUT_LINES = 15
+_install_ids = itertools.count(1)
+
+
+def client_pins(module: str) -> list[str] | None:
+    """``dist==version`` for each installed distribution that provides the top-level
+    ``module`` here; None when this client cannot import it or it comes from no installed
+    distribution (a plain directory on ``sys.path``: nothing to install from)."""
+    top = module.partition(".")[0]
+    try:
+        if importlib.util.find_spec(top) is None:
+            return None
+    except (ImportError, ValueError):
+        return None
+    pins = []
+    for name in dict.fromkeys(importlib.metadata.packages_distributions().get(top, ())):
+        try:
+            pins.append(f"{name}=={importlib.metadata.version(name)}")
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    return pins or None
+
+
+@dataclass(eq=False)
+class PackageInstall:
+    """One INSTALL on one host: what it installs, the batches waiting, how it ended."""
+
+    requirements: list[str]
+    requirements_file: str | None = None
+    id: int = field(default_factory=lambda: next(_install_ids))
+    done: threading.Event = field(default_factory=threading.Event)
+    ok: bool = False
+    command: str = ""
+    output: str = ""
+    #: Batches waiting for it, each with the result that said what it missed.
+    waiters: list[tuple[Batch, ResultMeta, bytes]] = field(default_factory=list)
+
+    def what(self) -> str:
+        return ", ".join(self.requirements) or "the requirements file"
+
+    def tail(self) -> str:
+        lines = [line for line in self.output.splitlines() if line.strip()]
+        return "\n".join("    " + line for line in lines[-OUTPUT_LINES:]) or "    (nothing)"
+
+
+class HostPackages:
+    """One host's installs, for its :class:`HostSession`."""
+
+    def __init__(self, session: HostSession) -> None:
+        self.session = session
+        self.by_module: dict[str, PackageInstall] = {}
+        self.by_id: dict[int, PackageInstall] = {}
+        self.configured: set[tuple[tuple[str, ...], str | None]] = set()
+        #: Batches sent again here after an install: a second miss fails them.
+        self.ran_again: weakref.WeakKeyDictionary[Batch, PackageInstall] = \
+            weakref.WeakKeyDictionary()
+
+    # -- a batch missed a module -------------------------------------------------------
+    def take_over(self, meta: ResultMeta, data: bytes | memoryview) -> bool:
+        """Called for a result with ``missing_module``.  True: this batch is ours now (it
+        waits for an install, runs again, or fails with the installer's words); False:
+        it fails as any error does (no sync, or nothing here to install from)."""
+        session = self.session
+        with session.cluster.lock:
+            job = session.inflight.get(meta["id"])
+        if job is None or not job.sync_packages or job.aborted:
+            return False
+        if job in self.ran_again:
+            self._fail(job, self.ran_again[job], meta, data)
+            return True
+        top = meta["missing_module"].partition(".")[0]
+        install = self.by_module.get(top)
+        if install is None:
+            pins = client_pins(top)
+            if pins is None:
+                return False
+            install = self.by_module[top] = PackageInstall(pins)
+            self._request(install)
+        if install.done.is_set() and not install.ok:
+            self._fail(job, install, meta, data)
+            return True
+        with session.cluster.lock:
+            if install.done.is_set():  # installed while this batch was on its way back
+                self._run_again(job, install)
+            else:
+                install.waiters.append((job, meta, bytes(data)))
+        return True
+
+    def _request(self, install: PackageInstall) -> None:
+        request: InstallMeta = {"id": install.id, "requirements": install.requirements,
+                                "requirements_file": install.requirements_file}
+        session = self.session
+        with session.cluster.lock:
+            self.by_id[install.id] = install
+            session.outbox.append((Kind.INSTALL, request))
+            session.wake.notify()
+
+    def _run_again(self, job: Batch, install: PackageInstall) -> None:
+        """With ``cluster.lock`` held; ``job`` is still in this host's in-flight table."""
+        self.ran_again[job] = install
+        self.session.resends.append(job)
+        self.session.wake.notify()
+
+    def _fail(self, job: Batch, install: PackageInstall, meta: ResultMeta,
+              data: bytes | memoryview) -> None:
+        session = self.session
+        with session.cluster.lock:
+            session.inflight.pop(job.id, None)
+            if session.cluster.pending:
+                session.wake.notify()
+        missing = meta["missing_module"]
+        if install.ok:
+            what = (f"{install.what()} was installed there, yet {job.label} still cannot "
+                    f"import {missing!r}")
+        else:
+            what = f"installing {install.what()} there failed"
+        error = ModuleNotFoundError(
+            f"{job.label} needs module {missing!r}, which host {session.name} cannot import; "
+            f"{what}. The installer ({install.command or 'none'}) said:\n{install.tail()}\n"
+            f"Install it on that host yourself, or name it in packages="
+            f"{list(install.requirements)!r} (or requirements=) so that hosts get it when "
+            "they connect.", name=missing)
+        error.__cause__ = remote_exception(dict(meta), data, session.name,  # type: ignore
+                                           job.label).__cause__
+        resolve(job, exc=error)
+
+    # -- the agent's answer --------------------------------------------------------------
+    def on_installed(self, meta: InstalledMeta) -> None:
+        install = self.by_id.pop(meta["id"], None)
+        if install is None:
+            return
+        install.ok, install.command, install.output = meta["ok"], meta["command"], meta["output"]
+        session = self.session
+        failed = []
+        with session.cluster.lock:
+            install.done.set()
+            waiters, install.waiters = install.waiters, []
+            for job, meta_, data in waiters:
+                if job.aborted or job.future.done() or job.id not in session.inflight:
+                    session.inflight.pop(job.id, None)
+                elif install.ok:
+                    self._run_again(job, install)
+                else:
+                    failed.append((job, meta_, data))
+        for job, meta_, data in failed:
+            self._fail(job, install, meta_, data)
+
+    # -- packages= and requirements= ------------------------------------------------------
+    def install_configured(self, config: CloudConfig) -> None:
+        """Install ``packages=`` and ``requirements=`` on this host and wait (once per
+        set: a reused connection does not install them again)."""
+        text = read_requirements(config.requirements)
+        key = (tuple(config.packages), text)
+        if (not config.packages and text is None) or key in self.configured:
+            return
+        install = PackageInstall(list(config.packages), text)
+        self._request(install)
+        deadline = time.monotonic() + INSTALL_TIMEOUT + config.heartbeat_timeout
+        while not install.done.wait(0.2):
+            if not self.session.alive or time.monotonic() > deadline:
+                raise HostConnectError(
+                    f"host {self.session.name} did not finish installing {install.what()} "
+                    f"({self.session.lost_reason or 'no answer'}). Check that it can reach "
+                    "a package index, or install them there yourself.")
+        if not install.ok:
+            raise HostConnectError(
+                f"installing {install.what()} on host {self.session.name} failed. The "
+                f"installer ({install.command or 'none'}) said:\n{install.tail()}\nFix "
+                "packages= or requirements=, or install them on that host yourself.")
+        self.configured.add(key)
+
+
+def read_requirements(path: str | None) -> str | None:
+    if path is None:
+        return None
+    try:
+        return Path(path).expanduser().read_text()
+    except OSError as exc:
+        raise ValueError(f"the requirements file {path!r} (requirements=) cannot be read: "
+                         f"{exc}. Point requirements= at a readable file.") from None
+
+
+def install_configured_everywhere(sessions: list[HostSession], config: CloudConfig) -> None:
+    """:meth:`HostPackages.install_configured` on every host at once."""
+    if not sessions:
+        return
+    with ThreadPoolExecutor(max_workers=min(len(sessions), 32)) as pool:
+        futures = [pool.submit(s.packages.install_configured, config) for s in sessions]
+    for future in futures:
+        future.result()
