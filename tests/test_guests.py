@@ -309,3 +309,31 @@ def test_an_image_without_the_clients_python_takes_uvs_standalone_python(tmp_pat
             guest.wait(lambda: guest.powered_off, 60, "power-off after the failed boot")
     finally:
         guest.cleanup()
+
+
+def test_a_model_from_a_package_the_host_lacks_runs_without_packages(guest_ec2):
+    """LightGBM is not in the boot's packages: the first batch misses it on the fresh
+    host, the host installs the client's version (and the boot gave it the OpenMP runtime
+    LightGBM loads), the batch runs again, and the search matches the sequential one."""
+    lightgbm = pytest.importorskip("lightgbm")
+    from importlib.metadata import version
+
+    X, y = make_classification(n_samples=200, n_features=8, random_state=0)
+    grid = {"num_leaves": [4, 8], "n_estimators": [10, 20]}
+
+    def search(n_jobs: int):
+        model = lightgbm.LGBMClassifier(verbose=-1, n_jobs=1, random_state=0)
+        return GridSearchCV(model, grid, cv=3, n_jobs=n_jobs).fit(X, y)
+
+    sequential = search(1)
+    try:
+        with parallel_backend("cloud", **_settings("lgbm", n=1)):
+            remote = search(-1)
+    finally:
+        registry.close_all()
+    assert remote.best_params_ == sequential.best_params_
+    np.testing.assert_allclose(remote.cv_results_["mean_test_score"],
+                               sequential.cv_results_["mean_test_score"])
+    (guest,) = guest_ec2.guests.values()
+    site = f"{userdata.VENV}/lib/python3.11/site-packages"
+    assert guest.file(f"{site}/lightgbm-{version('lightgbm')}.dist-info/METADATA")

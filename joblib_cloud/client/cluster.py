@@ -33,6 +33,7 @@ from ..wire.protocol import (
 )
 from ..wire.serialization import ObjectStore
 from .batch import Batch, resolve
+from .progress import Progress
 from .session import HostSession
 
 if TYPE_CHECKING:
@@ -66,6 +67,8 @@ class Cluster:
         #: The workers a host will have, before it says so (the fleet's target capacity).
         self.workers_per_host = workers_per_host
         self.changed = threading.Condition(self.lock)  # a host joined or gave up
+        #: Progress lines while the fleet comes up (dropped once it has).
+        self.progress: Progress | None = None
         self._monitoring = False
         #: The hosts' boot installed packages= (aws): the client need not.
         self.boot_installs_packages = False
@@ -89,6 +92,7 @@ class Cluster:
             if self.closed:
                 host.close()
                 return
+            host.joined_at = time.time()
             self.hosts.append(host)
             self.wake_all()
             self.changed.notify_all()
@@ -109,6 +113,13 @@ class Cluster:
         if self.alive_hosts and not self.closed:
             log.warning("host %s did not come up, the others take its share: %s", name, error)
         self._fail(stranded)
+
+    def first_result(self) -> None:
+        progress, self.progress = self.progress, None
+        if progress is not None:
+            progress.update(f"first results; {len(self.alive_hosts)} of "
+                            f"{len(self.alive_hosts) + self.joining + len(self.failures)} "
+                            "hosts ready")
 
     def wait_until_settled(self, timeout: float | None = None) -> bool:
         """Until every host has joined or given up (``joblib-cloud up``, tests)."""

@@ -88,6 +88,7 @@ def connect(config: CloudConfig, progress: Progress | None = None) -> Cluster:
     config = config.replace(python=config.python or fleet.python,
                             connect_timeout=fleet.connect_timeout or config.connect_timeout)
     cluster = Cluster(config, fleet.workers_per_host)
+    cluster.progress = progress if len(fleet.hosts) > 1 else None
     cluster.boot_installs_packages = fleet.boot_installs_packages
     install = _installs_configured(config, fleet.boot_installs_packages)
     total = len(fleet.hosts)

@@ -122,6 +122,7 @@ class HostSession:
         self.bytes_uploaded = 0
         self.last_recv = time.monotonic()
         self.last_send = time.monotonic()
+        self.joined_at: float | None = None  # wall clock, when it started taking work
         self.in_callback = False  # a result's callbacks are running (joblib dispatching)
         self.workers = 0
         self.cpu_count = 0
@@ -374,6 +375,8 @@ class HostSession:
                 self.wake.notify()
         if job is None:
             return
+        if cluster.progress is not None:  # the fleet is still coming up: say it works
+            cluster.first_result()
         status = Status(meta["status"])
         if status is Status.CANCELLED:  # only batches this client aborted, by id
             resolve(job, exc=AbortedError(f"{job.label} was cancelled"))

@@ -65,6 +65,16 @@ def hard_stop_command(max_lifetime: float) -> list[str]:
                         "</dev/null >/dev/null 2>&1 &"]
 
 
+#: The OpenMP runtime (libgomp), in the background while uv installs: scikit-learn's own
+#: wheels carry theirs, but LightGBM's and XGBoost's load the system's, which minimal
+#: images lack.  Not fatal: a task that needs it says so.
+_OPENMP = f"""(if command -v dnf >/dev/null; then dnf install -y -q libgomp
+ elif command -v apt-get >/dev/null; then apt-get update -qq &&
+   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq libgomp1; fi) >{ROOT}/openmp.log 2>&1 &
+OPENMP=$!
+"""
+
+
 def _python_steps(python_minor: str, pins: str, count: int) -> str:
     """uv, then a venv with the distribution's Python (else uv's standalone one), then
     the client's packages."""
@@ -75,7 +85,7 @@ if ! command -v $PY >/dev/null; then  # the distribution's Python, when it has t
     (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $PY) || true
   fi
 fi
-python3 {ROOT}/fetch_uv.py {UV_VERSION} {ROOT}/bin
+{_OPENMP}python3 {ROOT}/fetch_uv.py {UV_VERSION} {ROOT}/bin
 export UV_NO_CACHE=1 UV_PYTHON_INSTALL_DIR={ROOT}/python
 if command -v $PY >/dev/null; then PYTHON=$(command -v $PY)
 else PYTHON={python_minor}; echo "joblib-cloud: no $PY package here: uv's standalone Python"
@@ -84,6 +94,8 @@ fi
 echo "joblib-cloud: installing {count} packages"
 {ROOT}/bin/uv pip install --quiet --python {HOST_PYTHON} {pins}
 echo "joblib-cloud: packages installed"
+wait $OPENMP || echo "joblib-cloud: no OpenMP runtime (see {ROOT}/openmp.log): LightGBM and \
+XGBoost will not load"
 """
 
 
