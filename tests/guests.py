@@ -136,6 +136,7 @@ class Guest:
         self.console_path = self.dir / "console.log"
         self.root = self.dir / "root"
         self.proc: subprocess.Popen | None = None
+        self.created_at = time.time()
         self.started_at: float | None = None  # time.time() when systemd-nspawn started
         self.exited_at: float | None = None
         self._mounted = False
