@@ -54,6 +54,9 @@ class ApiCalls:
         self.real: Callable[..., Any] | None = None
         #: fn(operation, params, response) -> response: change what a call answers.
         self.after: Callable[[str, dict[str, Any], Any], Any] | None = None
+        #: fn(operation, params) -> a response, or None to let moto answer (services moto
+        #: does not implement, such as the Price List API).
+        self.respond: Callable[[str, dict[str, Any]], Any] | None = None
         #: region -> error code every call made in that region fails with (a policy).
         self.denied_regions: dict[str, str] = {}
 
@@ -157,7 +160,10 @@ def api_calls_fixture(aws, monkeypatch) -> ApiCalls:
             exc = recorder.inject(operation_name, api_params, counts[operation_name])
             if exc is not None:
                 raise exc
-        response = real(self, operation_name, api_params)
+        response = None if recorder.respond is None else recorder.respond(operation_name,
+                                                                            api_params)
+        if response is None:
+            response = real(self, operation_name, api_params)
         if recorder.after is not None:
             response = recorder.after(operation_name, api_params, response)
         return response

@@ -171,7 +171,8 @@ def test_cost_is_shown_before_launching(aws, api_calls, caplog):
         ("run", len(caplog.records))) if op == "RunInstances" else None
     launch(n=3, instance="C16")
     lines = [r.getMessage() for r in caplog.records]
-    cost = next(i for i, line in enumerate(lines) if "est. $2.04/h" in line)
+    cost = next(i for i, line in enumerate(lines)
+                if "$2.04/h (estimate: built-in us-east-1 list price)" in line)
     assert "3 x C16 = c6i.4xlarge (16 vCPU, 32 GiB)" in lines[cost]
     assert order and order[0][1] > cost
 

@@ -62,9 +62,12 @@ def status(config: CloudConfig, args: argparse.Namespace, out: Out) -> int:
     columns = ["cluster", "region", "instance", "state", "type", "market", "age", "address",
                "usd_per_hour"] + (["idle"] if getattr(args, "idle", False) else [])
     out(table([columns] + [[row[c] for c in columns] for row in rows]))
-    billed = [float(r["usd_per_hour"]) for r in rows
+    billed = [float(r["usd_per_hour"].rstrip("*")) for r in rows
               if r["state"] in ("pending", "running") and r["usd_per_hour"] != "?"]
-    out(f"{len(rows)} machines; est. ${sum(billed):.2f}/h on-demand for the running ones")
+    note = ("; * = estimate (built-in us-east-1 list price: the Price List API could not be "
+            "asked)" if any(r["usd_per_hour"].endswith("*") for r in rows) else "")
+    out(f"{len(rows)} machines; ${sum(billed):.2f}/h on-demand for the running ones, at "
+        f"the region's prices{note}")
     return 0
 
 

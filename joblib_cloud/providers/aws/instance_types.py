@@ -43,11 +43,6 @@ class InstanceType:
     alias: str | None = None
     arch: str = "x86_64"
 
-    @property
-    def hourly_usd(self) -> float | None:
-        """On-demand estimate (us-east-1 prices); None for families not in the table."""
-        return hourly_price(self.name, self.vcpus)
-
 
 def aliases() -> list[tuple[str, str, int, int]]:
     """Every alias as (alias, EC2 type, vCPUs, memory GiB)."""

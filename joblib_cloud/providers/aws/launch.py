@@ -19,7 +19,7 @@ from ... import provisioner
 from ...client.hosts import HostSpec
 from ...client.progress import Progress
 from ...config import CloudConfig
-from . import ec2api, instance_types, machines, network, sshkeys, userdata
+from . import ec2api, instance_types, machines, network, prices, sshkeys, userdata
 from .ec2api import AWSError, CapacityError, call, tag_spec
 from .machines import (
     DEAD_STATES,
@@ -66,7 +66,7 @@ def ensure_cluster(config: CloudConfig, progress: Progress) -> ClusterHandle:
     try:
         launcher = None
         if missing:
-            _announce(config, itype, missing, region, progress)
+            _announce(sess, ec2, config, itype, missing, progress)
             launcher = _Launcher(sess, ec2, config, itype, user, client_pub, cidr, progress)
             launcher.launch(missing, config.spot, launches)
         ids = [i["InstanceId"] for i in existing[:config.n]] + launches.ids
@@ -126,14 +126,27 @@ def _specs(region: str, cluster: str, instances: list[dict[str, Any]], user: str
     return specs
 
 
-def _announce(config: CloudConfig, itype: instance_types.InstanceType, count: int,
-              region: str, progress: Progress) -> None:
-    price = itype.hourly_usd
-    cost = f"est. ${price * count:.2f}/h on-demand" if price is not None else "price unknown"
+def announcement(sess: Any, ec2: Any, config: CloudConfig,
+                 itype: instance_types.InstanceType, count: int) -> str:
+    """``2 x C16 = c6i.4xlarge (16 vCPU, 32 GiB) spot in eu-west-1: $1.10/h (on-demand
+    $5.44/h)``, at the prices of the region in use."""
+    region = sess.region_name
+    demand = prices.on_demand(sess, region, itype.name, itype.vcpus)
+    spot = prices.spot(ec2, itype.name) if config.spot else None
+    if spot is not None:
+        cost = f"{spot.text(count)} (on-demand {demand.text(count)})"
+    else:
+        cost = demand.text(count)
     alias = f"{itype.alias} = " if itype.alias else ""
+    market = "spot" if config.spot else "on-demand"
+    return (f"{count} x {alias}{itype.name} ({itype.vcpus} vCPU, {itype.memory_gib:g} GiB) "
+            f"{market} in {region}: {cost}")
+
+
+def _announce(sess: Any, ec2: Any, config: CloudConfig, itype: instance_types.InstanceType,
+              count: int, progress: Progress) -> None:
     progress.done(
-        f"launching {count} x {alias}{itype.name} ({itype.vcpus} vCPU, "
-        f"{itype.memory_gib:g} GiB) in {region}{' as spot' if config.spot else ''}: {cost}. "
+        f"launching {announcement(sess, ec2, config, itype, count)}. "
         f"They stop after {config.idle_timeout:.0f}s idle and {config.max_lifetime / 3600:g}h "
         f"at most; `joblib-cloud down --cluster {config.cluster}` removes them now.")
 

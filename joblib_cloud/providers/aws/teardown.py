@@ -13,7 +13,7 @@ from collections.abc import Callable
 from datetime import datetime, timezone
 from typing import Any
 
-from . import ec2api, instance_types, sshkeys
+from . import ec2api, prices, sshkeys
 from .ec2api import call
 
 #: Every state a billable (or soon billable) instance can be in.
@@ -188,14 +188,15 @@ def status_rows(sess: Any, region: str, cluster: str | None,
     rows = []
     for inst in ec2api.describe_instances(ec2, cluster, ALL_STATES):
         type_name = inst["InstanceType"]
-        price = instance_types.type_price(type_name)
+        price = prices.on_demand(sess, region, type_name)
         rows.append({
             "cluster": ec2api.tag_value(inst) or "", "region": region,
             "instance": inst["InstanceId"], "state": inst["State"]["Name"], "type": type_name,
             "market": "spot" if inst.get("InstanceLifecycle") == "spot" else "on-demand",
             "age": age(inst.get("LaunchTime")),
             "address": inst.get("PublicIpAddress") or inst.get("PrivateIpAddress") or "-",
-            "usd_per_hour": f"{price:.3f}" if price is not None else "?",
+            "usd_per_hour": "?" if price.usd_per_hour is None else
+            f"{price.usd_per_hour:.3f}{'*' if price.estimate else ''}",
         })
         if idle is not None:
             seconds = idle(inst)
