@@ -8,7 +8,6 @@ import getpass
 import re
 import sys
 
-import numpy as np
 from awsmock import (  # noqa: F401  (fixtures)
     CIDR,
     REGION,
@@ -17,10 +16,7 @@ from awsmock import (  # noqa: F401  (fixtures)
     instances,
     loopback_ec2_fixture,
 )
-from joblib import parallel_backend
-from sklearn.datasets import make_classification
-from sklearn.linear_model import LogisticRegression
-from sklearn.model_selection import GridSearchCV
+from helpers import assert_grid_search_matches_sequential
 
 from joblib_cloud import cli
 from joblib_cloud.client import registry
@@ -33,16 +29,8 @@ def test_grid_search_on_aws_then_down_leaves_nothing_running(aws, loopback_ec2):
     settings = {"provider": "aws", "n": 2, "instance": "C2", "cluster": "e2e",
                 "region": REGION, "ingress_cidr": CIDR, "user": getpass.getuser(),
                 "python": sys.executable, "workers_per_host": 2}
-    X, y = make_classification(n_samples=300, n_features=12, random_state=0)
-    grid = {"C": [0.01, 0.1, 1.0, 10.0], "fit_intercept": [True, False]}
-    sequential = GridSearchCV(LogisticRegression(max_iter=500), grid, cv=3, n_jobs=1).fit(X, y)
     try:
-        with parallel_backend("cloud", **settings):
-            remote = GridSearchCV(LogisticRegression(max_iter=500), grid, cv=3,
-                                  n_jobs=-1).fit(X, y)
-        assert remote.best_params_ == sequential.best_params_
-        np.testing.assert_allclose(remote.cv_results_["mean_test_score"],
-                                   sequential.cv_results_["mean_test_score"])
+        assert_grid_search_matches_sequential(settings)
         assert len(hosts) == 2 and all(h.accepted_logins() >= 1 for h in hosts.values())
         assert len(cluster_instances(ec2, "e2e", states=("running",))) == 2
         registry.get_cluster(resolve_config(**settings)).close()

@@ -16,9 +16,9 @@ import paramiko
 import pytest
 from awsmock import CIDR, REGION, aws_fixture, cluster_instances  # noqa: F401  (fixtures)
 from guest_ec2 import SELF_SHUTDOWN, guest_ec2_fixture  # noqa: F401  (fixture)
+from helpers import assert_grid_search_matches_sequential, wait_until
 from joblib import Parallel, delayed, parallel_backend
 from sklearn.datasets import make_classification
-from sklearn.linear_model import LogisticRegression
 from sklearn.model_selection import GridSearchCV
 
 from joblib_cloud import DistributedPool
@@ -46,29 +46,13 @@ def _offered_host_keys(address: str, port: int) -> list[str]:
                   if line and not line.startswith("#"))
 
 
-def _wait(condition, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
-        time.sleep(0.25)
-
-
 def test_grid_search_and_pool_on_two_fresh_guests_then_idle_power_off(guest_ec2):
     """The headline use on machines that boot: results equal the sequential run; host
     keys verified from the first connection; a short idle_timeout never cuts the install
     short, and the machines power off once the client has left."""
     settings = _settings("guests", n=2, idle_timeout=20)
-    X, y = make_classification(n_samples=300, n_features=12, random_state=0)
-    grid = {"C": [0.01, 0.1, 1.0, 10.0], "fit_intercept": [True, False]}
-    sequential = GridSearchCV(LogisticRegression(max_iter=500), grid, cv=3, n_jobs=1).fit(X, y)
     try:
-        with parallel_backend("cloud", **settings):
-            remote = GridSearchCV(LogisticRegression(max_iter=500), grid, cv=3,
-                                  n_jobs=-1).fit(X, y)
-        assert remote.best_params_ == sequential.best_params_
-        np.testing.assert_allclose(remote.cv_results_["mean_test_score"],
-                                   sequential.cv_results_["mean_test_score"])
+        assert_grid_search_matches_sequential(settings)
         with DistributedPool(**settings) as pool:
             assert pool.map(_square, range(50)) == [x * x for x in range(50)]
 
@@ -91,7 +75,7 @@ def test_grid_search_and_pool_on_two_fresh_guests_then_idle_power_off(guest_ec2)
     # fake EC2 reports the instance terminated by its own shutdown.
     for guest in guests:
         guest.wait(lambda g=guest: g.powered_off, 120, "idle power-off")
-    _wait(lambda: not cluster_instances(guest_ec2_client(), "guests",
+    wait_until(lambda: not cluster_instances(guest_ec2_client(), "guests",
                                         states=("pending", "running")), 30, "terminated")
 
 
@@ -240,9 +224,9 @@ def test_a_hung_boot_refuses_logins_and_is_stopped_by_its_deadline(guest_ec2, tm
         caller = threading.Thread(target=call, daemon=True)
         caller.start()
         try:
-            _wait(lambda: guest_ec2.guests, 60, "the launch")
+            wait_until(lambda: guest_ec2.guests, 60, "the launch")
             (guest,) = guest_ec2.guests.values()
-            _wait(lambda: guest.instance_id in sshkeys.host_keys(REGION, "hungboot"), 30,
+            wait_until(lambda: guest.instance_id in sshkeys.host_keys(REGION, "hungboot"), 30,
                   f"the host key record ({outcome})")
             key_path, _ = sshkeys.client_key(REGION, "hungboot")
             host_keys = sshkeys.host_keys(REGION, "hungboot")

@@ -10,20 +10,13 @@ import time
 from pathlib import Path
 
 import pytest
+from helpers import wait_until
 from joblib import Parallel, delayed, parallel_backend
 from sshfleet import SSHFleet
 
 from joblib_cloud.client import registry
 from joblib_cloud.config import resolve_config
 from joblib_cloud.host import watchdog
-
-
-def _wait_for(condition, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(0.05)
 
 
 @pytest.fixture
@@ -59,7 +52,7 @@ def test_idle_host_shuts_itself_down(host, start_watchdog):
     home = host.hosts[0].home
     started = time.monotonic()
     marker, log = start_watchdog(home, idle=1.5)
-    _wait_for(marker.exists, 20, "the shutdown command")
+    wait_until(marker.exists, 20, "the shutdown command")
     assert time.monotonic() - started >= 1.5
     assert "idle for" in log.read_text() and "no client" in log.read_text()
 
@@ -79,7 +72,7 @@ def test_no_shutdown_while_a_client_runs_work(host, start_watchdog, tmp_path):
     worker = threading.Thread(target=work)
     worker.start()
     try:
-        _wait_for(lambda: sshd.agent_processes(), 30, "the agent on the host")
+        wait_until(lambda: sshd.agent_processes(), 30, "the agent on the host")
         marker, log = start_watchdog(sshd.home, idle=2.0)
         busy_until = time.monotonic() + 4.5  # more than twice idle_timeout, task still running
         while time.monotonic() < busy_until:
@@ -93,7 +86,7 @@ def test_no_shutdown_while_a_client_runs_work(host, start_watchdog, tmp_path):
     assert outcome.get("result") == [None], outcome
     # The client goes away: now the host is idle and the kill switch fires.
     registry.get_cluster(resolve_config(**kwargs)).close()
-    _wait_for(marker.exists, 30, "the shutdown command after the client left")
+    wait_until(marker.exists, 30, "the shutdown command after the client left")
     assert "idle for" in log.read_text()
 
 
@@ -110,7 +103,7 @@ def test_maximum_lifetime_wins_over_activity(tmp_path, start_watchdog):
     try:
         started = time.monotonic()
         marker, log = start_watchdog(home, idle=0.5, lifetime=2.0)
-        _wait_for(marker.exists, 20, "the lifetime shutdown")
+        wait_until(marker.exists, 20, "the lifetime shutdown")
         assert time.monotonic() - started >= 2.0
         assert "maximum lifetime" in log.read_text()
     finally:
