@@ -122,6 +122,7 @@ def test_a_machine_that_dies_while_booting_is_dropped_and_the_call_runs_on_the_o
             out = Parallel()(delayed(pow)(i, 2) for i in range(40))
         assert out == [i * i for i in range(40)]
         cluster = registry.get_cluster(aws_config(**settings))
+        assert cluster.wait_until_settled(30)  # the call may end before the last one joins
         assert len(cluster.alive_hosts) == 2 and list(cluster.failures) == dead
         assert isinstance(cluster.failures[dead[0]], BootFailedError)
     finally:

@@ -11,6 +11,7 @@ themselves stop on their own idle timer or with ``joblib-cloud down``.
 from __future__ import annotations
 
 import atexit
+import logging
 import sys
 import threading
 from collections.abc import Callable
@@ -24,6 +25,8 @@ from .packages import install_configured_everywhere
 from .progress import Progress
 from .session import HostSession
 from .streams import LocalAgent
+
+log = logging.getLogger("joblib_cloud")
 
 _registry: dict[tuple, Cluster] = {}
 _registry_lock = threading.Lock()
@@ -124,7 +127,11 @@ def _join(cluster: Cluster, fleet: Fleet, target: HostTarget, config: CloudConfi
         closed = cluster.closed  # then the failure is only the close, not the host's
         cluster.give_up_on(target.name, exc)
         if not closed and (cluster.alive_hosts or cluster.joining):
-            fleet.drop(target)
+            try:
+                fleet.drop(target)
+            except Exception as error:  # noqa: BLE001 - the call goes on; say what is left
+                log.warning("could not release host %s (%s): if it is a cloud machine, "
+                            "`joblib-cloud down` removes it", target.name, error)
         return
     cluster.join(session)
     ready = len(cluster.alive_hosts)
