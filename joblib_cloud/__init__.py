@@ -16,6 +16,7 @@ from joblib.parallel import register_parallel_backend
 
 from .errors import (
     AbortedError,
+    BudgetExceededError,
     ClusterLostError,
     EnvironmentMismatchError,
     HostConnectError,
@@ -52,6 +53,7 @@ register_parallel_backend("cloud", CloudBackend)
 
 __all__ = [
     "AbortedError",
+    "BudgetExceededError",
     "CloudBackend",
     "ClusterLostError",
     "DistributedPool",

@@ -123,6 +123,8 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("spot", False, _to_bool, "spot instances, falling back to on-demand"),
     Setting("idle_timeout", 600.0, _to_float, "seconds a host stays up with no work, no client"),
     Setting("max_lifetime", 12 * 3600.0, _to_float, "seconds after which a VM always stops"),
+    Setting("budget", None, lambda v: None if v is None else _to_float(v),
+            "dollar cap for an aws cluster, held by the machines themselves"),
     Setting("boot_timeout", 1200.0, _to_float,
             "seconds a VM may take to boot and install before it stops itself"),
     Setting("workers_per_host", None, lambda v: None if v is None else _to_int(v),
@@ -197,6 +199,7 @@ class CloudConfig:
     spot: bool
     idle_timeout: float
     max_lifetime: float
+    budget: float | None
     boot_timeout: float
     workers_per_host: int | None
     python: str | None
@@ -286,6 +289,8 @@ def _validate(values: dict[str, Any], origins: dict[str, str]) -> None:
                  "heartbeat_timeout"):
         if values[name] is not None and values[name] <= 0:
             fail(name, "must be a positive number of seconds")
+    if values["budget"] is not None and values["budget"] <= 0:
+        fail("budget", "must be a positive number of dollars")
     for name in ("cache_threshold", "cache_size", "max_result_size"):
         if values[name] <= 0:
             fail(name, "must be a positive size")

@@ -58,3 +58,7 @@ class RemoteTraceback(Exception):
 
     def __str__(self) -> str:
         return self.text
+
+
+class BudgetExceededError(JoblibCloudError):
+    """A cluster reached its ``budget=``: its machines were told to stop."""

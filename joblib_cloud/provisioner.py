@@ -75,6 +75,10 @@ class Fleet:
     def drop(self, host: HostTarget) -> None:
         """``host`` never came up while others did: release it."""
 
+    def watch(self, cluster: Any, config: CloudConfig) -> None:
+        """The cluster is connected: keep an eye on what only the provider knows (aws:
+        the spend against ``budget=``)."""
+
     def abort(self) -> None:
         """No host came up: undo what :meth:`Provider.ensure` created for this call."""
 

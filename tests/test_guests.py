@@ -321,3 +321,27 @@ def test_a_model_from_a_package_the_host_lacks_runs_without_packages(guest_ec2):
     (guest,) = guest_ec2.guests.values()
     site = f"{userdata.VENV}/lib/python3.11/site-packages"
     assert guest.file(f"{site}/lightgbm-{version('lightgbm')}.dist-info/METADATA")
+
+
+def test_a_budget_stops_the_machine_itself_with_a_client_attached(guest_ec2):
+    """budget= buys about five and a half minutes of one machine (its boot and idle_timeout
+    must fit, so no less): at that time the machine is off and the call fails with
+    BudgetExceededError instead of running on."""
+    from joblib_cloud.errors import BudgetExceededError
+    from joblib_cloud.providers.aws import budget, instance_types
+
+    price = instance_types.hourly_price("c6i.large", 2)  # moto: the built-in price
+    seconds = budget.BOOT_SECONDS + 30
+    settings = _settings("budget", n=1, idle_timeout=20, budget=price * seconds / 3600)
+    try:
+        with pytest.raises(BudgetExceededError, match="reached its budget"):
+            with parallel_backend("cloud", **settings):
+                Parallel()(delayed(time.sleep)(900) for _ in range(2))
+    finally:
+        registry.close_all()
+        budget.exhausted.discard("budget")
+    (guest,) = guest_ec2.guests.values()
+    guest.wait(lambda: guest.powered_off, 90, "power-off at the budget")
+    lived = guest.exited_at - guest.started_at
+    assert seconds - 15 <= lived <= seconds + 60, lived
+    assert f"sleep {int(seconds)};" in guest.user_data  # its own kill switch had the cap

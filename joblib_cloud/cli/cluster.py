@@ -25,6 +25,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     up.add_argument("--region")
     up.add_argument("--spot", action="store_true", default=None,
                     help="spot machines, falling back to on-demand")
+    up.add_argument("--budget", type=float, help="dollar cap the machines hold to (aws)")
     up.set_defaults(func=cmd_up)
 
     status = subparsers.add_parser(
@@ -67,7 +68,7 @@ def cmd_up(args: argparse.Namespace) -> int:
 
     config = resolve_config(provider=args.provider, instance=args.instance, n=args.n,
                             cluster=args.cluster, region=args.region, spot=args.spot,
-                            verbose=True)
+                            budget=args.budget, verbose=True)
     cluster = connect(config)
     try:
         cluster.wait_until_settled()

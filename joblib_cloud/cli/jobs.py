@@ -25,6 +25,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                                           "runs on the first)")
     run.add_argument("--cluster", help="cluster name (default: 'default')")
     run.add_argument("--provider", choices=sorted(PROVIDERS))
+    run.add_argument("--budget", type=float, help="dollar cap the machines hold to (aws)")
     run.add_argument("--detach", action="store_true",
                      help="print the job id and return; see `jobs`, `logs`, `cancel`")
     run.add_argument("--max-upload", default=str(DEFAULT_MAX_UPLOAD), metavar="SIZE",
@@ -51,7 +52,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     if command and command[0] == "--":
         command = command[1:]
     config = resolve_config(provider=args.provider, instance=args.instance, n=args.n,
-                            cluster=args.cluster, verbose=args.verbose or None)
+                            cluster=args.cluster, verbose=args.verbose or None,
+                            budget=args.budget)
     try:
         max_upload = _to_size(args.max_upload)
     except ValueError as exc:

@@ -171,6 +171,15 @@ class Cluster:
         with self.lock:
             self.wake_all()
 
+    def fail_everything(self, error: BaseException) -> None:
+        """Every waiting and running batch fails with ``error``; the cluster closes."""
+        with self.lock:
+            batches = list(self.pending) + [j for h in self.hosts for j in h.inflight.values()]
+            self.pending.clear()
+        for job in batches:
+            resolve(job, exc=error)
+        self.close()
+
     def wake_all(self) -> None:
         """Every host's sender looks at the queue again (with ``lock`` held)."""
         for host in self.hosts:

@@ -106,6 +106,7 @@ def connect(config: CloudConfig, progress: Progress | None = None) -> Cluster:
         cluster.close()
         fleet.abort()  # never leave a VM we just launched
         raise
+    fleet.watch(cluster, config)
     return cluster
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 
+from ...client.cluster import Cluster
 from ...client.progress import Progress
 from ...config import CloudConfig
 from ...provisioner import Fleet, HostTarget, Out
@@ -38,6 +39,13 @@ class AWSFleet(Fleet):
 
     def drop(self, host: HostTarget) -> None:
         self.handle.drop(host.spec.label)
+
+    def watch(self, cluster: Cluster, config: CloudConfig) -> None:
+        if config.budget is not None and self.handle.usd_per_hour is not None:
+            from .budget import Watch
+
+            Watch(cluster, self.handle.ec2, config.budget, self.handle.usd_per_hour,
+                  self.handle.launch_times)
 
     def abort(self) -> None:
         self.handle.abort()

@@ -19,7 +19,7 @@ from ... import provisioner
 from ...client.hosts import HostSpec
 from ...client.progress import Progress
 from ...config import CloudConfig
-from . import ec2api, instance_types, machines, network, prices, sshkeys, userdata
+from . import budget, ec2api, instance_types, machines, network, prices, sshkeys, userdata
 from .ec2api import AWSError, CapacityError, call, tag_spec
 from .machines import (
     DEAD_STATES,
@@ -65,6 +65,10 @@ def ensure_cluster(config: CloudConfig, progress: Progress) -> ClusterHandle:
     fresh = not existing
     try:
         launcher = None
+        usd_per_hour = None
+        if config.budget is not None:  # each machine's kill switch holds its share
+            usd_per_hour = budget.hourly_price(sess, ec2, config, itype)
+            config = config.replace(max_lifetime=budget.lifetime(config, itype, usd_per_hour))
         if missing:
             _announce(sess, ec2, config, itype, missing, progress)
             launcher = _Launcher(sess, ec2, config, itype, user, client_pub, cidr, progress)
@@ -85,7 +89,9 @@ def ensure_cluster(config: CloudConfig, progress: Progress) -> ClusterHandle:
     return ClusterHandle(
         config.cluster, region, specs, str(key_path), str(known),
         [i["InstanceId"] for i in instances], launches.ids, fresh=fresh,
-        connect_timeout=timeout, vcpus=itype.vcpus, session=sess, ec2=ec2,
+        connect_timeout=timeout, vcpus=itype.vcpus, usd_per_hour=usd_per_hour,
+        launch_times={i["InstanceId"]: i["LaunchTime"] for i in instances}, session=sess,
+        ec2=ec2,
         launches=launches, cidr=cidr,
         security_group_id=config.security_group_id,
         metadata_open=[i["InstanceId"] for i in instances

@@ -1,0 +1,112 @@
+"""``budget=``: a dollar cap for a cluster, held by the machines and by the client.
+
+Before a launch, a budget that cannot pay for the machines to boot and then sit out their
+``idle_timeout`` is refused, with the minimum it would take.  Each machine's own kill
+switch gets the lifetime its share of the budget buys at its price, so the cap holds even
+when the client is gone.  While a client is attached, it adds up the spend (each
+machine's price times its time since launch), warns at 80 % and, at the cap, terminates
+the machines and fails the running call with :class:`BudgetExceededError`.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import warnings
+from datetime import datetime, timezone
+from typing import Any
+
+from ...config import CloudConfig
+from ...errors import BudgetExceededError
+from . import prices, teardown
+from .ec2api import AWSError
+from .instance_types import InstanceType
+
+log = logging.getLogger("joblib_cloud")
+
+#: What a boot is allowed in the minimum a budget must cover (the install takes less).
+BOOT_SECONDS = 300.0
+WARN_AT = 0.8
+#: Seconds between the client's spend checks (tests shorten it).
+POLL = 5.0
+#: Clusters that reached their budget in this program: not launched again.
+exhausted: set[str] = set()
+
+
+def hourly_price(sess: Any, ec2: Any, config: CloudConfig, itype: InstanceType) -> float:
+    """One machine's USD/h at launch: the spot price with ``spot=True``, else on-demand."""
+    if config.cluster in exhausted:
+        raise BudgetExceededError(
+            f"cluster {config.cluster!r} reached its budget earlier in this program: raise "
+            "budget= (or use another cluster= name) to launch it again")
+    price = prices.spot(ec2, itype.name) if config.spot else None
+    price = price or prices.on_demand(sess, sess.region_name, itype.name, itype.vcpus)
+    if price.usd_per_hour is None:
+        raise AWSError(f"budget= needs the price of {itype.name}, and none is known: pass "
+                       "an instance= of the C/M/R families, or unset budget=")
+    return price.usd_per_hour
+
+
+def lifetime(config: CloudConfig, itype: InstanceType, usd_per_hour: float) -> float:
+    """Seconds each of ``config.n`` machines may live on its share of the budget (at most
+    ``max_lifetime``); an error when the budget cannot cover a boot and the idle time."""
+    budget, n = float(config.budget or 0), config.n
+    minimum = n * usd_per_hour * (BOOT_SECONDS + config.idle_timeout) / 3600
+    if budget < minimum:
+        raise AWSError(
+            f"budget={usd(budget)} cannot cover {n} x {itype.name} at ${usd_per_hour:.4f}/h "
+            f"booting ({BOOT_SECONDS / 60:.0f} min) and then idling for idle_timeout "
+            f"({config.idle_timeout:.0f}s): it takes at least {usd(minimum)}. Raise budget=, "
+            "lower idle_timeout=, or use fewer or smaller machines (n=, instance=).")
+    return min(config.max_lifetime, budget / (n * usd_per_hour) * 3600)
+
+
+def usd(amount: float) -> str:
+    """Dollars, with the cents that matter for small amounts too."""
+    return f"${amount:.2f}" if amount >= 0.1 else f"${amount:.4f}"
+
+
+class Watch:
+    """The client's side of the cap, for one connected cluster."""
+
+    def __init__(self, cluster: Any, ec2: Any, budget: float, usd_per_hour: float,
+                 launched: dict[str, datetime]) -> None:
+        self.cluster, self.ec2 = cluster, ec2
+        self.budget, self.usd_per_hour, self.launched = budget, usd_per_hour, launched
+        self.warned = False
+        threading.Thread(target=self._run, daemon=True,
+                         name=f"joblib-cloud-budget-{cluster.config.cluster}").start()
+
+    def spend(self) -> float:
+        now = datetime.now(timezone.utc)
+        return sum(self.usd_per_hour * max((now - t).total_seconds(), 0) / 3600
+                   for t in self.launched.values())
+
+    def _run(self) -> None:
+        while not self.cluster.closed:
+            spent = self.spend()
+            if spent >= self.budget:
+                self._stop(spent)
+                return
+            if spent >= WARN_AT * self.budget and not self.warned:
+                self.warned = True
+                message = (f"cluster {self.cluster.config.cluster!r} has spent "
+                           f"{usd(spent)} of its {usd(self.budget)} budget: it stops at "
+                           "the cap")
+                log.warning(message)
+                warnings.warn(message, RuntimeWarning, stacklevel=1)
+            time.sleep(POLL)
+
+    def _stop(self, spent: float) -> None:
+        exhausted.add(self.cluster.config.cluster)
+        ids = list(self.launched)
+        try:
+            teardown.terminate_ids(self.ec2, ids, log.info, timeout=60.0)
+        except Exception as exc:  # noqa: BLE001 - the machines' own kill switch still holds
+            log.warning("could not terminate %s at the budget cap (%s): their own kill "
+                        "switch stops them; `joblib-cloud down` removes them now", ids, exc)
+        self.cluster.fail_everything(BudgetExceededError(
+            f"cluster {self.cluster.config.cluster!r} reached its budget: {usd(spent)} of "
+            f"{usd(self.budget)} spent ({len(ids)} machines at ${self.usd_per_hour:.4f}/h "
+            "each); its machines were told to stop. Raise budget= to go on."))
