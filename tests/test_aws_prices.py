@@ -85,3 +85,32 @@ def test_without_the_price_list_the_built_in_price_is_labelled_an_estimate(aws, 
     price = prices.on_demand(sess, "eu-west-1", "c6i.large", 2)
     assert price.estimate and price.usd_per_hour == instance_types.hourly_price("c6i.large", 2)
     assert price.text(2) == "$0.17/h (estimate: built-in us-east-1 list price)"
+
+
+def test_status_shows_spend_so_far_and_cost_adds_up_each_cluster(aws, capsys):
+    import json as json_module
+
+    from awsmock import launch as launch_cluster
+
+    from joblib_cloud import cli
+    from joblib_cloud.providers.aws import ledger
+
+    handles = [launch_cluster(n=2, cluster="alpha"), launch_cluster(n=1, cluster="beta")]
+    assert cli.main(["status"]) == 0
+    out = capsys.readouterr().out
+    assert "usd_so_far" in out and "spent on them so far" in out
+    # One machine of alpha stops: EC2 records when; cost counts it up to then.
+    ec2 = boto3.client("ec2", region_name="us-east-1")
+    ec2.terminate_instances(InstanceIds=[handles[0].instance_ids[0]])
+    assert cli.main(["cost", "--json"]) == 0
+    rows = {r["cluster"]: r for r in json_module.loads(capsys.readouterr().out)}
+    assert rows["alpha"]["machines"] == 2 and rows["alpha"]["running"] == 1
+    assert rows["beta"]["machines"] == 1 and rows["beta"]["running"] == 1
+    assert all(r["usd"] >= 0 and r["region"] == "us-east-1" for r in rows.values())
+    entries = ledger.read()
+    assert entries[handles[0].instance_ids[0]]["ended"] is not None
+    assert entries[handles[0].instance_ids[0]]["usd_per_hour"] == \
+        instance_types.hourly_price("c6i.large", 2)
+    assert cli.main(["cost"]) == 0
+    table = capsys.readouterr().out
+    assert "alpha" in table and "beta" in table and "in the last 30 days" in table

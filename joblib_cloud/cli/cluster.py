@@ -48,6 +48,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     down.add_argument("--dry-run", action="store_true", help="show what would be deleted")
     down.set_defaults(func=cmd_down)
 
+    cost = subparsers.add_parser("cost", help="what each aws cluster cost over recent days")
+    cost.add_argument("--days", type=float, default=30.0, help="how far back (default 30)")
+    cost.add_argument("--json", action="store_true", help="rows as JSON, for scripts")
+    cost.set_defaults(func=cmd_cost)
+
     instances = subparsers.add_parser("instances", help="instance aliases: type, vCPUs, memory")
     instances.set_defaults(func=cmd_instances)
 
@@ -96,6 +101,30 @@ def cmd_down(args: argparse.Namespace) -> int:
     config = resolve_config(provider=args.provider, region=args.region,
                             cluster=None if args.all else args.cluster)
     return provider(config.provider).down(config, args, print)
+
+
+def cmd_cost(args: argparse.Namespace) -> int:
+    """From the launches this computer made (price and launch time) and EC2's record of
+    when each machine stopped."""
+    import json
+
+    from ..providers.aws import ec2api, ledger
+
+    config = resolve_config()
+    rows = ledger.costs(ec2api.session(config.region or "us-east-1"), args.days)
+    if args.json:
+        print(json.dumps(rows, indent=1))
+        return 0
+    if not rows:
+        print(f"no joblib-cloud machines launched from this computer in the last "
+              f"{args.days:g} days")
+        return 0
+    print(table([["cluster", "region", "machines", "running", "machine-hours", "usd"]]
+                + [[r["cluster"], r["region"], str(r["machines"]), str(r["running"]),
+                    f"{r['machine_hours']:.2f}", f"{r['usd']:.2f}"] for r in rows]))
+    print(f"${sum(r['usd'] for r in rows):.2f} in the last {args.days:g} days (spot machines "
+          "at the spot price they launched at)")
+    return 0
 
 
 def cmd_instances(args: argparse.Namespace) -> int:

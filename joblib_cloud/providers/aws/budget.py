@@ -34,18 +34,25 @@ POLL = 5.0
 exhausted: set[str] = set()
 
 
+def launch_price(sess: Any, ec2: Any, spot: bool, itype: InstanceType) -> float | None:
+    """One machine's USD/h at launch: the spot price for spot, else on-demand."""
+    price = prices.spot(ec2, itype.name) if spot else None
+    price = price or prices.on_demand(sess, sess.region_name, itype.name, itype.vcpus)
+    return price.usd_per_hour
+
+
 def hourly_price(sess: Any, ec2: Any, config: CloudConfig, itype: InstanceType) -> float:
-    """One machine's USD/h at launch: the spot price with ``spot=True``, else on-demand."""
+    """:func:`launch_price` for a budget: an error when it is unknown, or when this
+    cluster already spent its budget in this program."""
     if config.cluster in exhausted:
         raise BudgetExceededError(
             f"cluster {config.cluster!r} reached its budget earlier in this program: raise "
             "budget= (or use another cluster= name) to launch it again")
-    price = prices.spot(ec2, itype.name) if config.spot else None
-    price = price or prices.on_demand(sess, sess.region_name, itype.name, itype.vcpus)
-    if price.usd_per_hour is None:
+    usd_per_hour = launch_price(sess, ec2, config.spot, itype)
+    if usd_per_hour is None:
         raise AWSError(f"budget= needs the price of {itype.name}, and none is known: pass "
                        "an instance= of the C/M/R families, or unset budget=")
-    return price.usd_per_hour
+    return usd_per_hour
 
 
 def lifetime(config: CloudConfig, itype: InstanceType, usd_per_hour: float) -> float:

@@ -60,14 +60,16 @@ def status(config: CloudConfig, args: argparse.Namespace, out: Out) -> int:
             + f" in {', '.join(where) if len(where) < 4 else 'any region'}")
         return 0
     columns = ["cluster", "region", "instance", "state", "type", "market", "age", "address",
-               "usd_per_hour"] + (["idle"] if getattr(args, "idle", False) else [])
+               "usd_per_hour", "usd_so_far"] + (["idle"] if getattr(args, "idle", False)
+                                                 else [])
     out(table([columns] + [[row[c] for c in columns] for row in rows]))
     billed = [float(r["usd_per_hour"].rstrip("*")) for r in rows
               if r["state"] in ("pending", "running") and r["usd_per_hour"] != "?"]
     note = ("; * = estimate (built-in us-east-1 list price: the Price List API could not be "
             "asked)" if any(r["usd_per_hour"].endswith("*") for r in rows) else "")
+    spent = sum(float(r["usd_so_far"]) for r in rows if r["usd_so_far"] != "?")
     out(f"{len(rows)} machines; ${sum(billed):.2f}/h on-demand for the running ones, at "
-        f"the region's prices{note}")
+        f"the region's prices; ${spent:.2f} spent on them so far{note}")
     return 0
 
 

@@ -19,7 +19,17 @@ from ... import provisioner
 from ...client.hosts import HostSpec
 from ...client.progress import Progress
 from ...config import CloudConfig
-from . import budget, ec2api, instance_types, machines, network, prices, sshkeys, userdata
+from . import (
+    budget,
+    ec2api,
+    instance_types,
+    ledger,
+    machines,
+    network,
+    prices,
+    sshkeys,
+    userdata,
+)
 from .ec2api import AWSError, CapacityError, call, tag_spec
 from .machines import (
     DEAD_STATES,
@@ -195,6 +205,7 @@ class _Launcher:
         self.public_ip = provisioner.wants_public_address()
         self.sess, self.ec2, self.config, self.itype = sess, ec2, config, itype
         self.user, self.client_pub, self.progress = user, client_pub, progress
+        self._prices: dict[bool, float | None] = {}
         self.base = {
             "ImageId": image_id, "InstanceType": itype.name, "MinCount": 1, "MaxCount": 1,
             "InstanceInitiatedShutdownBehavior": "terminate",
@@ -218,7 +229,8 @@ class _Launcher:
                 client_public_key=self.client_pub, idle_timeout=config.idle_timeout,
                 max_lifetime=config.max_lifetime, boot_timeout=config.boot_timeout,
                 shutdown_command=config.shutdown_command,
-                packages=config.packages, requirements_path=config.requirements))
+                packages=config.packages, requirements_path=config.requirements,
+                image=config.image))
             instance, used_spot = self._run_one(params, spot, launches)
             spot = spot and used_spot
             iid = instance["InstanceId"]
@@ -226,7 +238,14 @@ class _Launcher:
             if used_spot:
                 launches.spot_ids.append(iid)
             sshkeys.save_host_key(self.sess.region_name, config.cluster, iid, host_public)
+            ledger.record(instance, config.cluster, self.sess.region_name,
+                          "spot" if used_spot else "on-demand", self._price(used_spot))
             self.progress.update(f"launched {index + 1}/{count} machines ({iid})")
+
+    def _price(self, spot: bool) -> float | None:
+        if spot not in self._prices:
+            self._prices[spot] = budget.launch_price(self.sess, self.ec2, spot, self.itype)
+        return self._prices[spot]
 
     def _run_one(self, params: dict[str, Any], spot: bool, launches: Launches
                  ) -> tuple[dict[str, Any], bool]:

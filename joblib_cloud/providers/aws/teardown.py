@@ -165,6 +165,14 @@ def down_region(sess: Any, region: str, cluster: str | None, dry_run: bool, out:
     return ok
 
 
+def _so_far(usd_per_hour: float | None, launched: Any) -> str:
+    """What a machine has cost since its launch, at its price."""
+    if usd_per_hour is None or not isinstance(launched, datetime):
+        return "?"
+    hours = (datetime.now(timezone.utc) - launched).total_seconds() / 3600
+    return f"{usd_per_hour * max(hours, 0):.2f}"
+
+
 def age_of(seconds: float) -> str:
     if seconds < 120:
         return f"{seconds:.0f}s"
@@ -197,6 +205,7 @@ def status_rows(sess: Any, region: str, cluster: str | None,
             "address": inst.get("PublicIpAddress") or inst.get("PrivateIpAddress") or "-",
             "usd_per_hour": "?" if price.usd_per_hour is None else
             f"{price.usd_per_hour:.3f}{'*' if price.estimate else ''}",
+            "usd_so_far": _so_far(price.usd_per_hour, inst.get("LaunchTime")),
         })
         if idle is not None:
             seconds = idle(inst)
