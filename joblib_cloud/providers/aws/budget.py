@@ -91,9 +91,12 @@ class Watch:
                    for t in self.launched.values())
 
     def _run(self) -> None:
+        # Stop when the next check would be past the cap: the machines' own timers fire
+        # at the cap itself, and the call must end with this error, not a lost host.
+        ahead = self.usd_per_hour * len(self.launched) * POLL / 3600
         while not self.cluster.closed:
             spent = self.spend()
-            if spent >= self.budget:
+            if spent + ahead >= self.budget:
                 self._stop(spent)
                 return
             if spent >= WARN_AT * self.budget and not self.warned:
