@@ -75,6 +75,10 @@ class Fleet:
     def drop(self, host: HostTarget) -> None:
         """``host`` never came up while others did: release it."""
 
+    def spent(self) -> float | None:
+        """Dollars the hosts have cost so far, where the provider knows (else None)."""
+        return None
+
     def watch(self, cluster: Any, config: CloudConfig) -> None:
         """The cluster is connected: keep an eye on what only the provider knows (aws:
         the spend against ``budget=``)."""

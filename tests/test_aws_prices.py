@@ -9,7 +9,12 @@ import json
 from datetime import datetime, timezone
 
 import boto3
-from awsmock import api_calls_fixture, aws_config, aws_fixture  # noqa: F401  (fixtures)
+from awsmock import (  # noqa: F401  (fixtures)
+    api_calls_fixture,
+    aws_config,
+    aws_fixture,
+    loopback_ec2_fixture,
+)
 
 from joblib_cloud.providers.aws import instance_types, launch, prices
 
@@ -114,3 +119,22 @@ def test_status_shows_spend_so_far_and_cost_adds_up_each_cluster(aws, capsys):
     assert cli.main(["cost"]) == 0
     table = capsys.readouterr().out
     assert "alpha" in table and "beta" in table and "in the last 30 days" in table
+
+
+def test_the_progress_line_shows_what_the_fleet_has_cost_so_far(aws, loopback_ec2, caplog):
+    import getpass
+    import sys
+
+    from joblib_cloud.client import registry
+
+    caplog.set_level("INFO", logger="joblib_cloud")
+    settings = dict(n=2, cluster="spend", user=getpass.getuser(), python=sys.executable,
+                    workers_per_host=1)
+    try:
+        cluster = registry.connect(aws_config(**settings))
+        assert cluster.wait_until_settled(60)
+    finally:
+        registry.close_all()
+    ready = [r.getMessage() for r in caplog.records if "hosts ready" in r.getMessage()]
+    assert ready and all(line.endswith(" so far") and ", $0.00 so far" in line
+                         for line in ready), ready

@@ -136,7 +136,9 @@ def _join(cluster: Cluster, fleet: Fleet, target: HostTarget, config: CloudConfi
         return
     cluster.join(session)
     ready = len(cluster.alive_hosts)
-    message = f"{ready} of {total} hosts ready, {cluster.n_workers} workers"
+    spent = fleet.spent()
+    message = (f"{ready} of {total} hosts ready, {cluster.n_workers} workers"
+               + ("" if spent is None else f", ${spent:.2f} so far"))
     (progress.done if ready + len(cluster.failures) == total else progress.update)(message)
 
 

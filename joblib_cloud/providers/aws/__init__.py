@@ -40,6 +40,13 @@ class AWSFleet(Fleet):
     def drop(self, host: HostTarget) -> None:
         self.handle.drop(host.spec.label)
 
+    def spent(self) -> float | None:
+        if self.handle.usd_per_hour is None:
+            return None
+        from .budget import spend
+
+        return spend(self.handle.usd_per_hour, self.handle.launch_times)
+
     def watch(self, cluster: Cluster, config: CloudConfig) -> None:
         if config.budget is not None and self.handle.usd_per_hour is not None:
             from .budget import Watch

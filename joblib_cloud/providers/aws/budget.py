@@ -69,6 +69,13 @@ def lifetime(config: CloudConfig, itype: InstanceType, usd_per_hour: float) -> f
     return min(config.max_lifetime, budget / (n * usd_per_hour) * 3600)
 
 
+def spend(usd_per_hour: float, launched: dict[str, datetime]) -> float:
+    """What machines launched at these times have cost so far at this price."""
+    now = datetime.now(timezone.utc)
+    return sum(usd_per_hour * max((now - t).total_seconds(), 0) / 3600
+               for t in launched.values())
+
+
 def usd(amount: float) -> str:
     """Dollars, with the cents that matter for small amounts too."""
     return f"${amount:.2f}" if amount >= 0.1 else f"${amount:.4f}"
@@ -86,9 +93,7 @@ class Watch:
                          name=f"joblib-cloud-budget-{cluster.config.cluster}").start()
 
     def spend(self) -> float:
-        now = datetime.now(timezone.utc)
-        return sum(self.usd_per_hour * max((now - t).total_seconds(), 0) / 3600
-                   for t in self.launched.values())
+        return spend(self.usd_per_hour, self.launched)
 
     def _run(self) -> None:
         # Stop when the next check would be past the cap: the machines' own timers fire

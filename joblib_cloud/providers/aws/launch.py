@@ -75,7 +75,7 @@ def ensure_cluster(config: CloudConfig, progress: Progress) -> ClusterHandle:
     fresh = not existing
     try:
         launcher = None
-        usd_per_hour = None
+        usd_per_hour = budget.launch_price(sess, ec2, config.spot, itype)  # for spend
         if config.budget is not None:  # each machine's kill switch holds its share
             usd_per_hour = budget.hourly_price(sess, ec2, config, itype)
             config = config.replace(max_lifetime=budget.lifetime(config, itype, usd_per_hour))
