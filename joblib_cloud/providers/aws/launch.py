@@ -81,7 +81,8 @@ def ensure_cluster(config: CloudConfig, progress: Progress) -> ClusterHandle:
             config = config.replace(max_lifetime=budget.lifetime(config, itype, usd_per_hour))
         if missing:
             _announce(sess, ec2, config, itype, missing, progress)
-            launcher = _Launcher(sess, ec2, config, itype, user, client_pub, cidr, progress)
+            launcher = _Launcher(sess, ec2, config, itype, user, client_pub, cidr, progress,
+                                 {config.spot: usd_per_hour})
             launcher.launch(missing, config.spot, launches)
         ids = [i["InstanceId"] for i in existing[:config.n]] + launches.ids
         instances = _wait_replacing_spot(ec2, ids, launcher, launches, config, progress)
@@ -199,13 +200,15 @@ class _Launcher:
 
     def __init__(self, sess: Any, ec2: Any, config: CloudConfig,
                  itype: instance_types.InstanceType, user: str, client_pub: str,
-                 cidr: str | None, progress: Progress) -> None:
+                 cidr: str | None, progress: Progress,
+                 known_prices: dict[bool, float | None]) -> None:
+        """``known_prices``: the price per market (spot or not) already looked up."""
         image_id, root_device, snapshot_gib = _image(sess, ec2, config, itype)
         self.network: Network = network.find_network(ec2, config, sess.region_name, cidr)
         self.public_ip = provisioner.wants_public_address()
         self.sess, self.ec2, self.config, self.itype = sess, ec2, config, itype
         self.user, self.client_pub, self.progress = user, client_pub, progress
-        self._prices: dict[bool, float | None] = {}
+        self._prices = dict(known_prices)
         self.base = {
             "ImageId": image_id, "InstanceType": itype.name, "MinCount": 1, "MaxCount": 1,
             "InstanceInitiatedShutdownBehavior": "terminate",
