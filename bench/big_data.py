@@ -161,7 +161,7 @@ def run_once(fleet: Any, kwargs: dict, X: np.ndarray, y: np.ndarray, cv: Any
         GridSearchCV(Ridge(), {"alpha": ALPHAS[:4]}, n_jobs=-1).fit(X[:500], y[:500])
     base = baseline_pss(fleet_groups(fleet))
     sent0 = {a: tcp_bytes_acked(h.connection.transport.sock) for a, h in names.items()}
-    uploaded0 = {a: h.bytes_uploaded for a, h in names.items()}
+    uploaded0 = {a: h.uploads.bytes_sent for a, h in names.items()}
     monitor = HostMemory(fleet_groups(fleet), os.sep + "cache" + os.sep)
     monitor.start()
     start = time.perf_counter()
@@ -173,7 +173,7 @@ def run_once(fleet: Any, kwargs: dict, X: np.ndarray, y: np.ndarray, cv: Any
         "wall": wall, "best": fitted.best_params_,
         "sent": {a: tcp_bytes_acked(h.connection.transport.sock) - sent0[a]
                  for a, h in names.items()},
-        "uploaded": {a: h.bytes_uploaded - uploaded0[a] for a, h in names.items()},
+        "uploaded": {a: h.uploads.bytes_sent - uploaded0[a] for a, h in names.items()},
         "peak": monitor.peak, "mapped": monitor.peak_mapped, "base": base,
         "procs": monitor.peak_procs,
     }

@@ -147,11 +147,11 @@ def joblib_cloud_upload(fleet: SSHFleet, nbytes: int, repeat: int) -> list[float
             arr = np.full(nbytes // 8, float(i), dtype=np.float64)
             cluster.store.new_call()
             cluster.store.add(arr)  # hash now: this bench measures the wire, not sha256
-            before = [h.bytes_uploaded for h in cluster.hosts]
+            before = [h.uploads.bytes_sent for h in cluster.hosts]
             start = time.perf_counter()
             Parallel(batch_size=1)(delayed(len)(arr) for _ in range(tasks))
             cold = time.perf_counter() - start
-            sent = [h.bytes_uploaded - b for h, b in zip(cluster.hosts, before, strict=True)]
+            sent = [h.uploads.bytes_sent - b for h, b in zip(cluster.hosts, before, strict=True)]
             if min(sent) < arr.nbytes:
                 raise RuntimeError(f"not every host received the array: {sent}")
             start = time.perf_counter()

@@ -142,6 +142,9 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("cache_threshold", 2**20, _to_size,
             "arguments at least this large are cached on each host by content"),
     Setting("cache_size", 8 * 2**30, _to_size, "bytes of cached arguments per host (LRU)"),
+    Setting("staging", "auto", lambda v: str(v).strip().lower(),
+            "large arguments through the cloud's object store (aws: S3), sent once for all "
+            "hosts: auto (when cheaper than over SSH to each host), always, or never"),
     Setting("max_result_size", 512 * 2**20, _to_size,
             "largest pickled batch result a host sends back"),
     Setting("verbose", False, _to_bool, "progress lines even when not on a terminal"),
@@ -162,6 +165,7 @@ SETTINGS: tuple[Setting, ...] = (
             "what the on-VM kill switch runs"),
 )
 SETTINGS_BY_NAME = {s.name: s for s in SETTINGS}
+STAGING_MODES = ("auto", "always", "never")
 
 
 def config_file_path() -> Path:
@@ -210,6 +214,7 @@ class CloudConfig:
     heartbeat_timeout: float
     cache_threshold: int
     cache_size: int
+    staging: str
     max_result_size: int
     verbose: bool
     image_id: str | None
@@ -291,6 +296,8 @@ def _validate(values: dict[str, Any], origins: dict[str, str]) -> None:
             fail(name, "must be a positive number of seconds")
     if values["budget"] is not None and values["budget"] <= 0:
         fail("budget", "must be a positive number of dollars")
+    if values["staging"] not in STAGING_MODES:
+        fail("staging", f"choose one of {', '.join(STAGING_MODES)}")
     for name in ("cache_threshold", "cache_size", "max_result_size"):
         if values[name] <= 0:
             fail(name, "must be a positive size")

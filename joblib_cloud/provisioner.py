@@ -17,6 +17,10 @@ instance without one is an error at once); :func:`private_address` uses the priv
 address (a client inside the VPC; then no public address is requested).  Change it with
 :func:`set_address_hook`, e.g. for a bastion or port forwarding; the test-suite uses it to
 map moto's instances onto loopback sshd servers and guests.
+
+A second hook, :func:`set_sibling_hook`, decides where a ``joblib-cloud run -n N`` job's
+machine reaches the cluster's other machines (same signature; default
+:func:`private_address`: machines of one VPC talk over private addresses).
 """
 
 from __future__ import annotations
@@ -85,6 +89,26 @@ class Fleet:
 
     def abort(self) -> None:
         """No host came up: undo what :meth:`Provider.ensure` created for this call."""
+
+    def object_store(self) -> ObjectStoreAccess | None:
+        """Where large arguments can be staged once for every host (aws: S3 in the
+        cluster's region), or None: each host gets them over SSH."""
+        return None
+
+
+class ObjectStoreAccess(Protocol):
+    """A store the client uploads objects to once and the hosts download from by URL,
+    with no credentials of their own (``client/staging.py``)."""
+
+    #: Where, for messages ("s3://bucket (eu-west-1)").
+    where: str
+
+    def ensure(self, digest: str, segments: list[bytes | memoryview], nbytes: int) -> bool:
+        """The object named ``digest`` (its bytes: ``segments``) is in the store, kept
+        for this cluster; True when this call uploaded it."""
+
+    def url(self, digest: str, expires: float) -> str:
+        """A GET URL for the object, good for ``expires`` seconds."""
 
 
 class Provider(Protocol):
@@ -164,3 +188,19 @@ def address_of(instance: dict[str, Any]) -> tuple[str, int]:
 def wants_public_address() -> bool:
     """Whether machines need a public address for the hook in force."""
     return _address_hook is not private_address
+
+
+_sibling_hook: AddressHook = private_address
+
+
+def set_sibling_hook(fn: AddressHook | None) -> None:
+    """Decide where a job's machine reaches its siblings (``None`` restores
+    :func:`private_address`)."""
+    global _sibling_hook
+    _sibling_hook = fn or private_address
+
+
+def sibling_address(instance: dict[str, Any]) -> tuple[str, int]:
+    """Where the cluster's machines reach ``instance``, as the sibling hook says."""
+    address, port = _sibling_hook(instance)
+    return address, int(port)

@@ -23,6 +23,7 @@ from typing import Any
 
 from joblib.parallel import ParallelBackendBase
 
+from .host.fetch_object import Fetcher
 from .host.installer import Installer
 from .host.task_runner import CORES_PER_WORKER_ENV
 from .host.worker_pool import WorkerPool, grow_pipe, write_all
@@ -31,6 +32,7 @@ from .wire.protocol import (
     AGENT_MAGIC,
     PROTOCOL_VERSION,
     ConfigMeta,
+    FetchedMeta,
     FrameReader,
     HelloMeta,
     InstalledMeta,
@@ -87,6 +89,7 @@ class Agent:
         self.last_recv = time.monotonic()
         self.pool: WorkerPool | None = None
         self.installer = Installer(self.selector, self._installed)
+        self.fetcher: Fetcher | None = None
         self.home = agent_home()
         self.cache_dir = self.home / "cache" / str(os.getpid())
         self.uploads: dict[str, Any] = {}
@@ -139,6 +142,8 @@ class Agent:
                 self.pool.submit(frame_meta(frame)["id"], frame)
             elif kind == Kind.PUT:
                 self.put(frame_meta(frame), frame_data(frame))
+            elif kind == Kind.FETCH:
+                self.fetcher.request(frame_meta(frame))  # type: ignore[arg-type]
             elif kind == Kind.EVICT:
                 self.evict(frame_meta(frame)["digests"])
             elif kind == Kind.ABORT:
@@ -176,6 +181,9 @@ class Agent:
     def _installed(self, answer: InstalledMeta) -> None:
         self.send(Kind.INSTALLED, answer)  # type: ignore[arg-type]
 
+    def _fetched(self, answer: FetchedMeta) -> None:
+        self.send(Kind.FETCHED, answer)  # type: ignore[arg-type]
+
     # ------------------------------------------------------------------ cache
     def put(self, meta: dict[str, Any], data: memoryview) -> None:
         digest = meta["digest"]
@@ -211,6 +219,7 @@ class Agent:
         self.cache_dir.parent.mkdir(exist_ok=True, mode=0o700)
         self.cache_dir.mkdir(exist_ok=True, mode=0o700)
         _remove_stale_caches(self.cache_dir.parent)
+        self.fetcher = Fetcher(self.selector, self.cache_dir, self._fetched)
         os.write(self.out_fd, AGENT_MAGIC)
         cores = _cpu_count()
         hello: HelloMeta = {"protocol": PROTOCOL_VERSION, "versions": host_versions(),
@@ -248,6 +257,8 @@ class Agent:
 
     def shutdown(self) -> None:
         self.installer.close()
+        if self.fetcher is not None:
+            self.fetcher.close()
         if self.pool is not None:
             self.pool.close()
         for fh in self.uploads.values():

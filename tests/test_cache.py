@@ -1,7 +1,7 @@
 """The per-host cache of large arguments, observed on a real loopback sshd fleet.
 
 What is asserted is behaviour, never timing: which bytes cross the wire (the client's
-``bytes_uploaded`` counter and the TCP byte count of each host's socket), what each host
+``uploads.bytes_sent`` counter and the TCP byte count of each host's socket), what each host
 holds, and what a task on the host actually receives.
 """
 
@@ -37,7 +37,7 @@ def _cluster(kwargs: dict):
 
 
 def _sent(cluster) -> dict[str, int]:
-    return {h.name: h.bytes_uploaded for h in cluster.hosts}
+    return {h.name: h.uploads.bytes_sent for h in cluster.hosts}
 
 
 def _wire(cluster) -> dict[str, int]:
@@ -127,13 +127,13 @@ def test_view_of_a_cached_array_is_not_sent_again(cache_kwargs):
     with parallel_backend("cloud", **cache_kwargs):
         cluster = _cluster(cache_kwargs)
         sent0 = _sent(cluster)
-        caches0 = {h.name: set(h.cache) for h in cluster.hosts}
+        caches0 = {h.name: set(h.uploads.cache) for h in cluster.hosts}
         out = Parallel(batch_size=1)(delayed(_total_pair)(x, v) for v in views * 3)
         assert out == [(float(x.sum()), float(v.sum())) for v in views * 3]
         sent = _delta(_sent(cluster), sent0)
         assert all(v in (0, stored.nbytes) for v in sent.values()), sent
         for host in cluster.hosts:  # only the base entered the caches, not the views
-            assert set(host.cache) - caches0[host.name] <= {stored.digest}
+            assert set(host.uploads.cache) - caches0[host.name] <= {stored.digest}
 
 
 def test_small_per_fold_arguments_travel_inline(cache_kwargs):
@@ -143,13 +143,13 @@ def test_small_per_fold_arguments_travel_inline(cache_kwargs):
     folds = [np.sort(rng.choice(len(x), 5000, replace=False)) for _ in range(10)]
     with parallel_backend("cloud", **cache_kwargs):
         cluster = _cluster(cache_kwargs)
-        caches0 = {h.name: set(h.cache) for h in cluster.hosts}
+        caches0 = {h.name: set(h.uploads.cache) for h in cluster.hosts}
         sent0 = _sent(cluster)
         out = Parallel(batch_size=1)(delayed(_fold_mean)(x, idx) for idx in folds)
         assert out == [float(x[idx].mean()) for idx in folds]
         assert sum(_delta(_sent(cluster), sent0).values()) <= 2 * stored.nbytes
         for host in cluster.hosts:
-            assert set(host.cache) - caches0[host.name] <= {stored.digest}
+            assert set(host.uploads.cache) - caches0[host.name] <= {stored.digest}
 
 
 def test_mid_sized_argument_repeated_across_batches_is_sent_once_per_host(cache_kwargs):
@@ -159,7 +159,7 @@ def test_mid_sized_argument_repeated_across_batches_is_sent_once_per_host(cache_
     stored = StoredObject(fold)
     with parallel_backend("cloud", **cache_kwargs):
         cluster = _cluster(cache_kwargs)
-        caches0 = {h.name: set(h.cache) for h in cluster.hosts}
+        caches0 = {h.name: set(h.uploads.cache) for h in cluster.hosts}
         sent0 = _sent(cluster)
         out = Parallel(batch_size=1)(delayed(_total_pair)(fold, tiny) for _ in range(16))
         assert out == [(float(fold.sum()), float(tiny.sum()))] * 16
@@ -167,7 +167,7 @@ def test_mid_sized_argument_repeated_across_batches_is_sent_once_per_host(cache_
         assert all(v in (0, stored.nbytes) for v in sent.values()), sent
         assert sum(sent.values()) >= stored.nbytes
         for host in cluster.hosts:
-            assert set(host.cache) - caches0[host.name] <= {stored.digest}
+            assert set(host.uploads.cache) - caches0[host.name] <= {stored.digest}
 
 
 def test_stream_of_fresh_mid_sized_arguments_stays_inline(cache_kwargs):
@@ -178,12 +178,12 @@ def test_stream_of_fresh_mid_sized_arguments_stays_inline(cache_kwargs):
 
     with parallel_backend("cloud", **cache_kwargs):
         cluster = _cluster(cache_kwargs)
-        caches0 = {h.name: set(h.cache) for h in cluster.hosts}
+        caches0 = {h.name: set(h.uploads.cache) for h in cluster.hosts}
         sent0 = _sent(cluster)
         out = Parallel(batch_size=1)(fresh())
         assert out == [float(i) * 32 * 1024 + i for i in range(24)]
         assert _sent(cluster) == sent0
-        assert {h.name: set(h.cache) for h in cluster.hosts} == caches0
+        assert {h.name: set(h.uploads.cache) for h in cluster.hosts} == caches0
 
 
 def test_workers_on_a_host_share_one_read_only_mapped_copy(cache_kwargs):
@@ -230,16 +230,17 @@ def test_lru_eviction_at_cache_size_and_resend_when_needed(fleet):
             for a in arrays:
                 assert Parallel(n_jobs=2)(delayed(_total)(a, 0) for _ in range(2)) == [
                     float(a.sum())] * 2
-            assert list(host.cache) == digests[1:]  # the oldest went: 3 do not fit in 2.5
-            assert host.cache_bytes <= 2.5 * size
+            # the oldest went: 3 do not fit in 2.5
+            assert list(host.uploads.cache) == digests[1:]
+            assert host.uploads.cache_bytes <= 2.5 * size
             on_disk = sorted(f for f in os.listdir(cache_dir) if not f.startswith("."))
             assert on_disk == sorted(digests[1:])
 
-            before = host.bytes_uploaded
+            before = host.uploads.bytes_sent
             assert Parallel(n_jobs=2)(delayed(_total)(arrays[0], 1) for _ in range(2)) == [
                 float(arrays[0].sum()) + 1] * 2
-            assert host.bytes_uploaded - before == size  # evicted, so sent again
-            assert digests[0] in host.cache and digests[1] not in host.cache
+            assert host.uploads.bytes_sent - before == size  # evicted, so sent again
+            assert digests[0] in host.uploads.cache and digests[1] not in host.uploads.cache
             assert sorted(f for f in os.listdir(cache_dir) if not f.startswith(".")) == \
                 sorted([digests[0], digests[2]])
     finally:

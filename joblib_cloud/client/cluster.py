@@ -37,7 +37,7 @@ from .progress import Progress
 from .session import HostSession
 
 if TYPE_CHECKING:
-    pass
+    from .staging import Staging
 
 
 log = logging.getLogger("joblib_cloud")
@@ -72,6 +72,8 @@ class Cluster:
         self._monitoring = False
         #: The hosts' boot installed packages= (aws): the client need not.
         self.boot_installs_packages = False
+        #: Large arguments staged once for all hosts, where the provider has a store.
+        self.staging: Staging | None = None
 
     # -- lifecycle ---------------------------------------------------------------
     def attach(self, hosts: list[HostSession]) -> None:

@@ -24,6 +24,7 @@ from .cluster import Cluster
 from .packages import install_configured_everywhere
 from .progress import Progress
 from .session import HostSession
+from .staging import Staging
 from .streams import LocalAgent
 
 log = logging.getLogger("joblib_cloud")
@@ -60,6 +61,8 @@ def get_cluster(config: CloudConfig) -> Cluster:
         with _registry_lock:
             cluster = _registry.get(key)
         if cluster is not None and cluster.usable:
+            if cluster.staging is not None:
+                cluster.staging.mode = config.staging
             if _installs_configured(config, cluster.boot_installs_packages):
                 install_configured_everywhere(cluster.alive_hosts, config)
             return cluster
@@ -93,6 +96,9 @@ def connect(config: CloudConfig, progress: Progress | None = None) -> Cluster:
     cluster = Cluster(config, fleet.workers_per_host)
     cluster.progress = progress if len(fleet.hosts) > 1 else None
     cluster.boot_installs_packages = fleet.boot_installs_packages
+    store = fleet.object_store()
+    if store is not None:
+        cluster.staging = Staging(store, config.staging)
     install = _installs_configured(config, fleet.boot_installs_packages)
     total = len(fleet.hosts)
     cluster.expect(total)

@@ -1,5 +1,5 @@
 """One host's agent as seen from the client: the handshake, one writer at a time on its
-stream, uploads into its cache, and its results, output and heartbeats as they arrive.
+stream (what its cache holds: ``uploads.py``), its results, output and heartbeats.
 
 Threads: a *sender* per host (uploads, control frames, pings, and batches that cannot go
 out at once) and a *reader* (results, output, heartbeats): over SSH that is paramiko's
@@ -30,10 +30,8 @@ from ..wire.protocol import (
     PROTOCOL_VERSION,
     BatchMeta,
     ConfigMeta,
-    EvictMeta,
     FrameReader,
     Kind,
-    PutMeta,
     RawFrame,
     ResultMeta,
     Status,
@@ -45,13 +43,13 @@ from ..worker import host_versions
 from .batch import Batch, resolve, result_error
 from .packages import HostPackages
 from .streams import AgentStream, agent_preamble
+from .uploads import HostUploads
 
 if TYPE_CHECKING:
     from .cluster import Cluster
     from .ssh import SSHConnection
 
 
-UPLOAD_CHUNK = 4 * 2**20
 
 
 def check_versions(host: str, remote: dict[str, str | None]) -> None:
@@ -83,7 +81,7 @@ class Writer:
     never interleave: the host's sender thread, or a thread that submits a small batch
     and sends it itself (``Cluster.submit``).  Taken and given back with
     ``cluster.lock`` held.  The holder alone changes the host's upload cache
-    (``HostSession.cache``); others read it under the lock only to decide whether a batch
+    (``HostSession.uploads``); others read it under the lock only to decide whether a batch
     can go out at once."""
 
     __slots__ = ("held",)
@@ -117,9 +115,7 @@ class HostSession:
         #: In-flight batches to send again (after an install their module was missing).
         self.resends: collections.deque[Batch] = collections.deque()
         self.packages = HostPackages(self)
-        self.cache: collections.OrderedDict[str, int] = collections.OrderedDict()
-        self.cache_bytes = 0
-        self.bytes_uploaded = 0
+        self.uploads = HostUploads(self)
         self.last_recv = time.monotonic()
         self.last_send = time.monotonic()
         self.joined_at: float | None = None  # wall clock, when it started taking work
@@ -248,7 +244,7 @@ class HostSession:
         a stalled host must never block.  Called with ``cluster.lock`` held."""
         size = len(job.payload)
         return (not self.writer.held and not self.outbox and size <= JOIN_BELOW
-                and all(digest in self.cache for digest in job.refs)
+                and self.uploads.has_all(job.refs)
                 and self.stream.can_write_now(size + 1024))
 
     def send_now(self, job: Batch) -> None:
@@ -270,46 +266,9 @@ class HostSession:
         self.cluster.host_lost(self, f"sending failed: {type(exc).__name__}: {exc}")
 
     def _send_job(self, job: Batch) -> None:
-        for digest in job.refs:
-            if digest in self.cache:
-                self.cache.move_to_end(digest)
-            else:
-                self._upload(digest, job)
+        self.uploads.provide(job)
         meta: BatchMeta = {"id": job.id, "threads": job.threads}
         self._send(Kind.BATCH, meta, job.payload)
-
-    def _upload(self, digest: str, job: Batch) -> None:
-        stored = self.cluster.store.get(digest)
-        self._make_room(stored.nbytes, job)
-        offset = 0
-        for chunk in stored.chunks(UPLOAD_CHUNK):
-            offset += len(chunk)
-            put: PutMeta = {"digest": digest, "offset": offset - len(chunk),
-                            "last": offset == stored.nbytes}
-            self._send(Kind.PUT, put, chunk)
-        self.cache[digest] = stored.nbytes
-        self.cache_bytes += stored.nbytes
-        self.bytes_uploaded += stored.nbytes
-
-    def _make_room(self, nbytes: int, job: Batch) -> None:
-        """Evict least recently used objects that no queued batch on this host needs."""
-        limit = self.cluster.config.cache_size
-        if self.cache_bytes + nbytes <= limit:
-            return
-        with self.cluster.lock:
-            needed = set(job.refs).union(*(j.refs for j in self.inflight.values()))
-        victims = []
-        for digest, size in self.cache.items():
-            if self.cache_bytes + nbytes <= limit:
-                break
-            if digest not in needed:
-                victims.append(digest)
-                self.cache_bytes -= size
-        for digest in victims:
-            del self.cache[digest]
-        if victims:
-            evict: EvictMeta = {"digests": victims}
-            self._send(Kind.EVICT, evict)
 
     # -- receiving -------------------------------------------------------------------
     def _read_loop(self) -> None:
@@ -364,6 +323,8 @@ class HostSession:
             self._print(frame_meta(frame)["stream"], bytes(frame_data(frame)))
         elif kind == Kind.INSTALLED:
             self.packages.on_installed(frame_meta(frame))  # type: ignore[arg-type]
+        elif kind == Kind.FETCHED:
+            self.uploads.on_fetched(frame_meta(frame))  # type: ignore[arg-type]
 
     def _on_result(self, meta: ResultMeta, data: bytes | memoryview) -> None:
         if "missing_module" in meta and self.packages.take_over(meta, data):
@@ -405,6 +366,7 @@ class HostSession:
 
     def close(self) -> None:
         self.alive = False
+        self.uploads.on_lost()
         for closer in (self.stream.close, self.connection.close if self.connection else None):
             if closer is not None:
                 try:

@@ -19,6 +19,8 @@ import struct
 from typing import Any
 
 ALIGN = 64
+#: A cached object's name: this many hex digits of the SHA-256 of its file.
+DIGEST_CHARS = 32
 
 
 _LEN = struct.Struct("!Q")

@@ -39,6 +39,8 @@ class Kind(enum.IntEnum):
     READY = 12  # agent -> client: ReadyMeta; worker -> agent: WorkerReadyMeta
     INSTALL = 13  # client -> agent: InstallMeta (install into the agent's own Python)
     INSTALLED = 14  # agent -> client: InstalledMeta, how one INSTALL ended
+    FETCH = 15  # client -> agent: FetchMeta (download a cached object from a URL)
+    FETCHED = 16  # agent -> client: FetchedMeta, how one FETCH ended
 
 
 class Status(str, enum.Enum):
@@ -96,6 +98,22 @@ class PutMeta(TypedDict):
     digest: str
     offset: int
     last: bool
+
+
+class FetchMeta(TypedDict):
+    digest: str
+    url: str  # a presigned GET: the host holds no credentials
+    size: int
+    part_size: int  # ranged GETs of this size...
+    streams: int  # ...this many at a time
+
+
+class FetchedMeta(TypedDict):
+    digest: str
+    ok: bool
+    expired: bool  # the URL expired before the download was done: send a fresh one
+    error: str  # why it failed (empty when ok)
+    seconds: float
 
 
 class EvictMeta(TypedDict):

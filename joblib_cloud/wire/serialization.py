@@ -29,7 +29,7 @@ from typing import Any
 import cloudpickle
 from joblib.parallel import BatchedCalls, ParallelBackendBase
 
-from .cached import _LEN, _pad, _warning_category
+from .cached import _LEN, DIGEST_CHARS, _pad, _warning_category
 
 
 class StoredObject:
@@ -41,10 +41,6 @@ class StoredObject:
         buffers: list[pickle.PickleBuffer] = []
         meta = pickle.dumps(obj, protocol=5, buffer_callback=buffers.append)
         raws = [b.raw() for b in buffers]
-        hasher = hashlib.sha256(meta)
-        for raw in raws:
-            hasher.update(_LEN.pack(raw.nbytes))
-            hasher.update(raw)
         # File layout: [header length][header pickle][pad], then each buffer aligned to
         # ALIGN bytes; buffer offsets in the header are relative to the data start.
         layout, offset = [], 0
@@ -58,7 +54,11 @@ class StoredObject:
             segments.append(raw)
             if _pad(raw.nbytes):
                 segments.append(b"\0" * _pad(raw.nbytes))
-        self.digest = hasher.hexdigest()[:32]
+        # The digest is the file's own, so a host can check what it downloaded.
+        hasher = hashlib.sha256()
+        for seg in segments:
+            hasher.update(seg)
+        self.digest = hasher.hexdigest()[:DIGEST_CHARS]
         self.obj = obj
         self.segments = segments
         self.nbytes = sum(len(s) if isinstance(s, bytes) else s.nbytes for s in segments)

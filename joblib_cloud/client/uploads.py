@@ -1,0 +1,149 @@
+"""What one host holds of the cluster's large arguments, and getting there the rest.
+
+Each large argument (``wire/serialization.py``) reaches a host once: sent over the host's
+own SSH stream (PUT frames), or, where the cluster has an object store and the object goes
+to several hosts, fetched by the host from the store (FETCH) after the client staged it
+once (``staging.py``).  Either way the host ends with the same file in its cache.  Only
+the host's sender thread, holding the writer, runs this.
+"""
+
+from __future__ import annotations
+
+import collections
+import threading
+import time
+from typing import TYPE_CHECKING
+
+from ..wire.protocol import EvictMeta, FetchedMeta, FetchMeta, Kind, PutMeta
+from ..wire.serialization import StoredObject
+
+if TYPE_CHECKING:
+    from .batch import Batch
+    from .session import HostSession
+
+UPLOAD_CHUNK = 4 * 2**20
+#: A renewed URL that expires again is not renewed forever.
+MAX_RENEWALS = 3
+
+
+class HostUploads:
+    """The client's view of one host's cache (digest -> size, least recently used first)."""
+
+    def __init__(self, session: HostSession) -> None:
+        self.session = session
+        self.cache: collections.OrderedDict[str, int] = collections.OrderedDict()
+        self.cache_bytes = 0
+        #: Bytes this client sent the host itself (PUT), and bytes the host fetched.
+        self.bytes_sent = 0
+        self.bytes_fetched = 0
+        self._answers: dict[str, FetchedMeta] = {}
+        self._answered = threading.Condition()
+
+    def has_all(self, digests: list[str] | set[str]) -> bool:
+        return all(digest in self.cache for digest in digests)
+
+    def provide(self, job: Batch) -> None:
+        """Make sure the host holds every object ``job`` refers to."""
+        for digest in job.refs:
+            if digest in self.cache:
+                self.cache.move_to_end(digest)
+                continue
+            stored = self.session.cluster.store.get(digest)
+            self._make_room(stored.nbytes, job)
+            if not self._fetch(stored):
+                self._put(stored)
+            self.cache[digest] = stored.nbytes
+            self.cache_bytes += stored.nbytes
+
+    # -- sent by the client ----------------------------------------------------------
+    def _put(self, stored: StoredObject) -> None:
+        start, offset = time.monotonic(), 0
+        for chunk in stored.chunks(UPLOAD_CHUNK):
+            offset += len(chunk)
+            put: PutMeta = {"digest": stored.digest, "offset": offset - len(chunk),
+                            "last": offset == stored.nbytes}
+            self.session._send(Kind.PUT, put, chunk)
+        self.bytes_sent += stored.nbytes
+        staging = self.session.cluster.staging
+        if staging is not None:
+            staging.link.sent(stored.nbytes, time.monotonic() - start)
+
+    # -- fetched by the host ---------------------------------------------------------
+    def _fetch(self, stored: StoredObject) -> bool:
+        """Have the host fetch ``stored`` from the object store, where that is cheaper;
+        False: send it directly (not cheaper, or the store failed: said once)."""
+        cluster = self.session.cluster
+        staging = cluster.staging
+        if staging is None or not staging.worth_it(stored, self._hosts_without(stored)):
+            return False
+        url = staging.url_for(stored)
+        for _ in range(MAX_RENEWALS + 1):
+            if url is None:
+                return False
+            meta: FetchMeta = {"digest": stored.digest, "url": url, "size": stored.nbytes,
+                               "part_size": staging.part_size, "streams": staging.streams}
+            answer = self._ask(meta)
+            if answer["ok"]:
+                self.bytes_fetched += stored.nbytes
+                staging.link.fetched(stored.nbytes, answer["seconds"])
+                return True
+            if not answer["expired"]:
+                staging.give_up(f"host {self.session.name} could not download "
+                                f"{staging.where}: {answer['error']}")
+                return False
+            url = staging.url_for(stored, renew=True)
+        return False
+
+    def _hosts_without(self, stored: StoredObject) -> int:
+        cluster = self.session.cluster
+        with cluster.lock:
+            holders = sum(stored.digest in h.uploads.cache for h in cluster.alive_hosts)
+            return len(cluster.alive_hosts) + cluster.joining - holders
+
+    def _ask(self, meta: FetchMeta) -> FetchedMeta:
+        """Send FETCH and wait for the answer, pinging meanwhile so the agent knows this
+        client is still here.  A host lost meanwhile raises, as a failed send does."""
+        session = self.session
+        ping_every = max(session.cluster.config.heartbeat_timeout / 5, 0.2)
+        digest = meta["digest"]
+        session._send(Kind.FETCH, meta)  # type: ignore[arg-type]
+        with self._answered:
+            while digest not in self._answers:
+                if not session.alive:
+                    raise ConnectionError(f"host {session.name} was lost during a download")
+                self._answered.wait(ping_every)
+                if digest not in self._answers and session.alive:
+                    session._send(Kind.PING)
+            return self._answers.pop(digest)
+
+    def on_fetched(self, answer: FetchedMeta) -> None:
+        """From the reader: how a FETCH ended."""
+        with self._answered:
+            self._answers[answer["digest"]] = answer
+            self._answered.notify_all()
+
+    def on_lost(self) -> None:
+        with self._answered:
+            self._answered.notify_all()
+
+    # -- room ------------------------------------------------------------------------
+    def _make_room(self, nbytes: int, job: Batch) -> None:
+        """Evict least recently used objects that no queued batch on this host needs."""
+        session = self.session
+        limit = session.cluster.config.cache_size
+        if self.cache_bytes + nbytes <= limit:
+            return
+        with session.cluster.lock:
+            needed = set(job.refs).union(*(j.refs for j in session.inflight.values()))
+        victims = []
+        for digest, size in self.cache.items():
+            if self.cache_bytes + nbytes <= limit:
+                break
+            if digest not in needed:
+                victims.append(digest)
+                self.cache_bytes -= size
+        for digest in victims:
+            del self.cache[digest]
+        if victims:
+            evict: EvictMeta = {"digests": victims}
+            session._send(Kind.EVICT, evict)
