@@ -25,6 +25,7 @@ from sshfleet import SSHHost
 from joblib_cloud import provisioner
 from joblib_cloud.client.progress import Progress
 from joblib_cloud.config import resolve_config
+from joblib_cloud.providers.aws import bucket as aws_bucket
 from joblib_cloud.providers.aws import ec2api, machines, teardown, userdata
 from joblib_cloud.providers.aws import launch as aws_launch
 
@@ -137,9 +138,11 @@ def aws_fixture(monkeypatch, tmp_path):
     monkeypatch.setattr(botocore.client.BaseClient, "_make_api_call",
                         lambda client, operation, params: fidelity(real, client, operation,
                                                                    params))
+    aws_bucket.forget_buckets()
     with mock_aws():
         yield boto3.client("ec2", region_name=REGION)
     provisioner.set_address_hook(None)
+    aws_bucket.forget_buckets()
 
 
 @pytest.fixture(name="api_calls")

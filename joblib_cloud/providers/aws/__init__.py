@@ -3,7 +3,8 @@
 ``launch.py`` starts or re-attaches the machines, ``machines.py`` waits on them and
 undoes a failed launch, ``userdata.py`` is what each machine boots, ``network.py`` the
 VPC, subnets, security group and the client's address, ``sshkeys.py`` the cluster's
-keys on this computer, ``teardown.py`` and ``commands.py`` ``down`` and ``status``.
+keys on this computer, ``bucket.py`` and ``staging.py`` the S3 bucket large arguments are
+staged in, ``teardown.py`` and ``commands.py`` ``down`` and ``status``.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from ...client.progress import Progress
 from ...config import CloudConfig
 from ...provisioner import Fleet, HostTarget, Out
 from .machines import ClusterHandle
+from .staging import S3Objects
 
 
 class AWSFleet(Fleet):
@@ -56,6 +58,9 @@ class AWSFleet(Fleet):
 
     def abort(self) -> None:
         self.handle.abort()
+
+    def object_store(self) -> S3Objects:
+        return S3Objects(self.handle.region, self.handle.cluster)
 
 
 class AWSProvider:

@@ -79,7 +79,7 @@ def down(config: CloudConfig, args: argparse.Namespace, out: Out) -> int:
     what = "every joblib-cloud cluster" if cluster is None else f"cluster {cluster!r}"
     if not (args.yes or args.dry_run) and sys.stdin.isatty():
         answer = input(f"Delete {what} in {', '.join(where)} (machines, security group, "
-                       "local keys)? [y/N] ")
+                       "staged S3 objects, local keys)? [y/N] ")
         if answer.strip().lower() not in ("y", "yes"):
             out("nothing done")
             return 1

@@ -13,7 +13,7 @@ from collections.abc import Callable
 from datetime import datetime, timezone
 from typing import Any
 
-from . import ec2api, prices, sshkeys
+from . import ec2api, prices, sshkeys, staging
 from .ec2api import call
 
 #: Every state a billable (or soon billable) instance can be in.
@@ -130,12 +130,13 @@ def down_region(sess: Any, region: str, cluster: str | None, dry_run: bool, out:
     names = {ec2api.tag_value(x) for kind in found.values() for x in kind}
     local = [cluster] if cluster is not None else sshkeys.local_clusters(region)
     names.update(n for n in local if sshkeys.exists(region, n))
+    swept = staging.sweep(region, cluster, dry_run, out)
     if not names:
         out(f"{region}: nothing to delete for "
             f"{'any cluster' if cluster is None else f'cluster {cluster!r}'}")
-        return True
+        return swept
     verb = "would " if dry_run else ""
-    ok = True
+    ok = swept
     live = [i for i in instances if i["State"]["Name"] not in GONE]
     for inst in instances:
         out(f"{region}: {verb}terminate {inst['InstanceId']} ({inst['InstanceType']}, "

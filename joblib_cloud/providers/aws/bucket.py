@@ -1,0 +1,225 @@
+"""joblib-cloud's S3 bucket: one per account and region, made on first use.
+
+It holds large arguments staged for a cluster's hosts (``objects/<digest>``, content
+addressed, so the same ``X`` is uploaded once while it is there, whatever the call,
+cluster or day), which clusters use each one (``clusters/<cluster>/objects/<digest>``,
+empty markers: ``down`` removes a cluster's objects by them), and what jobs keep.
+
+Made private: public access blocked, encrypted by default (SSE-S3), tagged, with a
+lifecycle rule that expires staged objects after :data:`OBJECT_DAYS` days (an object in
+use is renewed: see :meth:`Bucket.renew_if_old`) and aborts unfinished uploads.  Hosts
+never get credentials for it, only presigned URLs for one object (GET) or one key prefix
+(POST).
+"""
+
+from __future__ import annotations
+
+import datetime
+import io
+import threading
+from collections.abc import Iterator
+from typing import Any
+
+from . import ec2api
+from .ec2api import AWSError, call, error_code
+
+OBJECT_DAYS = 7
+#: An object older than this is copied onto itself when used, restarting its expiry.
+RENEW_AFTER = datetime.timedelta(days=1)
+TAG = {"Key": "joblib-cloud:bucket", "Value": "staging"}
+#: Multipart: parts of this size, this many in flight.
+PART_SIZE = 16 * 2**20
+CONCURRENCY = 8
+
+_buckets: dict[str, Bucket] = {}
+_lock = threading.Lock()
+
+
+def bucket_name(account: str, region: str) -> str:
+    return f"joblib-cloud-{account}-{region}"
+
+
+class SegmentReader(io.RawIOBase):
+    """A seekable file over a list of byte buffers, read without joining them."""
+
+    def __init__(self, segments: list[bytes | memoryview]) -> None:
+        self._views = [memoryview(s).cast("B") for s in segments]
+        self._starts, total = [], 0
+        for view in self._views:
+            self._starts.append(total)
+            total += len(view)
+        self._size = total
+        self._pos = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self._pos
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: self._size}[whence]
+        self._pos = max(base + offset, 0)
+        return self._pos
+
+    def readinto(self, buffer: Any) -> int:
+        out = memoryview(buffer).cast("B")
+        written = 0
+        for start, view in zip(self._starts, self._views, strict=True):
+            if written == len(out) or start > self._pos:
+                break
+            inner = self._pos - start
+            if inner >= len(view):
+                continue
+            n = min(len(view) - inner, len(out) - written)
+            out[written : written + n] = view[inner : inner + n]
+            written += n
+            self._pos += n
+        return written
+
+
+class Bucket:
+    """The bucket of one region, with the calls joblib-cloud makes on it."""
+
+    def __init__(self, client: Any, name: str, region: str) -> None:
+        self.client = client
+        self.name = name
+        self.region = region
+
+    @classmethod
+    def for_region(cls, region: str, *, create: bool = True) -> Bucket | None:
+        """This account's bucket in ``region``: made if missing (``create``), else None."""
+        with _lock:
+            if region in _buckets:
+                return _buckets[region]
+            sess = ec2api.session(region)
+            account = call(sess.client("sts", region_name=region).get_caller_identity,
+                           "look up the AWS account")["Account"]
+            from botocore.config import Config
+
+            client = sess.client("s3", region_name=region,
+                                 config=Config(signature_version="s3v4",
+                                               retries={"mode": "standard"}))
+            bucket = cls(client, bucket_name(account, region), region)
+            if not bucket._there():
+                if not create:
+                    return None
+                bucket._create()
+            _buckets[region] = bucket
+            return bucket
+
+    def _there(self) -> bool:
+        try:
+            self.client.head_bucket(Bucket=self.name)
+            return True
+        except Exception as exc:
+            if error_code(exc) in ("404", "NoSuchBucket", "NotFound"):
+                return False
+            if error_code(exc) in ("403", "AccessDenied"):
+                raise AWSError(f"S3 bucket {self.name} exists but this account may not use "
+                               "it (or s3:ListBucket is not allowed)") from exc
+            raise
+
+    def _create(self) -> None:
+        s3, name = self.client, self.name
+        where = ({} if self.region == "us-east-1" else
+                 {"CreateBucketConfiguration": {"LocationConstraint": self.region}})
+        try:
+            call(s3.create_bucket, "create the joblib-cloud S3 bucket", Bucket=name, **where)
+        except Exception as exc:
+            if error_code(exc) != "BucketAlreadyOwnedByYou":
+                raise
+        call(s3.put_public_access_block, "block public access to the bucket", Bucket=name,
+             PublicAccessBlockConfiguration={
+                 "BlockPublicAcls": True, "IgnorePublicAcls": True,
+                 "BlockPublicPolicy": True, "RestrictPublicBuckets": True})
+        call(s3.put_bucket_encryption, "encrypt the bucket", Bucket=name,
+             ServerSideEncryptionConfiguration={"Rules": [
+                 {"ApplyServerSideEncryptionByDefault": {"SSEAlgorithm": "AES256"}}]})
+        call(s3.put_bucket_lifecycle_configuration, "set the bucket's lifecycle", Bucket=name,
+             LifecycleConfiguration={"Rules": [
+                 {"ID": "staged-objects-expire", "Status": "Enabled",
+                  "Filter": {"Prefix": "objects/"}, "Expiration": {"Days": OBJECT_DAYS}},
+                 {"ID": "abort-unfinished-uploads", "Status": "Enabled",
+                  "Filter": {"Prefix": ""},
+                  "AbortIncompleteMultipartUpload": {"DaysAfterInitiation": 1}}]})
+        call(s3.put_bucket_tagging, "tag the bucket", Bucket=name,
+             Tagging={"TagSet": [TAG]})
+
+    # -- objects ---------------------------------------------------------------------
+    def head(self, key: str) -> dict[str, Any] | None:
+        try:
+            return self.client.head_object(Bucket=self.name, Key=key)
+        except Exception as exc:
+            if error_code(exc) in ("404", "NoSuchKey", "NotFound"):
+                return None
+            raise
+
+    def exists(self, key: str) -> bool:
+        return self.head(key) is not None
+
+    def renew_if_old(self, key: str, head: dict[str, Any]) -> None:
+        """Restart the expiry of an object in use, by copying it onto itself."""
+        modified = head.get("LastModified")
+        if modified is not None and (datetime.datetime.now(datetime.timezone.utc) - modified
+                                     > RENEW_AFTER):
+            call(self.client.copy_object, "renew a staged object", Bucket=self.name, Key=key,
+                 CopySource={"Bucket": self.name, "Key": key}, MetadataDirective="REPLACE")
+
+    def upload(self, key: str, segments: list[bytes | memoryview]) -> None:
+        """Managed multipart upload (parallel parts) straight from memory."""
+        from boto3.s3.transfer import TransferConfig
+
+        config = TransferConfig(multipart_threshold=PART_SIZE, multipart_chunksize=PART_SIZE,
+                                max_concurrency=CONCURRENCY)
+        self.client.upload_fileobj(SegmentReader(segments), self.name, key, Config=config)
+
+    def upload_file(self, key: str, path: str) -> None:
+        self.client.upload_file(path, self.name, key)
+
+    def put_empty(self, key: str) -> None:
+        call(self.client.put_object, "write to the bucket", Bucket=self.name, Key=key,
+             Body=b"")
+
+    def presign_get(self, key: str, expires: float) -> str:
+        return self.client.generate_presigned_url(
+            "get_object", Params={"Bucket": self.name, "Key": key}, ExpiresIn=int(expires))
+
+    def presign_post(self, prefix: str, expires: float) -> dict[str, Any]:
+        """A form upload allowed only for keys under ``prefix`` (``url`` and ``fields``;
+        the host adds ``key`` and ``file``)."""
+        return self.client.generate_presigned_post(
+            self.name, prefix + "${filename}", Conditions=[["starts-with", "$key", prefix]],
+            ExpiresIn=int(expires))
+
+    def keys(self, prefix: str) -> Iterator[str]:
+        for page in self.client.get_paginator("list_objects_v2").paginate(
+                Bucket=self.name, Prefix=prefix):
+            for item in page.get("Contents") or ():
+                yield item["Key"]
+
+    def delete_keys(self, keys: list[str]) -> None:
+        for start in range(0, len(keys), 1000):
+            chunk = [{"Key": k} for k in keys[start : start + 1000]]
+            call(self.client.delete_objects, "delete from the bucket", Bucket=self.name,
+                 Delete={"Objects": chunk, "Quiet": True})
+
+    def delete_prefix(self, prefix: str) -> int:
+        keys = list(self.keys(prefix))
+        self.delete_keys(keys)
+        return len(keys)
+
+    def delete_bucket(self) -> None:
+        self.delete_prefix("")
+        call(self.client.delete_bucket, "delete the bucket", Bucket=self.name)
+        with _lock:
+            _buckets.pop(self.region, None)
+
+
+def forget_buckets() -> None:
+    """Forget the buckets found so far (tests: a fresh moto account)."""
+    with _lock:
+        _buckets.clear()

@@ -1,0 +1,202 @@
+"""Large arguments staged once in S3 for every host (aws), fetched by the hosts with
+presigned URLs: moto's S3 behind a loopback HTTP server (``s3double``), the machines
+loopback sshd hosts (``loopback_ec2``)."""
+
+from __future__ import annotations
+
+import getpass
+import sys
+import warnings
+
+import numpy as np
+import pytest
+from awsmock import (  # noqa: F401  (fixtures)
+    CIDR,
+    REGION,
+    api_calls_fixture,
+    aws_fixture,
+    loopback_ec2_fixture,
+)
+from joblib import Parallel, delayed, parallel_backend
+from s3double import s3_fixture  # noqa: F401
+
+from joblib_cloud import cli
+from joblib_cloud.client import registry, staging
+from joblib_cloud.config import resolve_config
+from joblib_cloud.providers.aws.bucket import Bucket, bucket_name
+from joblib_cloud.wire.serialization import StoredObject
+
+SIZE = 10 * 2**20  # over staging.STAGE_MIN
+
+
+def _settings(cluster: str = "stage", **extra):
+    return {"provider": "aws", "n": 3, "instance": "C2", "cluster": cluster,
+            "region": REGION, "ingress_cidr": CIDR, "user": getpass.getuser(),
+            "python": sys.executable, "workers_per_host": 1, **extra}
+
+
+def _row_sums(X, rows):
+    return float(X[rows].sum())
+
+
+def _run(settings, X, tasks=6):
+    assert _cluster(settings).wait_until_settled(60)  # every host takes a task
+    with parallel_backend("cloud", **settings):
+        return Parallel(n_jobs=3)(delayed(_row_sums)(X, slice(i, i + 5)) for i in range(tasks))
+
+
+def _expected(X, tasks=6):
+    return [float(X[i:i + 5].sum()) for i in range(tasks)]
+
+
+def _cluster(settings):
+    return registry.get_cluster(resolve_config(**settings))
+
+
+def _uploads_of(api_calls, digest):
+    return [c for c in api_calls.of("PutObject") + api_calls.of("CreateMultipartUpload")
+            if c.params["Key"] == f"objects/{digest}"]
+
+
+def _keys(prefix=""):
+    bucket = Bucket.for_region(REGION, create=False)
+    return [] if bucket is None else list(bucket.keys(prefix))
+
+
+@pytest.fixture
+def X():
+    return np.random.default_rng(0).random(SIZE // 8).reshape(-1, 64)
+
+
+def test_one_object_for_three_hosts_leaves_the_client_once(s3, api_calls, loopback_ec2, X):
+    settings = _settings()
+    digest = StoredObject(X).digest
+    try:
+        assert _run(settings, X) == _expected(X)
+        cluster = _cluster(settings)
+        assert len(cluster.hosts) == 3
+        assert len(_uploads_of(api_calls, digest)) == 1
+        size = StoredObject(X).nbytes
+        for host in cluster.hosts:  # every host has it, none got it over SSH
+            assert host.uploads.bytes_sent == 0 and host.uploads.bytes_fetched == size
+        assert len({r.signature for r in s3.gets(digest)}) == 1  # one URL for all
+        bucket = Bucket.for_region(REGION, create=False)
+        assert bucket.name == bucket_name("123456789012", REGION)
+        assert f"clusters/stage/objects/{digest}" in _keys("clusters/")
+
+        # Another process (a fresh client) using the same X uploads nothing.
+        registry.close_all()
+        before = len(api_calls.calls)
+        assert _run(settings, X) == _expected(X)
+        later = api_calls.calls[before:]
+        assert [c for c in later if c.operation in ("PutObject", "CreateMultipartUpload",
+                                                    "UploadPart")
+                and c.params["Key"].startswith("objects/")] == []
+        assert all(h.uploads.bytes_sent == 0 for h in _cluster(settings).hosts)
+    finally:
+        registry.close_all()
+
+
+def test_the_bucket_is_private_encrypted_and_expires_staged_objects(s3, loopback_ec2, X):
+    settings = _settings()
+    try:
+        _run(settings, X)
+    finally:
+        registry.close_all()
+    s3api = Bucket.for_region(REGION).client
+    name = bucket_name("123456789012", REGION)
+    block = s3api.get_public_access_block(Bucket=name)["PublicAccessBlockConfiguration"]
+    assert all(block.values())
+    rule = s3api.get_bucket_encryption(Bucket=name)["ServerSideEncryptionConfiguration"]
+    assert rule["Rules"][0]["ApplyServerSideEncryptionByDefault"]["SSEAlgorithm"] == "AES256"
+    rules = s3api.get_bucket_lifecycle_configuration(Bucket=name)["Rules"]
+    expiring = [r for r in rules if "Expiration" in r]
+    assert [r["Filter"]["Prefix"] for r in expiring] == ["objects/"]
+    assert s3api.get_bucket_tagging(Bucket=name)["TagSet"]
+
+
+def test_a_download_that_fails_its_digest_is_fetched_again(s3, loopback_ec2, X):
+    settings = _settings(n=1, staging="always")
+    digest = StoredObject(X).digest
+    s3.corrupt.add(f"objects/{digest}")
+    try:
+        assert _run(settings, X) == _expected(X)
+        assert "objects/" + digest not in s3.corrupt  # it was damaged once...
+        firsts = [r for r in s3.gets(digest) if (r.range or "").startswith("bytes=0-")]
+        assert len(firsts) == 2  # ...and the host fetched it again
+        (host,) = _cluster(settings).hosts
+        assert host.uploads.bytes_sent == 0
+    finally:
+        registry.close_all()
+
+
+def test_an_url_that_expires_during_the_download_is_renewed(s3, loopback_ec2, X,
+                                                            monkeypatch):
+    monkeypatch.setattr(staging, "URL_TTL", 2.0)
+    monkeypatch.setattr(staging, "URL_MARGIN", 0.0)
+    monkeypatch.setattr(staging.Staging, "part_size", 2**20)
+    monkeypatch.setattr(staging.Staging, "streams", 1)
+    s3.delay = 0.5  # 11 parts at 0.5 s each: the 2 s URL expires on the way
+    settings = _settings(n=1, staging="always")
+    digest = StoredObject(X).digest
+    try:
+        assert _run(settings, X) == _expected(X)
+        gets = s3.gets(digest)
+        assert any(r.status == 403 for r in gets)
+        assert len({r.signature for r in gets if r.status == 206}) >= 2
+        (host,) = _cluster(settings).hosts
+        assert host.uploads.bytes_sent == 0  # renewed, not sent over SSH
+        parts = [r.range for r in gets if r.status == 206]
+        assert len(parts) == len(set(parts))  # what was on disk was not fetched again
+    finally:
+        registry.close_all()
+
+
+def test_s3_refused_sends_directly_with_one_warning(s3, api_calls, loopback_ec2, X):
+    from awsmock import client_error
+
+    api_calls.inject = lambda op, params, n: (client_error("AccessDenied", op)
+                                              if op == "PutObject" else None)
+    settings = _settings()
+    Y = X + 1
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            assert _run(settings, X) == _expected(X)
+            assert _run(settings, Y) == _expected(Y)
+        said = [w for w in caught if "staging large arguments" in str(w.message)]
+        assert len(said) == 1 and "AccessDenied" in str(said[0].message)
+        size = StoredObject(X).nbytes
+        assert sorted(h.uploads.bytes_sent for h in _cluster(settings).hosts) == [2 * size] * 3
+    finally:
+        registry.close_all()
+
+
+def test_down_removes_the_clusters_objects_and_no_others(s3, loopback_ec2, X):
+    keep, gone = _settings("keep", n=2), _settings("gone", n=2)
+    Y = X * 2
+    try:
+        _run(keep, X)
+        _run(gone, Y)
+    finally:
+        registry.close_all()
+    x, y = StoredObject(X).digest, StoredObject(Y).digest
+    assert {f"objects/{x}", f"objects/{y}"} <= set(_keys("objects/"))
+    assert cli.main(["down", "--cluster", "gone", "--region", REGION, "--yes"]) == 0
+    assert _keys("objects/") == [f"objects/{x}"]
+    assert _keys("clusters/gone/") == []
+    assert cli.main(["down", "--all", "--region", REGION, "--yes"]) == 0
+    assert Bucket.for_region(REGION, create=False) is None
+
+
+def test_small_objects_and_a_single_host_go_directly(s3, api_calls, loopback_ec2):
+    small = np.arange(2**18, dtype=float)  # 2 MB: cached, but under STAGE_MIN
+    big = np.random.default_rng(1).random(SIZE // 8)
+    try:
+        with parallel_backend("cloud", **_settings(n=3)):
+            Parallel(n_jobs=3)(delayed(np.sum)(small) for _ in range(3))
+        with parallel_backend("cloud", **_settings("one", n=1)):
+            Parallel(n_jobs=1)(delayed(np.sum)(big) for _ in range(2))
+        assert api_calls.of("PutObject") == [] and _keys() == []
+    finally:
+        registry.close_all()
