@@ -1,14 +1,16 @@
-"""Job subcommands: ``run``, ``jobs``, ``logs``, ``cancel``."""
+"""Job subcommands: ``run``, ``jobs``, ``logs``, ``cancel``, ``pull``, ``forward``."""
 
 from __future__ import annotations
 
 import argparse
 import datetime
 import sys
+from pathlib import Path
 from typing import Any
 
 from ..config import _to_size, resolve_config
-from ..jobs import control
+from ..jobs import attach, control, ports
+from ..jobs.outputs import DEFAULT_MAX_OUTPUT
 from ..jobs.workspace import DEFAULT_MAX_UPLOAD
 from ..provisioner import PROVIDERS
 from .table import table
@@ -19,10 +21,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "run", help="run a command on a cloud machine in a copy of this directory",
         description="Copy the current directory (minus .gitignore'd files) to the first "
                     "machine of the cluster, run COMMAND there with the backend's Python, "
-                    "stream its output and exit with its exit code.")
+                    "stream its output and exit with its exit code; inside it, "
+                    "parallel_backend('cloud') spans every machine of the cluster. Files "
+                    "the job creates or changes come back into ./joblib-cloud-runs/JOB/.")
     run.add_argument("-i", "--instance", help="instance alias (C16, M8, ...) or EC2 type")
     run.add_argument("-n", type=int, help="number of machines in the cluster (the job "
-                                          "runs on the first)")
+                                          "runs on the first, its backend uses all)")
     run.add_argument("--cluster", help="cluster name (default: 'default')")
     run.add_argument("--provider", choices=sorted(PROVIDERS))
     run.add_argument("--budget", type=float, help="dollar cap the machines hold to (aws)")
@@ -30,6 +34,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                      help="print the job id and return; see `jobs`, `logs`, `cancel`")
     run.add_argument("--max-upload", default=str(DEFAULT_MAX_UPLOAD), metavar="SIZE",
                      help="largest directory to copy, e.g. 100M (default), 1G")
+    run.add_argument("--port", action="append", default=[], metavar="REMOTE[:LOCAL]",
+                     help="forward the job's port to http://127.0.0.1:LOCAL/ (repeatable)")
+    run.add_argument("--output", default="", metavar="DIR",
+                     help="bring back only what the job writes under DIR of its workspace")
+    run.add_argument("--into", type=Path, metavar="DIR",
+                     help="where outputs go (default ./joblib-cloud-runs/JOB/)")
+    run.add_argument("--max-output", default=str(DEFAULT_MAX_OUTPUT), metavar="SIZE",
+                     help="largest total of outputs to copy back, e.g. 100M (default)")
     run.add_argument("command", nargs=argparse.REMAINDER, metavar="-- COMMAND...")
     run.set_defaults(func=cmd_run)
 
@@ -46,6 +58,27 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     cancel.add_argument("job", help="job id (or a unique prefix)")
     cancel.set_defaults(func=cmd_cancel)
 
+    pull = subparsers.add_parser("pull", help="copy a job's outputs here")
+    pull.add_argument("job", help="job id (or a unique prefix)")
+    pull.add_argument("path", nargs="?", default="", help="only this file or directory")
+    pull.add_argument("--into", type=Path, metavar="DIR",
+                      help="where outputs go (default ./joblib-cloud-runs/JOB/)")
+    pull.add_argument("--max-output", default=str(DEFAULT_MAX_OUTPUT), metavar="SIZE",
+                      help="largest total to copy, e.g. 100M (default)")
+    pull.set_defaults(func=cmd_pull)
+
+    forward = subparsers.add_parser("forward", help="reach a running job's port from here")
+    forward.add_argument("job", help="job id (or a unique prefix)")
+    forward.add_argument("port", metavar="REMOTE[:LOCAL]")
+    forward.set_defaults(func=cmd_forward)
+
+
+def _size(text: str, option: str) -> int:
+    try:
+        return _to_size(text)
+    except ValueError as exc:
+        raise ValueError(f"{option}: {exc}") from None
+
 
 def cmd_run(args: argparse.Namespace) -> int:
     command = list(args.command)
@@ -54,15 +87,11 @@ def cmd_run(args: argparse.Namespace) -> int:
     config = resolve_config(provider=args.provider, instance=args.instance, n=args.n,
                             cluster=args.cluster, verbose=args.verbose or None,
                             budget=args.budget)
-    try:
-        max_upload = _to_size(args.max_upload)
-    except ValueError as exc:
-        raise ValueError(f"--max-upload: {exc}") from None
-    if config.n > 1 and config.provider == "aws":
-        print(f"joblib-cloud: note: the job runs on the first of the {config.n} machines; "
-              "inside it, parallel_backend('cloud') uses that machine's cores",
-              file=sys.stderr)
-    return control.run(config, command, detach=args.detach, max_upload=max_upload)
+    options = control.RunOptions(
+        detach=args.detach, max_upload=_size(args.max_upload, "--max-upload"),
+        output=args.output, into=args.into, max_output=_size(args.max_output, "--max-output"),
+        ports=[ports.parse_port(p) for p in args.port])
+    return control.run(config, command, options=options)
 
 
 def _when(timestamp: float | None) -> str:
@@ -96,3 +125,11 @@ def cmd_cancel(args: argparse.Namespace) -> int:
     print(f"job {info['id']}: {info['state']}"
           + ("" if code is None else f" (exit code {code})"))
     return 0 if info["state"] != "running" else 1
+
+
+def cmd_pull(args: argparse.Namespace) -> int:
+    return attach.pull(args.job, args.path, args.into, _size(args.max_output, "--max-output"))
+
+
+def cmd_forward(args: argparse.Namespace) -> int:
+    return attach.forward(args.job, ports.parse_port(args.port))

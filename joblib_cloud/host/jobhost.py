@@ -16,18 +16,26 @@ process it describes::
                               does not stop a machine that runs a job)
         exit_code             written once it ended (128+N when killed by signal N)
         cancelled             present when ``cancel`` stopped it
+        manifest.json         each workspace file's size and mtime at the start: what
+                              differs at the end is the job's output (``jobfiles.py``)
+        cloud/                what the job's own backend needs to reach the cluster's
+                              other machines (known hosts; aws: the cluster's key); removed
+                              as soon as the command ends
+        agent.sock            -> the forwarded ssh-agent of the client that follows the job
+                              (``ssh`` clusters of several hosts: the key stays on the client)
+
+Workspace files and the shared directory are ``jobfiles.py``'s, shipped beside this one
+(``jobs/targets.py`` loads both as modules).
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
 import signal
 import subprocess
 import sys
-import tarfile
 import time
 
 ERROR_EXIT = 254  # the helper itself failed (not the job)
@@ -48,6 +56,20 @@ def job_dir(job_id: str) -> str:
     if not job_id or not all(c.isalnum() for c in job_id):
         fail(f"malformed job id {job_id!r}")
     return os.path.join(jobs_root(), job_id)
+
+
+def files():  # noqa: ANN201 - the jobfiles module, shipped beside this script
+    return sys.modules["jobfiles"]
+
+
+def shared_dir(cluster: str) -> str:
+    """The cluster's shared directory on this (its first) host."""
+    if not cluster or not all(c.isalnum() or c in "._-" for c in cluster) or \
+            cluster.startswith("."):
+        fail(f"malformed cluster name {cluster!r}")
+    path = os.path.join(os.path.dirname(jobs_root()), "shared", cluster)
+    os.makedirs(path, mode=0o700, exist_ok=True)
+    return path
 
 
 def fail(message: str) -> None:
@@ -97,8 +119,15 @@ def read_exact(fd: int, n: int) -> bytes:
 # ------------------------------------------------------------------------- start
 
 
-def op_start(job_id: str, python: str, command: str) -> None:
-    """stdin: 8-byte length + joblib-cloud zip, then the workspace tar.gz."""
+def op_start(job_id: str, python: str, command: str, options_json: str = "{}") -> None:
+    """stdin: 8-byte length + joblib-cloud zip, then the workspace tar.gz.
+
+    ``options``: ``env`` for the job's own backend (``{cloud}`` stands for the job's
+    ``cloud/`` directory), ``files`` to put there, ``agent`` (use the forwarded ssh-agent),
+    ``probe`` (check the siblings answer before starting), ``output`` (where outputs are
+    looked for), ``shared`` (the cluster whose shared directory the job sees), ``follow``
+    (stream the output on this channel, as ``logs JOB 1`` does)."""
+    options = json.loads(options_json)
     directory = job_dir(job_id)
     os.makedirs(jobs_root(), mode=0o700, exist_ok=True)
     try:
@@ -107,23 +136,20 @@ def op_start(job_id: str, python: str, command: str) -> None:
         fail(f"job {job_id} already exists on this host")
     # The job imports the client's exact joblib-cloud, like the agent does.
     blob = read_exact(0, int.from_bytes(read_exact(0, LENGTH_PREFIX), "big"))
-    agent_dir = os.path.join(os.path.dirname(jobs_root()), "agent")
-    os.makedirs(agent_dir, mode=0o700, exist_ok=True)
-    agent_zip = os.path.join(agent_dir, hashlib.sha256(blob).hexdigest()[:16] + ".zip")
-    if not os.path.exists(agent_zip):
-        write_bytes_atomic(agent_zip, blob)
-    workspace = os.path.join(directory, "workspace")
-    with os.fdopen(os.dup(0), "rb") as stdin, \
-            tarfile.open(fileobj=stdin, mode="r|gz") as tar:
-        if hasattr(tarfile, "data_filter"):
-            tar.extractall(workspace, filter="data")
-        else:  # pragma: no cover - Python without extraction filters
-            tar.extractall(workspace)
-    os.makedirs(workspace, exist_ok=True)
-    write_shims(os.path.join(directory, "bin"), python)
+    agent_zip = files().save_agent_zip(os.path.dirname(jobs_root()), blob)
+    files().read_tar(os.path.join(directory, "workspace"))
+    files().save_manifest(directory)
+    files().write_shims(os.path.join(directory, "bin"), python)
+    if options.get("files"):
+        files().write_cloud_files(directory, options["files"])
+    if options.get("shared"):
+        options["shared_dir"] = shared_dir(options["shared"])
     write_atomic(os.path.join(directory, "command.json"), json.dumps(
         {"command": command, "python": python, "agent_zip": agent_zip,
-         "started": time.time()}))
+         "started": time.time(), **{k: v for k, v in options.items() if k != "files"}}))
+    link_agent(directory)
+    if options.get("probe"):
+        probe(directory)
     if os.fork() == 0:  # the supervisor: outlives this SSH channel
         os.setsid()
         try:
@@ -139,26 +165,8 @@ def op_start(job_id: str, python: str, command: str) -> None:
         time.sleep(0.01)
     print(json.dumps({"id": job_id, "dir": directory,
                       "pid": read(os.path.join(directory, "pid"))}), flush=True)
-
-
-def write_bytes_atomic(path: str, data: bytes) -> None:
-    tmp = f"{path}.{os.getpid()}.tmp"
-    with open(tmp, "wb") as fh:
-        fh.write(data)
-    os.replace(tmp, path)
-
-
-def write_shims(bin_dir: str, python: str) -> None:
-    """``python`` and ``python3`` in the job's PATH run the backend's interpreter."""
-    os.makedirs(bin_dir, exist_ok=True)
-    first, _, rest = python.strip().partition(" ")
-    if "/" not in first:  # resolve now, or the shim named python3 would call itself
-        first = shutil.which(first) or first
-    for name in ("python", "python3"):
-        path = os.path.join(bin_dir, name)
-        with open(path, "w") as fh:
-            fh.write(f'#!/bin/sh\nexec {first} {rest} "$@"\n')
-        os.chmod(path, 0o755)
+    if options.get("follow"):  # the first line says it started; then its output
+        op_logs(job_id, "1")
 
 
 def touch_activity() -> None:
@@ -172,6 +180,54 @@ def touch_activity() -> None:
         pass
 
 
+def link_agent(directory: str) -> None:
+    """``agent.sock`` -> this session's forwarded ssh-agent, for a job that uses it."""
+    spec = json.loads(read(os.path.join(directory, "command.json")) or "{}")
+    sock = os.environ.get("SSH_AUTH_SOCK")
+    if spec.get("agent") and sock:
+        link = os.path.join(directory, "agent.sock")
+        tmp = f"{link}.{os.getpid()}"
+        os.symlink(sock, tmp)
+        os.replace(tmp, link)
+
+
+def job_env(directory: str) -> dict:
+    """The command's environment: the backend's python first on PATH, the client's
+    joblib-cloud importable, and ``parallel_backend('cloud')`` set to the job's cluster
+    (by default this machine's own cores)."""
+    spec = json.loads(read(os.path.join(directory, "command.json")) or "{}")
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith("JOBLIB_CLOUD_") or k == HOME_ENV}
+    cloud = os.path.join(directory, "cloud")
+    env.update({k: v.replace("{cloud}", cloud)
+                for k, v in (spec.get("env") or {"JOBLIB_CLOUD_PROVIDER": "local"}).items()})
+    if spec.get("agent"):
+        env["SSH_AUTH_SOCK"] = os.path.join(directory, "agent.sock")
+    if spec.get("shared_dir"):
+        env["JOBLIB_CLOUD_SHARED"] = spec["shared_dir"]
+    env.update({
+        "JOBLIB_CLOUD_JOB_ID": os.path.basename(directory),
+        "PATH": os.path.join(directory, "bin") + os.pathsep + env.get("PATH", ""),
+        "PYTHONPATH": os.pathsep.join(p for p in (spec["agent_zip"], env.get("PYTHONPATH"))
+                                      if p),
+        "PYTHONUNBUFFERED": "1",
+    })
+    return env
+
+
+def probe(directory: str) -> None:
+    """Before the job starts: can this machine log in to each of its siblings the way
+    the job's backend will?  If not, the job is not started and the client is told why."""
+    done = subprocess.run(
+        ["/bin/sh", "-c", 'exec python -m joblib_cloud.jobs.probe'],
+        env=job_env(directory), stdin=subprocess.DEVNULL, capture_output=True, text=True,
+        timeout=120)
+    if done.returncode != 0:
+        shutil.rmtree(directory, ignore_errors=True)
+        fail(done.stderr.strip().splitlines()[-1] if done.stderr.strip()
+             else f"checking the cluster's machines failed (exit code {done.returncode})")
+
+
 def supervise(directory: str) -> None:
     """Run the command in its own process group; record its pid and exit code."""
     null = os.open(os.devnull, os.O_RDWR)
@@ -181,17 +237,7 @@ def supervise(directory: str) -> None:
     os.dup2(log, 1)
     os.dup2(log, 2)
     spec = json.loads(read(os.path.join(directory, "command.json")) or "{}")
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith("JOBLIB_CLOUD_") or k == HOME_ENV}
-    env.update({
-        # parallel_backend('cloud') inside the job uses this machine's own cores.
-        "JOBLIB_CLOUD_PROVIDER": "local",
-        "JOBLIB_CLOUD_JOB_ID": os.path.basename(directory),
-        "PATH": os.path.join(directory, "bin") + os.pathsep + env.get("PATH", ""),
-        "PYTHONPATH": os.pathsep.join(p for p in (spec["agent_zip"], env.get("PYTHONPATH"))
-                                      if p),
-        "PYTHONUNBUFFERED": "1",
-    })
+    env = job_env(directory)
     code: int
     try:
         with open(os.path.join(directory, "stdout.log"), "ab") as out, \
@@ -212,6 +258,7 @@ def supervise(directory: str) -> None:
         with open(os.path.join(directory, "stderr.log"), "a") as err:
             err.write(f"joblib-cloud: could not start the command: {exc}\n")
         code = 127
+    files().remove_cloud_files(directory)
     write_atomic(os.path.join(directory, "exit_code"), str(128 - code if code < 0 else code))
 
 
@@ -255,6 +302,8 @@ def op_logs(job_id: str, follow: str = "0") -> None:
     directory = job_dir(job_id)
     if not os.path.isdir(directory):
         fail(f"no job {job_id} on this host")
+    if follow == "1":
+        link_agent(directory)  # a job that reaches its siblings uses this client's agent
     sources = []
     for name, fd in (("stdout.log", 1), ("stderr.log", 2)):
         sources.append([os.path.join(directory, name), fd, 0])
@@ -308,14 +357,34 @@ def op_cancel(job_id: str) -> None:
     print(json.dumps(state(job_id)), flush=True)
 
 
-OPS = {"start": op_start, "status": op_status, "logs": op_logs, "cancel": op_cancel}
+def op_outputs(job_id: str, max_bytes: str, path: str = "") -> None:
+    directory = job_dir(job_id)
+    if not os.path.isdir(directory):
+        fail(f"no job {job_id} on this host")
+    files().op_outputs(directory, max_bytes, path)
+
+
+def op_shared(op: str, cluster: str, *args: str) -> None:
+    files().SHARED_OPS[op](shared_dir(cluster), *args)
+
+
+OPS = {"start": op_start, "status": op_status, "logs": op_logs, "cancel": op_cancel,
+       "outputs": op_outputs}
+SHARED_OPS = ("shared-ls", "shared-put", "shared-get", "shared-rm")
 
 
 def main(argv: list[str]) -> None:
-    if not argv or argv[0] not in OPS:
-        fail(f"unknown operation {argv[:1]!r}; expected one of {', '.join(OPS)}")
+    if not argv or argv[0] not in (*OPS, *SHARED_OPS):
+        fail(f"unknown operation {argv[:1]!r}; expected one of "
+             f"{', '.join((*OPS, *SHARED_OPS))}")
     os.umask(0o077)  # job output and code are the user's alone
-    OPS[argv[0]](*argv[1:])
+    try:
+        if argv[0] in SHARED_OPS:
+            op_shared(*argv)
+        else:
+            OPS[argv[0]](*argv[1:])
+    except ValueError as exc:  # jobfiles' errors are messages for the user
+        fail(str(exc))
 
 
 if __name__ == "__main__":

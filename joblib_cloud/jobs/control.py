@@ -1,10 +1,15 @@
 """Client side of ``joblib-cloud run``: start a job on a host, follow it, list, cancel.
 
 A job's state lives on its host (see :mod:`jobhost`, which each call ships and runs with
-the backend's ``python``); the client keeps only a small record per job under
-``home_dir()/job-records`` saying how to reach that host again.  The host is reached the
-way the backend reaches it: a local subprocess for ``local``, an exec channel of a
-verified :class:`SSHConnection` for ``ssh`` and ``aws``.
+the backend's ``python``); the client keeps only a small record per job
+(:mod:`records`).  The host is reached the way the backend reaches it (:mod:`targets`).
+
+An attached ``run`` is one helper call: ``start`` unpacks and starts the job, prints one
+line saying so, then streams the job's output until it ends and exits with its code, all
+on one channel, which is also the one the client's ssh-agent is forwarded on when the
+job's backend logs in to the cluster's other machines (:mod:`siblings`).  Ports are
+forwarded over the same connection (:mod:`ports`); outputs come back at the end
+(:mod:`outputs`).
 """
 
 from __future__ import annotations
@@ -13,211 +18,62 @@ import dataclasses
 import json
 import secrets
 import shlex
-import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any, BinaryIO
 
 from .. import provisioner
-from ..client.hosts import HostSpec
 from ..client.progress import Progress
 from ..client.ssh import SSHConnection
 from ..client.streams import agent_zip
-from ..config import CloudConfig, home_dir, write_private
+from ..config import CloudConfig
 from ..host import jobhost
 from ..wire.contract import length_prefix
+from . import outputs, ports, siblings
 from .docker import docker_python
+from .records import (
+    JobRecord,
+    find_record,
+    host_key,
+    load_records,
+    records_dir,
+    save_record,
+    target_for,
+)
+from .targets import LocalTarget, Result, Sink, SSHTarget, Target, helper_command
 from .workspace import DEFAULT_MAX_UPLOAD, human, pack
 
-Sink = Callable[[bytes], None]
-
-
-def _helper_source() -> str:
-    return Path(jobhost.__file__).read_text()
-
-
-def helper_command(python: str, args: list[str]) -> str:
-    """Shell command running the host helper with ``python`` (itself a command line)."""
-    return f"exec {python} -c {shlex.quote(_helper_source())} {shlex.join(args)}"
+__all__ = ["JobRecord", "RunOptions", "Target", "cancel", "find_record", "helper_command",
+           "load_records", "logs", "run", "start", "statuses", "target_for"]
 
 
 @dataclasses.dataclass
-class Result:
-    code: int
-    stdout: bytes
-    stderr: bytes
+class RunOptions:
+    """What ``run`` does besides running the command."""
+
+    detach: bool = False
+    max_upload: int = DEFAULT_MAX_UPLOAD
+    #: Outputs are looked for only under this directory of the workspace ("" = all).
+    output: str = ""
+    #: Where outputs are copied (default ./joblib-cloud-runs/<job>/).
+    into: Path | None = None
+    max_output: int = outputs.DEFAULT_MAX_OUTPUT
+    ports: list[ports.PortSpec] = dataclasses.field(default_factory=list)
 
 
-class Target:
-    """A machine that runs host-helper commands: the same interface for every provider."""
-
-    name: str
-    python: str
-
-    def call(self, args: list[str], stdin: bytes = b"", out: Sink | None = None,
-             err: Sink | None = None) -> Result:
-        """Run the helper; stream its output to ``out``/``err`` or collect it."""
-        raise NotImplementedError
-
-    def close(self) -> None:
-        pass
-
-
-def _pump(read: Callable[[int], bytes], sink: Sink | None, keep: list[bytes]) -> None:
-    while True:
-        try:
-            data = read(1 << 16)
-        except (OSError, EOFError):
-            return
-        if not data:
-            return
-        if sink is None:
-            keep.append(data)
-        else:
-            sink(data)
-
-
-def _collect(readers: list[tuple[Callable[[int], bytes], Sink | None]],
-             send: Callable[[], None]) -> tuple[bytes, bytes]:
-    kept: list[list[bytes]] = [[], []]
-    threads = [threading.Thread(target=_pump, args=(read, sink, kept[i]), daemon=True)
-               for i, (read, sink) in enumerate(readers)]
-    for thread in threads:
-        thread.start()
-    send()
-    for thread in threads:
-        while thread.is_alive():  # join() with a timeout keeps Ctrl-C responsive
-            thread.join(0.2)
-    return b"".join(kept[0]), b"".join(kept[1])
-
-
-class LocalTarget(Target):
-    """The ``local`` provider: jobs run in a copy under this machine's home_dir()."""
-
-    def __init__(self, python: str) -> None:
-        self.name = "local"
-        self.python = python
-
-    def call(self, args: list[str], stdin: bytes = b"", out: Sink | None = None,
-             err: Sink | None = None) -> Result:
-        proc = subprocess.Popen(["/bin/sh", "-c", helper_command(self.python, args)],
-                                stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE, bufsize=0)
-
-        def send() -> None:
-            try:
-                proc.stdin.write(stdin)
-            except BrokenPipeError:
-                pass
-            proc.stdin.close()
-
-        try:
-            stdout, stderr = _collect([(proc.stdout.read, out), (proc.stderr.read, err)],
-                                      send)
-            return Result(proc.wait(), stdout, stderr)
-        finally:
-            if proc.poll() is None:  # interrupted: the helper, not the job, stops
-                proc.kill()
-                proc.wait()
-
-
-class SSHTarget(Target):
-    """An ``ssh`` or ``aws`` host: one verified SSH connection, a channel per call."""
-
-    def __init__(self, connection: SSHConnection, python: str) -> None:
-        self.connection = connection
-        self.name = connection.spec.name
-        self.python = python
-
-    def call(self, args: list[str], stdin: bytes = b"", out: Sink | None = None,
-             err: Sink | None = None) -> Result:
-        channel = self.connection.exec(helper_command(self.python, args))
-
-        def send() -> None:
-            if stdin:
-                channel.sendall(stdin)
-            channel.shutdown_write()
-
-        try:
-            stdout, stderr = _collect([(channel.recv, out), (channel.recv_stderr, err)],
-                                      send)
-            return Result(channel.recv_exit_status(), stdout, stderr)
-        finally:
-            channel.close()
-
-    def close(self) -> None:
-        self.connection.close()
-
-
-# ------------------------------------------------------------------------- records
-
-
-@dataclasses.dataclass
-class JobRecord:
-    """How to reach a job's host again (all the state itself is on the host)."""
-
-    id: str
-    provider: str
-    cluster: str
-    host: str
-    python: str
-    command: str
-    created: float
-    address: str = ""
-    port: int = 22
-    user: str = ""
-    host_key: str | None = None
-    ssh_key: str | None = None
-    known_hosts: str | None = None
-
-
-def records_dir() -> Path:
-    path = home_dir() / "job-records"
-    path.mkdir(mode=0o700, exist_ok=True)
-    return path
-
-
-def save_record(record: JobRecord) -> None:
-    write_private(records_dir() / f"{record.id}.json", json.dumps(dataclasses.asdict(record)))
-
-
-def load_records() -> list[JobRecord]:
-    out = []
-    for path in records_dir().glob("*.json"):
-        try:
-            out.append(JobRecord(**json.loads(path.read_text())))
-        except (OSError, ValueError, TypeError):
-            continue  # a damaged record must not hide the others
-    return sorted(out, key=lambda r: r.created)
-
-
-def find_record(prefix: str) -> JobRecord:
-    matches = [r for r in load_records() if r.id.startswith(prefix)]
-    if not matches:
-        raise ValueError(f"no job {prefix!r} in this machine's records; "
-                         "`joblib-cloud jobs` lists the jobs started from here")
-    if len(matches) > 1:
-        raise ValueError(f"job id {prefix!r} is ambiguous: it matches "
-                         f"{', '.join(r.id for r in matches)}")
-    return matches[0]
-
-
-# ------------------------------------------------------------------------- targets
-
-
-def open_target(config: CloudConfig, progress: Progress) -> tuple[Target, JobRecord]:
+def open_target(config: CloudConfig, progress: Progress
+                ) -> tuple[Target, JobRecord, provisioner.Fleet]:
     """Reach the first host of ``config``'s cluster (launching the cluster on a cloud),
     as the cluster's own connect would."""
     base = dict(id="", provider=config.provider, cluster=config.cluster, command="",
-                created=time.time())
+                created=time.time(), region=config.region)
     fleet = provisioner.provider(config.provider).ensure(config, progress)
     target = fleet.hosts[0]
     python = config.python or fleet.python or "python3"
     if target.spec is None:
-        return LocalTarget(python), JobRecord(host="local", python=python, **base)
+        return LocalTarget(python), JobRecord(host="local", python=python, **base), fleet
     if config.image:  # config.python is the one in the image; the helper runs on the VM
         python = "python3"
     spec = target.spec
@@ -236,24 +92,7 @@ def open_target(config: CloudConfig, progress: Progress) -> tuple[Target, JobRec
     record = JobRecord(host=spec.name, python=python, address=spec.address, port=spec.port,
                        user=spec.user, host_key=spec.host_key, ssh_key=target.ssh_key,
                        known_hosts=target.known_hosts, **base)
-    return SSHTarget(connection, python), record
-
-
-def target_for(record: JobRecord, connect_timeout: float = 20.0) -> Target:
-    if record.provider == "local":
-        return LocalTarget(record.python)
-    spec = HostSpec(address=record.address, port=record.port, user=record.user,
-                    host_key=record.host_key)
-    return SSHTarget(SSHConnection(spec, key_path=record.ssh_key,
-                                   known_hosts=record.known_hosts,
-                                   connect_timeout=connect_timeout), record.python)
-
-
-def _host_key(record: JobRecord) -> tuple:
-    return (record.provider, record.address, record.port, record.user, record.python)
-
-
-# ------------------------------------------------------------------------- operations
+    return SSHTarget(connection, python), record, fleet
 
 
 def _writer(stream: BinaryIO) -> Sink:
@@ -275,6 +114,7 @@ def shell_command(argv: list[str]) -> str:
 def _check(result: Result, what: str) -> Result:
     if result.code != 0:
         detail = result.stderr.decode(errors="replace").strip() or f"exit code {result.code}"
+        detail = detail.replace("joblib-cloud (on host): ", "")
         if result.code == 127:  # the shell found no such interpreter
             detail += (". Set python= (or JOBLIB_CLOUD_PYTHON) to the interpreter on the "
                        "host")
@@ -289,23 +129,51 @@ def job_python(config: CloudConfig, target: Target) -> str:
     return target.python
 
 
+@dataclasses.dataclass
+class _Pending:
+    target: Target
+    record: JobRecord
+    args: list[str]
+    stdin: bytes
+    agent: bool
+
+
+def _prepare(config: CloudConfig, argv: list[str], root: Path | None, opts: RunOptions,
+             progress: Progress) -> _Pending:
+    """Pack the directory, reach the host and say how the job sees its cluster."""
+    command = shell_command(argv)
+    workspace = pack(root or Path.cwd(), opts.max_upload)
+    progress.update(f"packed {len(workspace.files)} files ({human(workspace.nbytes)})")
+    target, record, fleet = open_target(config, progress)
+    try:
+        cluster = siblings.for_job(config, fleet, target.python, opts.detach)
+        record.id = secrets.token_hex(4)
+        record.command = command
+        options = {**cluster.options(), "output": opts.output, "shared": config.cluster,
+                   "follow": not opts.detach}
+        blob = agent_zip()
+        progress.update(f"uploading {human(len(workspace.archive) + len(blob))} "
+                        f"to {target.name}")
+        args = ["start", record.id, job_python(config, target), command,
+                json.dumps(options)]
+        return _Pending(target, record, args, length_prefix(blob) + blob + workspace.archive,
+                        cluster.agent)
+    except BaseException:
+        target.close()
+        raise
+
+
 def start(config: CloudConfig, argv: list[str], *, root: Path | None = None,
           max_upload: int = DEFAULT_MAX_UPLOAD, progress: Progress | None = None
           ) -> tuple[Target, JobRecord]:
     """Copy ``root`` to the first host and start ``argv`` there, detached."""
     progress = progress or Progress(config.verbose)
-    command = shell_command(argv)
-    workspace = pack(root or Path.cwd(), max_upload)
-    progress.update(f"packed {len(workspace.files)} files ({human(workspace.nbytes)})")
-    target, record = open_target(config, progress)
+    pending = _prepare(config, argv, root, RunOptions(detach=True, max_upload=max_upload),
+                       progress)
+    target, record = pending.target, pending.record
     try:
-        record.id = secrets.token_hex(4)
-        record.command = command
-        blob = agent_zip()
-        progress.update(f"uploading {human(len(workspace.archive) + len(blob))} "
-                        f"to {target.name}")
-        _check(target.call(["start", record.id, job_python(config, target), command],
-                           stdin=length_prefix(blob) + blob + workspace.archive),
+        _check(target.call(pending.args, stdin=pending.stdin,
+                           forward_agent=pending.agent),
                f"starting the job on {target.name}")
         save_record(record)
     except BaseException:
@@ -315,20 +183,125 @@ def start(config: CloudConfig, argv: list[str], *, root: Path | None = None,
     return target, record
 
 
+class _Follower:
+    """Sinks for an attached start: the helper's first stdout line says the job started
+    (until then its stderr is kept, to become the error if it did not), the rest is the
+    job's own output."""
+
+    def __init__(self, stdout: Sink, stderr: Sink, on_start: Any) -> None:
+        self.started = False
+        self._stdout, self._stderr, self._on_start = stdout, stderr, on_start
+        self._line = b""
+        self.kept_err: list[bytes] = []
+        self._lock = threading.Lock()
+
+    def out(self, data: bytes) -> None:
+        if not self.started:
+            self._line += data
+            if b"\n" not in self._line:
+                return
+            _, _, data = self._line.partition(b"\n")
+            with self._lock:
+                self.started = True
+                self._on_start()
+                for chunk in self.kept_err:
+                    self._stderr(chunk)
+            if not data:
+                return
+        self._stdout(data)
+
+    def err(self, data: bytes) -> None:
+        with self._lock:
+            if not self.started:
+                self.kept_err.append(data)
+                return
+        self._stderr(data)
+
+
+def _announce(job_id: str) -> Any:
+    def announce(url: str) -> None:
+        print(f"joblib-cloud: job {job_id}: {url}", file=sys.stderr, flush=True)
+
+    return announce
+
+
+def run(config: CloudConfig, argv: list[str], *, detach: bool = False,
+        max_upload: int = DEFAULT_MAX_UPLOAD, options: RunOptions | None = None) -> int:
+    """``joblib-cloud run``: the command's exit code (or 0 once started, detached)."""
+    opts = options or RunOptions(detach=detach, max_upload=max_upload)
+    if detach:
+        opts.detach = True
+    if opts.detach:
+        if opts.ports:
+            raise ValueError("--port needs an attached run; for a detached job use "
+                             "`joblib-cloud forward JOB PORT`")
+        target, record = start(config, argv, max_upload=opts.max_upload)
+        target.close()
+        print(record.id, flush=True)
+        return 0
+    progress = Progress(config.verbose)
+    pending = _prepare(config, argv, None, opts, progress)
+    target, record = pending.target, pending.record
+    forwards: list[ports.Forward] = []
+    try:
+        save_record(record)  # first: Ctrl-C at any moment can cancel it
+        forwards = ports.forward_all(target.connection, opts.ports, _announce(record.id))
+        follower = _Follower(_writer(sys.stdout.buffer), _writer(sys.stderr.buffer),
+                             lambda: progress.done(f"created new job {record.id} on "
+                                                   f"{target.name}"))
+        try:
+            result = target.call(pending.args, stdin=pending.stdin, out=follower.out,
+                                 err=follower.err, forward_agent=pending.agent)
+        except KeyboardInterrupt:
+            if not follower.started and state_of(target, record)["state"] == "missing":
+                (records_dir() / f"{record.id}.json").unlink(missing_ok=True)
+            else:
+                cancel(record, target)
+            print(f"joblib-cloud: cancelled job {record.id} (use --detach to leave jobs "
+                  "running)", file=sys.stderr)
+            return 130
+        if not follower.started:
+            (records_dir() / f"{record.id}.json").unlink(missing_ok=True)
+            _check(Result(result.code or 1, b"", b"".join(follower.kept_err)),
+                   f"starting the job on {target.name}")
+        code = _exit_code(target, record, result.code)
+        _bring_outputs(target, record, opts)
+        return code
+    finally:
+        for forward in forwards:
+            forward.close()
+        target.close()
+
+
+def _bring_outputs(target: Target, record: JobRecord, opts: RunOptions) -> None:
+    try:
+        into, names, nbytes = outputs.fetch(target, record.id, opts.into,
+                                            max_bytes=opts.max_output)
+    except RuntimeError as exc:  # the job's own exit code still stands
+        print(f"joblib-cloud: error: {exc}", file=sys.stderr, flush=True)
+        return
+    outputs.report(record.id, into, names, nbytes, say_none=False)
+
+
+def _exit_code(target: Target, record: JobRecord, code: int) -> int:
+    if code == -1:  # the SSH channel closed without an exit status
+        raise RuntimeError(f"lost the connection to {record.host} while following job "
+                           f"{record.id}; it keeps running there: `joblib-cloud logs -f "
+                           f"{record.id}` to follow it again")
+    if code == jobhost.ERROR_EXIT and state_of(target, record)["state"] == "lost":
+        raise RuntimeError(f"job {record.id} on {record.host} was lost: its supervisor "
+                           "died (the machine rebooted?) before the command ended")
+    return code
+
+
 def follow(target: Target, record: JobRecord, stdout: BinaryIO | None = None,
            stderr: BinaryIO | None = None) -> int:
     """Stream the job's output until it ends; its exit code."""
     result = target.call(["logs", record.id, "1"],
                          out=_writer(stdout or sys.stdout.buffer),
-                         err=_writer(stderr or sys.stderr.buffer))
-    if result.code == -1:  # the SSH channel closed without an exit status
-        raise RuntimeError(f"lost the connection to {record.host} while following job "
-                           f"{record.id}; it keeps running there: `joblib-cloud logs -f "
-                           f"{record.id}` to follow it again")
-    if result.code == jobhost.ERROR_EXIT and state_of(target, record)["state"] == "lost":
-        raise RuntimeError(f"job {record.id} on {record.host} was lost: its supervisor "
-                           "died (the machine rebooted?) before the command ended")
-    return result.code
+                         err=_writer(stderr or sys.stderr.buffer),
+                         forward_agent=record.provider == "ssh")
+    return _exit_code(target, record, result.code)
 
 
 def state_of(target: Target, record: JobRecord) -> dict[str, Any]:
@@ -336,30 +309,11 @@ def state_of(target: Target, record: JobRecord) -> dict[str, Any]:
     return json.loads(result.stdout.decode().splitlines()[0])
 
 
-def run(config: CloudConfig, argv: list[str], *, detach: bool = False,
-        max_upload: int = DEFAULT_MAX_UPLOAD) -> int:
-    """``joblib-cloud run``: the command's exit code (or 0 once started, detached)."""
-    target, record = start(config, argv, max_upload=max_upload)
-    try:
-        if detach:
-            print(record.id, flush=True)
-            return 0
-        try:
-            return follow(target, record)
-        except KeyboardInterrupt:
-            cancel(record, target)
-            print(f"joblib-cloud: cancelled job {record.id} (use --detach to leave jobs "
-                  "running)", file=sys.stderr)
-            return 130
-    finally:
-        target.close()
-
-
 def statuses(records: list[JobRecord]) -> list[dict[str, Any]]:
     """The host-side state of each job, asking each host once."""
     groups: dict[tuple, list[JobRecord]] = {}
     for record in records:
-        groups.setdefault(_host_key(record), []).append(record)
+        groups.setdefault(host_key(record), []).append(record)
     found: dict[str, dict[str, Any]] = {}
     for group in groups.values():
         try:

@@ -23,6 +23,8 @@ log = logging.getLogger("joblib_cloud")
 
 #: Description of the port-22 rules joblib-cloud adds: rules without it are never touched.
 CLIENT_RULE = "joblib-cloud client"
+#: The self-referencing rule: the cluster's machines reach each other on port 22.
+SIBLING_RULE = "joblib-cloud cluster machines"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -117,7 +119,28 @@ def security_group(ec2: Any, cluster: str, vpc: str, cidr: str) -> str:
                            ) from None
         group = {"GroupId": gid, "IpPermissions": []}
     ssh_rule(ec2, group, cidr)
+    sibling_rule(ec2, group)
     return group["GroupId"]
+
+
+def sibling_rule(ec2: Any, group: dict[str, Any]) -> None:
+    """Port 22 open to the group's own members and nothing else: a ``run -n N`` job
+    reaches the cluster's other machines (with the cluster's key) over SSH."""
+    gid = group["GroupId"]
+    for perm in group.get("IpPermissions", []):
+        if (perm.get("IpProtocol"), perm.get("FromPort"), perm.get("ToPort")) == \
+                ("tcp", 22, 22) and any(pair.get("GroupId") == gid
+                                        for pair in perm.get("UserIdGroupPairs") or []):
+            return
+    try:
+        call(ec2.authorize_security_group_ingress, "let the cluster's machines reach "
+             "each other on SSH", GroupId=gid,
+             IpPermissions=[{"IpProtocol": "tcp", "FromPort": 22, "ToPort": 22,
+                             "UserIdGroupPairs": [{"GroupId": gid,
+                                                   "Description": SIBLING_RULE}]}])
+    except Exception as exc:
+        if ec2api.cause_code(exc) != "InvalidPermission.Duplicate":
+            raise
 
 
 def open_ssh(ec2: Any, cluster: str, cidr: str) -> None:
@@ -128,6 +151,7 @@ def open_ssh(ec2: Any, cluster: str, cidr: str) -> None:
     for group in groups:
         if ec2api.tag_value(group) == cluster:
             ssh_rule(ec2, group, cidr)
+            sibling_rule(ec2, group)
 
 
 _RANGES = (("IpRanges", "CidrIp"), ("Ipv6Ranges", "CidrIpv6"))

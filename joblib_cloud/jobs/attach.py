@@ -1,0 +1,62 @@
+"""Reaching a detached job again: ``joblib-cloud pull JOB [PATH]`` and ``joblib-cloud
+forward JOB PORT``, through the job's record (how to reach its host)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from . import outputs, ports
+from .control import state_of
+from .records import find_record, target_for
+
+
+def pull(job: str, path: str = "", into: Path | None = None,
+         max_bytes: int = outputs.DEFAULT_MAX_OUTPUT) -> int:
+    """Copy a job's outputs (below ``path``) here; 0, or 1 if there was nothing."""
+    record = find_record(job)
+    target = target_for(record)
+    try:
+        info = state_of(target, record)
+        if info["state"] == "missing":
+            raise ValueError(f"job {record.id} no longer exists on {record.host}")
+        if info["state"] == "running":
+            print(f"joblib-cloud: note: job {record.id} is still running: these are its "
+                  "outputs so far", file=sys.stderr)
+        into, names, nbytes = outputs.fetch(target, record.id, into, path, max_bytes)
+    finally:
+        target.close()
+    outputs.report(record.id, into, names, nbytes)
+    return 0 if names else 1
+
+
+def forward(job: str, spec: ports.PortSpec) -> int:
+    """Serve the job's port here until Ctrl-C or until the job ends."""
+    record = find_record(job)
+    target = target_for(record)
+    try:
+        if state_of(target, record)["state"] != "running":
+            raise ValueError(f"job {record.id} is not running: nothing to forward")
+
+        def announce(url: str) -> None:
+            print(url, flush=True)
+
+        forwards = ports.forward_all(target.connection, [spec], announce)
+        print(f"joblib-cloud: forwarding port {spec.remote} of job {record.id} to "
+              f"127.0.0.1:{spec.local} until it ends (Ctrl-C stops)", file=sys.stderr,
+              flush=True)
+        checks = [0]
+
+        def alive() -> bool:
+            checks[0] += 1
+            if target.connection is not None and not target.connection.alive:
+                return False
+            return checks[0] % 5 or state_of(target, record)["state"] == "running"
+
+        try:
+            ports.hold(forwards, alive)
+        except KeyboardInterrupt:
+            pass
+        return 0
+    finally:
+        target.close()

@@ -1,0 +1,87 @@
+"""The client's one small record per job: how to reach its host again.
+
+All of a job's state lives on its host (see ``host/jobhost.py``); the client keeps only
+``home_dir()/job-records/<id>.json`` (mode 0600) with the address, user, key and
+known-hosts paths, so ``jobs``, ``logs``, ``cancel``, ``pull`` and ``forward`` connect
+with the same host-key verification as the backend.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+from ..client.hosts import HostSpec
+from ..client.ssh import SSHConnection
+from ..config import home_dir, write_private
+from .targets import LocalTarget, SSHTarget, Target
+
+
+@dataclasses.dataclass
+class JobRecord:
+    """How to reach a job's host again (all the state itself is on the host)."""
+
+    id: str
+    provider: str
+    cluster: str
+    host: str
+    python: str
+    command: str
+    created: float
+    address: str = ""
+    port: int = 22
+    user: str = ""
+    host_key: str | None = None
+    ssh_key: str | None = None
+    known_hosts: str | None = None
+    #: aws: the region, so outputs saved to the bucket can be found after the machine.
+    region: str | None = None
+
+
+def records_dir() -> Path:
+    path = home_dir() / "job-records"
+    path.mkdir(mode=0o700, exist_ok=True)
+    return path
+
+
+def save_record(record: JobRecord) -> None:
+    write_private(records_dir() / f"{record.id}.json", json.dumps(dataclasses.asdict(record)))
+
+
+def load_records() -> list[JobRecord]:
+    out = []
+    fields = {f.name for f in dataclasses.fields(JobRecord)}
+    for path in records_dir().glob("*.json"):
+        try:
+            data = json.loads(path.read_text())
+            out.append(JobRecord(**{k: v for k, v in data.items() if k in fields}))
+        except (OSError, ValueError, TypeError):
+            continue  # a damaged record must not hide the others
+    return sorted(out, key=lambda r: r.created)
+
+
+def find_record(prefix: str) -> JobRecord:
+    matches = [r for r in load_records() if r.id.startswith(prefix)]
+    if not matches:
+        raise ValueError(f"no job {prefix!r} in this machine's records; "
+                         "`joblib-cloud jobs` lists the jobs started from here")
+    if len(matches) > 1:
+        raise ValueError(f"job id {prefix!r} is ambiguous: it matches "
+                         f"{', '.join(r.id for r in matches)}")
+    return matches[0]
+
+
+def target_for(record: JobRecord, connect_timeout: float = 20.0) -> Target:
+    if record.provider == "local":
+        return LocalTarget(record.python)
+    spec = HostSpec(address=record.address, port=record.port, user=record.user,
+                    host_key=record.host_key)
+    return SSHTarget(SSHConnection(spec, key_path=record.ssh_key,
+                                   known_hosts=record.known_hosts,
+                                   connect_timeout=connect_timeout), record.python)
+
+
+def host_key(record: JobRecord) -> tuple:
+    """Records with the same key are jobs of one host: ask it once."""
+    return (record.provider, record.address, record.port, record.user, record.python)
