@@ -1,0 +1,79 @@
+"""``joblib-cloud run -n 2`` on ``aws`` under moto: each "instance" is a loopback sshd
+started with the keys from its stored user-data; the job's machine reaches its siblings
+with the cluster's own key, at the addresses the sibling hook gives (this test's own
+hosts, never an address moto hands out)."""
+
+from __future__ import annotations
+
+import getpass
+import json
+import sys
+import textwrap
+
+from awsmock import (  # noqa: F401  (fixtures)
+    CIDR,
+    REGION,
+    aws_fixture,
+    cluster_instances,
+    loopback_ec2_fixture,
+)
+from test_run_cluster import SPREAD_JOB
+
+from joblib_cloud import cli, provisioner
+from joblib_cloud.providers.aws import network
+
+KEY_CHECK = """
+import json, os, stat
+key = os.environ["JOBLIB_CLOUD_SSH_KEY"]
+print(json.dumps({"key": key, "mode": stat.S_IMODE(os.stat(key).st_mode),
+                  "text": open(key).read()}))
+"""
+
+
+def test_run_n2_on_aws_spans_both_machines_with_the_cluster_key(aws, loopback_ec2, tmp_path,
+                                                                monkeypatch, capfd):
+    hosts = loopback_ec2
+    provisioner.set_sibling_hook(lambda inst: (hosts[inst["InstanceId"]].address,
+                                               hosts[inst["InstanceId"]].port))
+    try:
+        project = tmp_path / "project"
+        project.mkdir()
+        (project / "spread.py").write_text(textwrap.dedent(SPREAD_JOB))
+        (project / "keycheck.py").write_text(textwrap.dedent(KEY_CHECK))
+        marks = tmp_path / "marks"
+        marks.mkdir()
+        monkeypatch.chdir(project)
+        for name, value in {"REGION": REGION, "INGRESS_CIDR": CIDR,
+                            "USER": getpass.getuser(), "PYTHON": sys.executable,
+                            "WORKERS_PER_HOST": "1"}.items():
+            monkeypatch.setenv(f"JOBLIB_CLOUD_{name}", value)
+        args = ["run", "--provider", "aws", "-i", "C2", "-n", "2", "--cluster", "sib", "--"]
+        code = cli.main([*args, "python", "spread.py", str(marks)])
+        out, err = capfd.readouterr()
+        assert code == 0, err
+        info = json.loads(out.strip().splitlines()[-1])
+        assert info["homes"] == sorted(str(h.home) for h in hosts.values())
+        assert info["provider"] == "ssh" and info["n_jobs"] == 2
+        # The cluster's own key (never the user's), private, only while the job runs.
+        assert cli.main([*args, "python", "keycheck.py"]) == 0
+        out, err = capfd.readouterr()
+        key = json.loads(out.strip().splitlines()[-1])
+        cluster_key = (tmp_path / "home" / "aws" / REGION / "sib" / "id_ed25519").read_text()
+        assert key["text"] == cluster_key and key["mode"] == 0o600
+        first = next(h for h in hosts.values() if key["key"].startswith(str(h.home)))
+        assert not list((first.home / "jobs").glob("*/cloud"))
+        # The security group: port 22 from its own members, and the client's address.
+        (group,) = aws.describe_security_groups(
+            Filters=[{"Name": "group-name", "Values": ["joblib-cloud-sib"]}])["SecurityGroups"]
+        rules = [(p["FromPort"], p["ToPort"], [g["GroupId"] for g in p["UserIdGroupPairs"]],
+                  [r["CidrIp"] for r in p["IpRanges"]]) for p in group["IpPermissions"]]
+        assert sorted(rules) == sorted([(22, 22, [], [CIDR]),
+                                        (22, 22, [group["GroupId"]], [])]) or \
+            rules == [(22, 22, [group["GroupId"]], [CIDR])]
+        assert all(g.get("Description") == network.SIBLING_RULE
+                   for p in group["IpPermissions"] for g in p["UserIdGroupPairs"])
+    finally:
+        provisioner.set_sibling_hook(None)
+        from joblib_cloud.client import registry
+
+        registry.close_all()
