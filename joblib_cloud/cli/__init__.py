@@ -1,7 +1,8 @@
 """``joblib-cloud`` command line: cluster commands and job commands.
 
 Subcommands live in their own modules, each with a ``register(subparsers)`` function:
-``cluster`` (up, status, down, instances) and ``jobs`` (run, jobs, logs, cancel).
+``cluster`` (up, status, down, instances), ``jobs`` (run, jobs, logs, cancel, pull,
+forward) and ``shared`` (the cluster's shared directory).
 """
 
 from __future__ import annotations
@@ -20,10 +21,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"joblib-cloud {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="log what happens")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    from . import cluster, jobs
+    from . import cluster, jobs, shared
 
     cluster.register(sub)
     jobs.register(sub)
+    shared.register(sub)
     return parser
 
 

@@ -188,8 +188,10 @@ def op_shared_get(root: str, rel: str = "") -> None:
     if os.path.isfile(base):
         parent = os.path.dirname(base)
         write_tar(parent, [os.path.basename(base)])
-    elif os.path.isdir(base):
-        write_tar(base, list(walk(base)))
+    elif os.path.isdir(base):  # paths keep the directory's own name (none for the root)
+        name = "" if base == root else os.path.basename(base)
+        write_tar(os.path.dirname(base) if name else base,
+                  [os.path.join(name, rel) for rel in walk(base)])
     else:
         raise ValueError(f"no {rel!r} in the shared directory")
 
