@@ -20,6 +20,8 @@ from pathlib import Path
 
 import psutil
 import pytest
+from awsmock import aws_fixture  # noqa: F401  (fixture)
+from s3double import s3_fixture  # noqa: F401  (fixture: moto's S3 on loopback)
 
 from joblib_cloud.jobs.workspace import WorkspaceTooLargeError, list_files, pack, walk_files
 
@@ -381,6 +383,7 @@ class FleetHandle:
         self.connect_timeout = 2.0
         self.vcpus = 2
         self.aborted = False
+        self.region = "us-east-1"  # where the job's outputs are saved (S3: moto)
 
     def abort(self) -> None:
         self.aborted = True
@@ -395,7 +398,7 @@ class FleetHandle:
         pass
 
 
-def test_run_on_aws_goes_through_the_provisioned_machine(fleet, project, tmp_path,
+def test_run_on_aws_goes_through_the_provisioned_machine(fleet, project, tmp_path, s3,
                                                          monkeypatch, capfd):
     from joblib_cloud import cli
     from joblib_cloud.providers.aws import launch

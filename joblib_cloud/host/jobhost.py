@@ -24,8 +24,8 @@ process it describes::
         agent.sock            -> the forwarded ssh-agent of the client that follows the job
                               (``ssh`` clusters of several hosts: the key stays on the client)
 
-Workspace files and the shared directory are ``jobfiles.py``'s, shipped beside this one
-(``jobs/targets.py`` loads both as modules).
+Workspace files and the shared directory are ``jobfiles.py``'s, S3 on aws
+``jobstore.py``'s, shipped beside this one (``jobs/targets.py`` loads them as modules).
 """
 
 from __future__ import annotations
@@ -60,6 +60,10 @@ def job_dir(job_id: str) -> str:
 
 def files():  # noqa: ANN201 - the jobfiles module, shipped beside this script
     return sys.modules["jobfiles"]
+
+
+def store():  # noqa: ANN201 - the jobstore module (aws: S3), shipped beside this script
+    return sys.modules["jobstore"]
 
 
 def shared_dir(cluster: str) -> str:
@@ -150,6 +154,11 @@ def op_start(job_id: str, python: str, command: str, options_json: str = "{}") -
     link_agent(directory)
     if options.get("probe"):
         probe(directory)
+    try:
+        store().on_start(directory, options)
+    except Exception as exc:  # noqa: BLE001 - the job cannot start without its files
+        shutil.rmtree(directory, ignore_errors=True)
+        fail(f"bringing the shared directory up to date from S3 failed: {exc}")
     if os.fork() == 0:  # the supervisor: outlives this SSH channel
         os.setsid()
         try:
@@ -258,6 +267,10 @@ def supervise(directory: str) -> None:
         with open(os.path.join(directory, "stderr.log"), "a") as err:
             err.write(f"joblib-cloud: could not start the command: {exc}\n")
         code = 127
+    problems = store().on_end(directory, spec)  # aws: before the machine may stop
+    if problems:
+        with open(os.path.join(directory, "stderr.log"), "a") as err:
+            err.write("".join(f"joblib-cloud: {p}\n" for p in problems))
     files().remove_cloud_files(directory)
     write_atomic(os.path.join(directory, "exit_code"), str(128 - code if code < 0 else code))
 

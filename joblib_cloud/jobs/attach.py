@@ -6,18 +6,27 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+from ..errors import HostConnectError
 from . import outputs, ports
 from .control import state_of
-from .records import find_record, target_for
+from .records import JobRecord, find_record, target_for
 
 
 def pull(job: str, path: str = "", into: Path | None = None,
          max_bytes: int = outputs.DEFAULT_MAX_OUTPUT) -> int:
     """Copy a job's outputs (below ``path``) here; 0, or 1 if there was nothing."""
     record = find_record(job)
-    target = target_for(record)
+    try:
+        target = target_for(record, connect_timeout=5.0 if record.provider == "aws" else 20.0)
+    except (HostConnectError, OSError):
+        if record.provider != "aws":
+            raise
+        return _from_bucket(record, path, into)  # the machine is gone: what it saved
     try:
         info = state_of(target, record)
+        if info["state"] == "missing" and record.provider == "aws":
+            target.close()
+            return _from_bucket(record, path, into)
         if info["state"] == "missing":
             raise ValueError(f"job {record.id} no longer exists on {record.host}")
         if info["state"] == "running":
@@ -26,6 +35,17 @@ def pull(job: str, path: str = "", into: Path | None = None,
         into, names, nbytes = outputs.fetch(target, record.id, into, path, max_bytes)
     finally:
         target.close()
+    outputs.report(record.id, into, names, nbytes)
+    return 0 if names else 1
+
+
+def _from_bucket(record: JobRecord, path: str, into: Path | None) -> int:
+    from .s3store import fetch_outputs
+
+    into, names, nbytes = fetch_outputs(record.region, record.id, path,
+                                        into or outputs.default_into(record.id))
+    print(f"joblib-cloud: job {record.id}'s machine is gone; its outputs come from S3",
+          file=sys.stderr)
     outputs.report(record.id, into, names, nbytes)
     return 0 if names else 1
 

@@ -151,6 +151,12 @@ def _prepare(config: CloudConfig, argv: list[str], root: Path | None, opts: RunO
         record.command = command
         options = {**cluster.options(), "output": opts.output, "shared": config.cluster,
                    "follow": not opts.detach}
+        if config.provider == "aws":  # outputs and the shared directory in the bucket
+            from . import s3store
+
+            record.region = fleet.handle.region  # type: ignore[attr-defined]
+            options["s3"] = s3store.start_options(record.region, record.id, config.cluster,
+                                                  config.max_lifetime, opts.max_output)
         blob = agent_zip()
         progress.update(f"uploading {human(len(workspace.archive) + len(blob))} "
                         f"to {target.name}")

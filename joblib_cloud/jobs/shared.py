@@ -4,7 +4,9 @@ ls|put|get|rm``.
 Every job of a cluster sees it as ``$JOBLIB_CLOUD_SHARED``.  On ``local`` and ``ssh`` it is
 a directory on the cluster's first host (``$JOBLIB_CLOUD_HOME/shared/<cluster>/``), where
 jobs run, so a job reads and writes it in place; these commands reach it with the job
-helper's ``shared-*`` operations (``host/jobfiles.py``).
+helper's ``shared-*`` operations (``host/jobfiles.py``).  On ``aws`` it is the prefix
+``shared/<cluster>/`` of joblib-cloud's bucket, mirrored on the job's machine
+(:mod:`s3store`).
 """
 
 from __future__ import annotations
@@ -71,5 +73,10 @@ class HostShared:
         self.target.close()
 
 
-def open_shared(config: CloudConfig) -> HostShared:
+def open_shared(config: CloudConfig) -> Any:
+    """The cluster's shared directory: the bucket's prefix on aws, else the first host's."""
+    if config.provider == "aws":
+        from .s3store import S3Shared
+
+        return S3Shared(config)
     return HostShared(config)

@@ -2,8 +2,9 @@
 SSH connection (``ssh`` and ``aws``): one interface, :class:`Target`, for every provider.
 
 The helper is shipped on every call as source, like the agent's bootstrap: a small
-program loads ``host/jobfiles.py`` (workspace files) and ``host/jobhost.py`` (process
-control) as modules and runs the operation, so nothing needs installing on the host.
+program loads ``host/jobfiles.py`` (workspace files), ``host/jobstore.py`` (S3 on aws)
+and ``host/jobhost.py`` (process control) as modules and runs the operation, so nothing
+needs installing on the host.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from pathlib import Path
 import paramiko
 
 from ..client.ssh import MAX_PACKET_SIZE, WINDOW_SIZE, SSHConnection
-from ..host import jobfiles, jobhost
+from ..host import jobfiles, jobhost, jobstore
 
 Sink = Callable[[bytes], None]
 
@@ -30,12 +31,14 @@ def _load(name, source):
     exec(compile(source, name + ".py", "exec"), module.__dict__)
     return module
 _load("jobfiles", {files!r})
+_load("jobstore", {store!r})
 _load("jobhost", {host!r}).main(sys.argv[1:])
 """
 
 
 def _helper_source() -> str:
     return _BOOT.format(files=Path(jobfiles.__file__).read_text(),
+                        store=Path(jobstore.__file__).read_text(),
                         host=Path(jobhost.__file__).read_text())
 
 
