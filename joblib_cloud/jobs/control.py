@@ -144,6 +144,8 @@ def _prepare(config: CloudConfig, argv: list[str], root: Path | None, opts: RunO
     command = shell_command(argv)
     workspace = pack(root or Path.cwd(), opts.max_upload)
     progress.update(f"packed {len(workspace.files)} files ({human(workspace.nbytes)})")
+    if config.provider == "aws" and config.n > 1:  # the job's backend reaches the others
+        config = config.replace(packages=(*config.packages, siblings.paramiko_pin()))
     target, record, fleet = open_target(config, progress)
     try:
         cluster = siblings.for_job(config, fleet, target.python, opts.detach)

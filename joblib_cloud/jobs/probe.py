@@ -12,7 +12,6 @@ import sys
 from concurrent.futures import ThreadPoolExecutor
 
 from ..client.hosts import parse_host
-from ..client.ssh import SSHConnection
 from ..config import resolve_config
 
 #: Seconds to wait for each sibling: they are up already (the client just reached them).
@@ -20,6 +19,8 @@ TIMEOUT = 15.0
 
 
 def _try(host: str, key: str | None, known_hosts: str | None) -> str | None:
+    from ..client.ssh import SSHConnection
+
     try:
         SSHConnection(parse_host(host), key_path=key, known_hosts=known_hosts,
                       connect_timeout=TIMEOUT).close()
@@ -29,6 +30,14 @@ def _try(host: str, key: str | None, known_hosts: str | None) -> str | None:
 
 
 def main() -> int:
+    try:
+        import paramiko  # noqa: F401  (what the job's backend logs in with)
+    except ImportError as exc:
+        print(f"the job's machine lacks {exc.name} ({sys.executable}), which the job's "
+              "backend needs to reach the cluster's other machines: install it there (on "
+              "aws, machines launched by this version have it: `joblib-cloud down`, then "
+              "run again), or run with -n 1.", file=sys.stderr)
+        return 1
     config = resolve_config()
     with ThreadPoolExecutor(len(config.hosts)) as pool:
         failures = [f for f in pool.map(lambda h: _try(h, config.ssh_key, config.known_hosts),

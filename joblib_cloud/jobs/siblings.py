@@ -18,6 +18,8 @@ backend reaches all N (itself included) and give it what it needs, as start opti
 from __future__ import annotations
 
 import dataclasses
+import importlib.metadata
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -115,10 +117,34 @@ def _bracket(address: str) -> str:
     return f"[{address}]" if ":" in address else address
 
 
+def paramiko_pin() -> str:
+    """The job's backend logs in to the siblings with paramiko, at the client's version."""
+    return f"paramiko=={importlib.metadata.version('paramiko')}"
+
+
+def wait_for_siblings(fleet: provisioner.Fleet) -> None:
+    """Every machine but the job's own accepts SSH (they may still be booting), and each
+    gets what :meth:`Fleet.ready` does once it answered (aws: the metadata endpoint that
+    served its user-data closes), as the backend's own connect would do."""
+    from ..client.ssh import SSHConnection
+
+    def reach(host: provisioner.HostTarget) -> None:
+        SSHConnection(host.spec, key_path=host.ssh_key, known_hosts=host.known_hosts,
+                      connect_timeout=fleet.connect_timeout or 60.0,
+                      retry_auth=host.retry_auth, check=host.check,
+                      timeout_advice=host.timeout_advice).close()
+        fleet.ready(host)
+
+    with ThreadPoolExecutor(max(len(fleet.hosts) - 1, 1)) as pool:
+        for future in [pool.submit(reach, host) for host in fleet.hosts[1:]]:
+            future.result()
+
+
 def _aws(config: CloudConfig, fleet: provisioner.Fleet, common: dict[str, str]
          ) -> JobCluster:
     from ..providers.aws import ec2api
 
+    wait_for_siblings(fleet)
     handle = fleet.handle  # type: ignore[attr-defined]  # AWSFleet
     found = {i["InstanceId"]: i for i in ec2api.instances(
         handle.ec2, "find the cluster's machines",
