@@ -87,6 +87,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     config = resolve_config(provider=args.provider, instance=args.instance, n=args.n,
                             cluster=args.cluster, verbose=args.verbose or None,
                             budget=args.budget)
+    if config.provider == "ssh" and args.n and args.n != len(config.hosts):
+        print(f"joblib-cloud: note: provider 'ssh' uses the {len(config.hosts)} host(s) you "
+              f"listed (hosts= / JOBLIB_CLOUD_HOSTS), not -n {args.n}", file=sys.stderr)
     options = control.RunOptions(
         detach=args.detach, max_upload=_size(args.max_upload, "--max-upload"),
         output=args.output, into=args.into, max_output=_size(args.max_output, "--max-output"),
