@@ -1,9 +1,10 @@
 """Host side of ``joblib-cloud run``: job directories and process control.
 
-Sent as ``python -c <this file's source> OP JOB_ID ...`` over an SSH exec channel (or run
-as a local subprocess for the ``local`` provider), so it must need nothing but the
-standard library.  A job's state lives on the host, where it cannot disagree with the
-process it describes::
+Sent as source with ``jobfiles.py`` (workspace files, the shared directory) and
+``jobstore.py`` (aws: S3), loaded as modules by a small ``python -c`` program
+(``jobs/targets.py``) over an SSH exec channel, or in a local subprocess for ``local``,
+so it needs nothing but the standard library.  A job's state lives on the host, where it
+cannot disagree with the process it describes::
 
     $JOBLIB_CLOUD_HOME/jobs/<id>/
         workspace/            the copy of the client's directory; the command's cwd
@@ -23,9 +24,6 @@ process it describes::
                               as soon as the command ends
         agent.sock            -> the forwarded ssh-agent of the client that follows the job
                               (``ssh`` clusters of several hosts: the key stays on the client)
-
-Workspace files and the shared directory are ``jobfiles.py``'s, S3 on aws
-``jobstore.py``'s, shipped beside this one (``jobs/targets.py`` loads them as modules).
 """
 
 from __future__ import annotations
@@ -298,6 +296,7 @@ def state(job_id: str) -> dict:
         info["state"] = "running"
     else:  # the supervisor died without a word: the machine rebooted, or a kill -9
         info["state"] = "lost"
+        files().remove_cloud_files(directory)  # its key must not outlive it either
     return info
 
 
