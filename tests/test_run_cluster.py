@@ -191,3 +191,48 @@ def test_run_n2_on_local_lists_two_agents(project, tmp_path):
     done = cli(env, project, "run", "-n", "2", "--", "python", "n.py")
     assert done.returncode == 0, done.stderr
     assert done.stdout.split() == ["2", "2"]
+
+
+SHARED_JOB = """
+import json, os, sys, time
+from joblib import Parallel, delayed, parallel_backend
+import joblib_cloud  # noqa: F401  (registers the backend)
+
+def task(i, marks):
+    home = os.environ["JOBLIB_CLOUD_HOME"]
+    shared = os.environ["JOBLIB_CLOUD_SHARED"]  # this machine's copy
+    open(os.path.join(marks, home.replace("/", "_")), "w").close()
+    deadline = time.monotonic() + 60
+    while len(os.listdir(marks)) < 2 and time.monotonic() < deadline:
+        time.sleep(0.02)
+    name = "from-" + os.path.basename(os.path.dirname(home)) + ".txt"
+    with open(os.path.join(shared, name), "w") as fh:
+        fh.write(open(os.path.join(shared, "inputs.txt")).read())
+    return shared
+
+with parallel_backend("cloud"):
+    dirs = Parallel(n_jobs=2, batch_size=1)(delayed(task)(i, sys.argv[1]) for i in range(2))
+print(json.dumps(sorted(set(dirs))))
+"""
+
+
+def test_run_n2_every_host_sees_the_shared_directory(fleet, ssh_agent, project, tmp_path):
+    hosts = fleet.hosts[:2]
+    env = ssh_env(fleet, [h.spec for h in hosts], tmp_path, ssh_agent)
+    env["JOBLIB_CLOUD_CLUSTER"] = "spread"
+    (project / "shared_job.py").write_text(textwrap.dedent(SHARED_JOB))
+    (tmp_path / "inputs.txt").write_text("seen everywhere")
+    assert cli(env, project, "shared", "put", str(tmp_path / "inputs.txt")).returncode == 0
+    marks = tmp_path / "marks"
+    marks.mkdir()
+    done = cli(env, project, "run", "-n", "2", "--", "python", "shared_job.py", str(marks))
+    assert done.returncode == 0, done.stderr
+    # Each machine's tasks wrote into that machine's copy...
+    assert json.loads(done.stdout.strip().splitlines()[-1]) == sorted(
+        str(h.home / "shared" / "spread") for h in hosts)
+    # ...and what they wrote is in the cluster's directory (on the first host) afterwards.
+    listing = cli(env, project, "shared", "ls")
+    assert [row.split()[0] for row in listing.stdout.splitlines()[1:]] == [
+        "from-host0.txt", "from-host1.txt", "inputs.txt"], listing.stdout
+    first = hosts[0].home / "shared" / "spread"
+    assert (first / "from-host1.txt").read_text() == "seen everywhere"

@@ -208,8 +208,42 @@ def op_shared_rm(root: str, rel: str) -> None:
         raise ValueError(f"no {rel!r} in the shared directory")
 
 
+def _copy_manifest(root: str, job: str) -> str:
+    if not job.isalnum():
+        raise ValueError(f"malformed job id {job!r}")
+    return os.path.join(os.path.dirname(root), f".{os.path.basename(root)}.{job}.json")
+
+
+def op_shared_replace(root: str, job: str) -> None:
+    """On a sibling of a ``run -n N`` job: its copy becomes the tar.gz on stdin (the job
+    machine's directory), and what it holds now is recorded for :func:`op_shared_changed`."""
+    for name in os.listdir(root):
+        path = os.path.join(root, name)
+        if os.path.isdir(path) and not os.path.islink(path):
+            shutil.rmtree(path)
+        else:
+            os.unlink(path)
+    read_tar(root)
+    with open(_copy_manifest(root, job), "w") as fh:
+        json.dump(walk(root), fh)
+
+
+def op_shared_changed(root: str, job: str) -> None:
+    """On a sibling, once the job ended: what its tasks created or changed, as a tar.gz."""
+    path = _copy_manifest(root, job)
+    try:
+        with open(path) as fh:
+            before = json.load(fh)
+    except (OSError, ValueError):
+        before = {}
+    write_tar(root, [rel for rel, stamp in walk(root).items() if before.get(rel) != stamp])
+    if os.path.exists(path):
+        os.unlink(path)
+
+
 SHARED_OPS = {"shared-ls": op_shared_ls, "shared-put": op_shared_put,
-              "shared-get": op_shared_get, "shared-rm": op_shared_rm}
+              "shared-get": op_shared_get, "shared-rm": op_shared_rm,
+              "shared-replace": op_shared_replace, "shared-changed": op_shared_changed}
 
 
 # ------------------------------------------------------------------ sibling credentials

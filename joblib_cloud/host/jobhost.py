@@ -150,8 +150,10 @@ def op_start(job_id: str, python: str, command: str, options_json: str = "{}") -
         {"command": command, "python": python, "agent_zip": agent_zip,
          "started": time.time(), **{k: v for k, v in options.items() if k != "files"}}))
     link_agent(directory)
-    if options.get("probe"):
-        probe(directory)
+    why = in_job(directory, "start") if options.get("probe") else None
+    if why:  # the siblings cannot be reached: nothing starts
+        shutil.rmtree(directory, ignore_errors=True)
+        fail(why)
     try:
         store().on_start(directory, options)
     except Exception as exc:  # noqa: BLE001 - the job cannot start without its files
@@ -222,17 +224,17 @@ def job_env(directory: str) -> dict:
     return env
 
 
-def probe(directory: str) -> None:
-    """Before the job starts: can this machine log in to each of its siblings the way
-    the job's backend will?  If not, the job is not started and the client is told why."""
-    done = subprocess.run(
-        ["/bin/sh", "-c", 'exec python -m joblib_cloud.jobs.probe'],
-        env=job_env(directory), stdin=subprocess.DEVNULL, capture_output=True, text=True,
-        timeout=120)
-    if done.returncode != 0:
-        shutil.rmtree(directory, ignore_errors=True)
-        fail(done.stderr.strip().splitlines()[-1] if done.stderr.strip()
-             else f"checking the cluster's machines failed (exit code {done.returncode})")
+def in_job(directory: str, *args: str) -> str | None:
+    """``python -m joblib_cloud.jobs.probe ARGS`` in the job's environment, where the
+    job's machine logs in to its siblings as the job's backend will (``jobs/probe.py``):
+    None, or why it failed."""
+    done = subprocess.run(["/bin/sh", "-c", 'exec python -m joblib_cloud.jobs.probe "$@"',
+                           "sh", *args], env=job_env(directory), stdin=subprocess.DEVNULL,
+                          capture_output=True, text=True, timeout=3600)
+    if done.returncode == 0:
+        return None
+    return (done.stderr.strip().splitlines()[-1] if done.stderr.strip()
+            else f"checking the cluster's machines failed (exit code {done.returncode})")
 
 
 def supervise(directory: str) -> None:
@@ -265,7 +267,8 @@ def supervise(directory: str) -> None:
         with open(os.path.join(directory, "stderr.log"), "a") as err:
             err.write(f"joblib-cloud: could not start the command: {exc}\n")
         code = 127
-    problems = store().on_end(directory, spec)  # aws: before the machine may stop
+    problems = [p for p in [in_job(directory, "end") if spec.get("probe") else None] if p]
+    problems += store().on_end(directory, spec)  # aws: before the machine may stop
     if problems:
         with open(os.path.join(directory, "stderr.log"), "a") as err:
             err.write("".join(f"joblib-cloud: {p}\n" for p in problems))
@@ -382,7 +385,8 @@ def op_shared(op: str, cluster: str, *args: str) -> None:
 
 OPS = {"start": op_start, "status": op_status, "logs": op_logs, "cancel": op_cancel,
        "outputs": op_outputs}
-SHARED_OPS = ("shared-ls", "shared-put", "shared-get", "shared-rm")
+SHARED_OPS = ("shared-ls", "shared-put", "shared-get", "shared-rm", "shared-replace",
+              "shared-changed")
 
 
 def main(argv: list[str]) -> None:

@@ -1,35 +1,126 @@
-"""Run on a ``run -n N`` job's machine before the job starts (``python -m
-joblib_cloud.jobs.probe``, in the job's environment): log in to every machine of the
-cluster the way the job's backend will, so hosts that cannot reach each other, a key
-they refuse or a host key that does not match stop the job before it runs, with a
-message that says which host and what is missing.  Exit code 1 and one line on stderr.
+"""Run on a ``run -n N`` job's machine, in the job's environment (``python -m
+joblib_cloud.jobs.probe start|end``), logged in to the cluster's machines the way the
+job's backend will be.
+
+``start``, before the job: log in to every machine, so hosts that cannot reach each
+other, a key they refuse or a host key that does not match stop the job before it runs,
+with a message that says which host and what is missing; then give every other machine a
+copy of the shared directory (``$JOBLIB_CLOUD_SHARED``: the job's backend points its
+agents there, so tasks on every host see it).  ``end``, after the job: what tasks
+created or changed in those copies comes back into the job machine's directory (which
+is saved to S3 next, on aws).  Exit code 1 and one line on stderr when something fails.
 """
 
 from __future__ import annotations
 
+import io
+import os
 import socket
 import sys
+import tarfile
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 from ..client.hosts import parse_host
-from ..config import resolve_config
+from ..config import CloudConfig, resolve_config
 
 #: Seconds to wait for each sibling: they are up already (the client just reached them).
 TIMEOUT = 15.0
 
 
-def _try(host: str, key: str | None, known_hosts: str | None) -> str | None:
+def _connect(host: str, config: CloudConfig):  # noqa: ANN202 - an SSHConnection
     from ..client.ssh import SSHConnection
 
+    return SSHConnection(parse_host(host), key_path=config.ssh_key,
+                         known_hosts=config.known_hosts, connect_timeout=TIMEOUT)
+
+
+def _try(host: str, config: CloudConfig) -> str | None:
     try:
-        SSHConnection(parse_host(host), key_path=key, known_hosts=known_hosts,
-                      connect_timeout=TIMEOUT).close()
+        _connect(host, config).close()
     except Exception as exc:  # noqa: BLE001 - each host's own reason is the answer
         return f"{host}: {exc}"
     return None
 
 
-def main() -> int:
+def _pack(root: str) -> bytes:
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w:gz") as tar:
+        for name in sorted(os.listdir(root)):
+            tar.add(os.path.join(root, name), arcname=name,
+                    filter=lambda info: None if info.issym() else info)
+    return buffer.getvalue()
+
+
+def _helper(host: str, config: CloudConfig, args: list[str], stdin: bytes = b"") -> bytes:
+    from .targets import SSHTarget
+
+    target = SSHTarget(_connect(host, config), config.python or "python3")
+    try:
+        result = target.call(args, stdin=stdin)
+    finally:
+        target.close()
+    if result.code != 0:
+        raise RuntimeError(result.stderr.decode(errors="replace").strip()
+                           .replace("joblib-cloud (on host): ", "") or f"exit {result.code}")
+    return result.stdout
+
+
+def _each(config: CloudConfig, fn) -> list[str]:  # noqa: ANN001
+    """``fn(host)`` on every machine but this one (the first): the failures."""
+    def attempt(host: str) -> str | None:
+        try:
+            fn(host)
+        except Exception as exc:  # noqa: BLE001 - each host's own reason is the answer
+            return f"{host}: {' '.join(str(exc).split())}"
+        return None
+
+    others = config.hosts[1:]
+    with ThreadPoolExecutor(max(len(others), 1)) as pool:
+        return [f for f in pool.map(attempt, others) if f]
+
+
+def start(config: CloudConfig) -> int:
+    with ThreadPoolExecutor(len(config.hosts)) as pool:
+        failures = [f for f in pool.map(lambda h: _try(h, config), config.hosts) if f]
+    if failures:
+        how = ("with the cluster's key" if config.ssh_key else
+               "with the ssh-agent forwarded from the client")
+        print(f"the job's machine ({socket.gethostname()}) cannot log in over SSH {how} "
+              f"to {len(failures)} of the cluster's {len(config.hosts)} machines, so the "
+              "job was not started: " + " | ".join(" ".join(f.split()) for f in failures)
+              + ". The machines of a cluster must reach each other on their SSH port (a "
+              "firewall or addresses only this computer can use?) and accept the key; or "
+              "run with -n 1.", file=sys.stderr)
+        return 1
+    shared = os.environ.get("JOBLIB_CLOUD_SHARED")
+    if shared:
+        archive = _pack(shared)
+        args = ["shared-replace", config.cluster, os.environ["JOBLIB_CLOUD_JOB_ID"]]
+        failures = _each(config, lambda host: _helper(host, config, args, archive))
+        if failures:
+            print("copying the shared directory to the cluster's other machines failed, so "
+                  "the job was not started: " + " | ".join(failures), file=sys.stderr)
+            return 1
+    return 0
+
+
+def end(config: CloudConfig) -> int:
+    shared = os.environ.get("JOBLIB_CLOUD_SHARED")
+    if not shared:
+        return 0
+    from .outputs import unpack
+
+    args = ["shared-changed", config.cluster, os.environ["JOBLIB_CLOUD_JOB_ID"]]
+    failures = _each(config, lambda host: unpack(_helper(host, config, args), Path(shared)))
+    if failures:
+        print("bringing back what tasks wrote to the shared directory on the other "
+              "machines failed: " + " | ".join(failures), file=sys.stderr)
+        return 1
+    return 0
+
+
+def main(argv: list[str]) -> int:
     try:
         import paramiko  # noqa: F401  (what the job's backend logs in with)
     except ImportError as exc:
@@ -39,21 +130,8 @@ def main() -> int:
               "run again), or run with -n 1.", file=sys.stderr)
         return 1
     config = resolve_config()
-    with ThreadPoolExecutor(len(config.hosts)) as pool:
-        failures = [f for f in pool.map(lambda h: _try(h, config.ssh_key, config.known_hosts),
-                                        config.hosts) if f]
-    if not failures:
-        return 0
-    how = ("with the cluster's key" if config.ssh_key else
-           "with the ssh-agent forwarded from the client")
-    print(f"the job's machine ({socket.gethostname()}) cannot log in over SSH {how} to "
-          f"{len(failures)} of the cluster's {len(config.hosts)} machines, so the job was "
-          "not started: " + " | ".join(" ".join(f.split()) for f in failures) + ". The "
-          "machines of a cluster must reach each other on their SSH port (a firewall or "
-          "addresses only this computer can use?) and accept the key; or run with -n 1.",
-          file=sys.stderr)
-    return 1
+    return end(config) if argv[:1] == ["end"] else start(config)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(sys.argv[1:]))

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.metadata
+import shlex
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -27,6 +28,7 @@ import paramiko
 
 from .. import provisioner
 from ..config import CloudConfig
+from ..wire import contract
 
 
 @dataclasses.dataclass
@@ -66,9 +68,12 @@ def for_job(config: CloudConfig, fleet: provisioner.Fleet, python: str,
 
 def _ssh_env(hosts: list[str], python: str, config: CloudConfig,
              common: dict[str, str]) -> dict[str, str]:
+    # The agents, their workers and so the tasks on every machine see that machine's copy
+    # of the shared directory (jobs/probe.py keeps the copies in step with the job's).
+    shared = f"{contract.HOME_SHELL}/shared/{shlex.quote(config.cluster)}"
     env = {"JOBLIB_CLOUD_PROVIDER": "ssh", "JOBLIB_CLOUD_HOSTS": ",".join(hosts),
            "JOBLIB_CLOUD_KNOWN_HOSTS": "{cloud}/known_hosts",
-           "JOBLIB_CLOUD_PYTHON": config.python or python,
+           "JOBLIB_CLOUD_PYTHON": f"env JOBLIB_CLOUD_SHARED={shared} {config.python or python}",
            "JOBLIB_CLOUD_CLUSTER": config.cluster, **common}
     if config.image:
         env["JOBLIB_CLOUD_IMAGE"] = config.image
