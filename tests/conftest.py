@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import ipaddress
 import os
-import socket
 import sys
 import tempfile
 from pathlib import Path
@@ -28,6 +26,7 @@ os.environ.update({
 })
 sys.path.insert(0, str(Path(__file__).parent))
 
+import netguard  # noqa: E402
 from sshfleet import SSHFleet  # noqa: E402
 
 import joblib_cloud  # noqa: E402,F401  (registers the backend)
@@ -35,73 +34,15 @@ from joblib_cloud.client import registry  # noqa: E402
 
 # --------------------------------------------------------------------- network guard
 
-
-class NonLoopbackConnection(OSError):
-    pass
-
-
-_violations: list[str] = []
-
-
-def _is_loopback(host: object) -> bool:
-    if host in ("localhost", "ip6-localhost"):
-        return True
-    try:
-        return ipaddress.ip_address(str(host).split("%")[0]).is_loopback
-    except ValueError:
-        return False
-
-
-def _guard(address: object, what: str) -> None:
-    if isinstance(address, tuple) and address and not _is_loopback(address[0]):
-        _violations.append(f"{what} {address!r}")
-        raise NonLoopbackConnection(
-            f"test code tried to reach {address!r}: only loopback is allowed here")
-
-
-_real_connect = socket.socket.connect
-_real_connect_ex = socket.socket.connect_ex
-_real_sendto = socket.socket.sendto
-_real_getaddrinfo = socket.getaddrinfo
-
-
-def _connect(self, address):
-    if self.family in (socket.AF_INET, socket.AF_INET6):
-        _guard(address, "connect")
-    return _real_connect(self, address)
-
-
-def _connect_ex(self, address):
-    if self.family in (socket.AF_INET, socket.AF_INET6):
-        _guard(address, "connect_ex")
-    return _real_connect_ex(self, address)
-
-
-def _sendto(self, data, *args):
-    if self.family in (socket.AF_INET, socket.AF_INET6):
-        _guard(args[-1], "sendto")
-    return _real_sendto(self, data, *args)
-
-
-def _getaddrinfo(host, *args, **kwargs):
-    if host is not None and not _is_loopback(host):
-        _violations.append(f"getaddrinfo {host!r}")
-        raise socket.gaierror(f"test code tried to resolve {host!r}: only loopback is allowed")
-    return _real_getaddrinfo(host, *args, **kwargs)
-
-
-socket.socket.connect = _connect
-socket.socket.connect_ex = _connect_ex
-socket.socket.sendto = _sendto
-socket.getaddrinfo = _getaddrinfo
+netguard.install()
 
 
 @pytest.fixture(autouse=True)
 def loopback_only():
     """Fail any test whose sockets tried to leave loopback (even from a thread)."""
-    start = len(_violations)
+    start = len(netguard.violations)
     yield
-    new = _violations[start:]
+    new = netguard.violations[start:]
     assert not new, f"non-loopback network access attempted: {new}"
 
 

@@ -312,7 +312,8 @@ def test_regression_estimator_on_remote(cloud_kwargs):
 def test_network_guard_refuses_non_loopback():
     import socket
 
-    from conftest import NonLoopbackConnection, _violations
+    from netguard import NonLoopbackConnection
+    from netguard import violations as _violations
 
     with socket.socket() as sock, pytest.raises(NonLoopbackConnection):
         sock.connect(("10.1.2.3", 22))

@@ -26,13 +26,14 @@ from joblib_cloud.config import resolve_config
 from joblib_cloud.providers.aws.bucket import Bucket, bucket_name
 from joblib_cloud.wire.serialization import StoredObject
 
-SIZE = 10 * 2**20  # over staging.STAGE_MIN
+SIZE = 10 * 2**20
 
 
 def _settings(cluster: str = "stage", **extra):
+    """Loopback is a fast link, on which ``auto`` sends directly: these tests stage."""
     return {"provider": "aws", "n": 3, "instance": "C2", "cluster": cluster,
             "region": REGION, "ingress_cidr": CIDR, "user": getpass.getuser(),
-            "python": sys.executable, "workers_per_host": 1, **extra}
+            "python": sys.executable, "workers_per_host": 1, "staging": "always", **extra}
 
 
 def _row_sums(X, rows):
@@ -116,7 +117,7 @@ def test_the_bucket_is_private_encrypted_and_expires_staged_objects(s3, loopback
 
 
 def test_a_download_that_fails_its_digest_is_fetched_again(s3, loopback_ec2, X):
-    settings = _settings(n=1, staging="always")
+    settings = _settings(n=1)
     digest = StoredObject(X).digest
     s3.corrupt.add(f"objects/{digest}")
     try:
@@ -137,7 +138,7 @@ def test_an_url_that_expires_during_the_download_is_renewed(s3, loopback_ec2, X,
     monkeypatch.setattr(staging.Staging, "part_size", 2**20)
     monkeypatch.setattr(staging.Staging, "streams", 1)
     s3.delay = 0.5  # 11 parts at 0.5 s each: the 2 s URL expires on the way
-    settings = _settings(n=1, staging="always")
+    settings = _settings(n=1)
     digest = StoredObject(X).digest
     try:
         assert _run(settings, X) == _expected(X)
@@ -189,14 +190,34 @@ def test_down_removes_the_clusters_objects_and_no_others(s3, loopback_ec2, X):
     assert Bucket.for_region(REGION, create=False) is None
 
 
-def test_small_objects_and_a_single_host_go_directly(s3, api_calls, loopback_ec2):
-    small = np.arange(2**18, dtype=float)  # 2 MB: cached, but under STAGE_MIN
-    big = np.random.default_rng(1).random(SIZE // 8)
+class _Store:
+    where = "a store"
+
+
+def _choice(size: int, hosts: int, link: float, store: float | None = None) -> bool:
+    choice = staging.Staging(_Store())
+    choice.link.estimated(link)
+    if store is not None:
+        choice.link.stored(100 * 2**20, 100 * 2**20 / store)
+    return choice.worth_it(StoredObject(np.zeros(size // 8)), hosts)
+
+
+def test_auto_stages_what_saves_link_time_and_sends_the_rest_directly():
+    laptop, datacentre = 12.5e6, 1.25e9
+    assert _choice(100 * 2**20, 3, laptop)  # the case it is for
+    assert _choice(2**20, 3, laptop)
+    assert not _choice(2**16, 3, laptop)  # a round trip costs more than it saves
+    assert not _choice(100 * 2**20, 1, laptop)  # one host: sent once either way
+    assert not _choice(100 * 2**20, 2, datacentre)  # a fast link
+    assert _choice(100 * 2**20, 16, datacentre)  # ...but not fast enough for 16 hosts
+    assert not _choice(100 * 2**20, 3, laptop, store=laptop / 10)  # a slow store
+
+
+def test_on_loopback_auto_sends_directly(s3, api_calls, loopback_ec2, X):
     try:
-        with parallel_backend("cloud", **_settings(n=3)):
-            Parallel(n_jobs=3)(delayed(np.sum)(small) for _ in range(3))
-        with parallel_backend("cloud", **_settings("one", n=1)):
-            Parallel(n_jobs=1)(delayed(np.sum)(big) for _ in range(2))
+        settings = _settings(n=2, staging="auto")
+        assert _run(settings, X) == _expected(X)
+        assert all(h.uploads.bytes_sent for h in _cluster(settings).hosts)
         assert api_calls.of("PutObject") == [] and _keys() == []
     finally:
         registry.close_all()

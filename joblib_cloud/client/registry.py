@@ -21,6 +21,7 @@ from ..config import CloudConfig
 from ..jobs.docker import docker_python
 from ..provisioner import Fleet, HostTarget
 from .cluster import Cluster
+from .link_rates import delivery_rate
 from .packages import install_configured_everywhere
 from .progress import Progress
 from .session import HostSession
@@ -124,6 +125,10 @@ def _join(cluster: Cluster, fleet: Fleet, target: HostTarget, config: CloudConfi
         session = _opener(cluster, target)(config)
         try:
             session.handshake(config)
+            if cluster.staging is not None and session.connection is not None:
+                # the agent just went over this connection: the kernel knows how fast
+                cluster.staging.link.estimated(
+                    delivery_rate(session.connection.transport.sock))
             if install:
                 session.packages.install_configured(config)
             fleet.ready(target)

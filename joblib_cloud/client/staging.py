@@ -2,12 +2,12 @@
 
 Sent directly, an object crosses the client's link once per host; staged, once in all.
 Per object the client picks the cheaper (:meth:`Staging.worth_it`): with ``n`` hosts
-still to get it, direct costs ``n * size / R`` on the client's link (rate ``R``), staged
-``size / R + size / D`` (``D``: how fast a host downloads from the store).  So staging
-wins when ``R < (n - 1) * D``: always for a laptop, not for a client inside the cloud on
-a 10 Gbit/s link feeding two hosts.  Both rates are measured as objects move (the
-defaults assume a laptop and an in-region download).  Objects under ``STAGE_MIN`` go
-directly: a round trip to the store costs more than they do.
+still to get an object of ``s`` bytes, direct costs ``n * s / R`` (``R``: the client's
+link to the hosts), staged ``s / U + s / D + L`` (``U``: the upload to the store, ``D``: a
+host's download from it, ``L``: the round trips).  For a laptop on 100 Mbit/s and 3
+hosts that stages everything from about 130 kB up; a client inside the cloud feeding two
+hosts over 10 Gbit/s sends directly.  The rates are estimated, then measured as objects
+move (``link_rates.py``).  An object the store holds already costs the link nothing.
 
 The store is the provider's (:class:`provisioner.ObjectStoreAccess`; S3 on ``aws``).  When
 it fails (no permission, a bucket policy, throttling), the cluster sends directly from
@@ -22,37 +22,15 @@ import warnings
 
 from ..provisioner import ObjectStoreAccess
 from ..wire.serialization import StoredObject
+from .link_rates import LinkRates
 
-#: Smaller objects go over SSH: a store round trip costs more than sending them.
-STAGE_MIN = 8 * 2**20
+#: Seconds that staging one object costs besides moving its bytes: the round trips to the
+#: store and to the host, weighted low because they delay only the host waiting for that
+#: object, while link time is what every host's data shares (the scarce resource).
+STORE_LATENCY = 0.02
 #: How long a presigned URL is good for, and the least a reused one must have left.
 URL_TTL = 3600.0
 URL_MARGIN = 600.0
-#: Until measured: a laptop's uplink (100 Mbit/s), an in-region download (100 MB/s).
-ASSUMED_LINK = 12.5e6
-ASSUMED_FETCH = 100e6
-#: Transfers shorter than this say little about a rate.
-MIN_SAMPLE_SECONDS = 0.2
-
-
-class LinkRates:
-    """Measured rates of the client's link and of hosts' downloads, bytes per second."""
-
-    def __init__(self) -> None:
-        self.link = ASSUMED_LINK
-        self.fetch = ASSUMED_FETCH
-        self.measured_link = False
-
-    def sent(self, nbytes: int, seconds: float) -> None:
-        """``nbytes`` left the client in ``seconds`` (to a host or to the store)."""
-        if seconds >= MIN_SAMPLE_SECONDS:
-            rate = nbytes / seconds
-            self.link = rate if not self.measured_link else 0.5 * (self.link + rate)
-            self.measured_link = True
-
-    def fetched(self, nbytes: int, seconds: float) -> None:
-        if seconds >= MIN_SAMPLE_SECONDS:
-            self.fetch = 0.5 * (self.fetch + nbytes / seconds)
 
 
 class Staging:
@@ -81,9 +59,14 @@ class Staging:
             return False
         if self.mode == "always":
             return True
-        if stored.nbytes < STAGE_MIN or hosts_without < 2:
+        if stored.digest in self._urls:  # staged already: fetching costs the link nothing
+            return True
+        if hosts_without < 2:
             return False
-        return self.link.link < (hosts_without - 1) * self.link.fetch
+        rates, size = self.link, stored.nbytes
+        direct = hosts_without * size / rates.link
+        staged = size / rates.store + size / rates.fetch + STORE_LATENCY
+        return staged < direct
 
     def url_for(self, stored: StoredObject, renew: bool = False) -> str | None:
         """A URL the hosts can download ``stored`` from, uploading it first if the store
@@ -102,7 +85,7 @@ class Staging:
                     start = time.monotonic()
                     if self.store.ensure(digest, stored.segments, stored.nbytes):
                         self.bytes_staged += stored.nbytes
-                        self.link.sent(stored.nbytes, time.monotonic() - start)
+                        self.link.stored(stored.nbytes, time.monotonic() - start)
                 url = self.store.url(digest, URL_TTL)
             except Exception as exc:  # noqa: BLE001 - any store failure: send directly
                 self.give_up(f"{type(exc).__name__}: {exc}")

@@ -10,6 +10,8 @@ from .bucket import Bucket
 from .ec2api import error_code
 
 OBJECTS = "objects/"
+#: Objects this large are looked for before they are uploaded.
+LOOK_FIRST = 8 * 2**20
 
 
 def marker_prefix(cluster: str) -> str:
@@ -37,7 +39,8 @@ class S3Objects:
     def ensure(self, digest: str, segments: list[bytes | memoryview], nbytes: int) -> bool:
         bucket = self._bucket()
         key = OBJECTS + digest
-        head = bucket.head(key)
+        # A small object is put again rather than looked for: one round trip, not two.
+        head = bucket.head(key) if nbytes >= LOOK_FIRST else None
         if head is None or head.get("ContentLength") != nbytes:
             bucket.upload(key, segments)
         else:

@@ -1,0 +1,112 @@
+"""The client side of a slow-link run, started inside the client's namespace of a
+:class:`slowlink.SlowLink`: a GridSearchCV on ``provider='aws'`` (EC2: moto in this process;
+S3: the moto server on the far side, reached over the shaped link; machines: far sshd
+hosts), printing one JSON line of what it measured.
+
+    ip netns exec CLIENT_NS python tests/slowlink_client.py --client-ns C --far-ns F \
+        --staging auto --mb 100 --candidates 20
+
+The object store's address comes from ``AWS_ENDPOINT_URL_S3``.  The network guard allows
+loopback and the link's own subnet only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import getpass
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+sys.path.insert(0, str(HERE.parent))
+
+import netguard  # noqa: E402
+import slowlink  # noqa: E402
+
+netguard.install()
+netguard.allow(slowlink.SUBNET)
+
+
+def _scores(estimator, X, y):
+    """The score, and when this fit finished (hosts share this machine's clock)."""
+    return {"r2": estimator.score(X, y), "finished": time.time()}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--client-ns", required=True)
+    parser.add_argument("--far-ns", required=True)
+    parser.add_argument("--staging", default="auto")
+    parser.add_argument("--mb", type=float, default=100)
+    parser.add_argument("--candidates", type=int, default=20)
+    parser.add_argument("--hosts", type=int, default=3)
+    parser.add_argument("--cluster", default="slow")
+    args = parser.parse_args()
+
+    import boto3
+    import botocore.client
+    import numpy as np
+    from awsmock import REGION, Ec2Fidelity
+    from joblib import parallel_backend
+    from moto import mock_aws
+    from sklearn.linear_model import Ridge
+    from sklearn.model_selection import GridSearchCV
+
+    from joblib_cloud import provisioner
+    from joblib_cloud.client import registry
+    from joblib_cloud.config import resolve_config
+    from joblib_cloud.wire.serialization import StoredObject
+
+    link = slowlink.SlowLink.existing(args.client_ns, args.far_ns)
+    real = botocore.client.BaseClient._make_api_call
+    fidelity = Ec2Fidelity()
+    botocore.client.BaseClient._make_api_call = (
+        lambda client, operation, params: fidelity(real, client, operation, params))
+    rng = np.random.default_rng(0)
+    X = rng.random((int(args.mb * 2**20 / 8 / 64), 64))
+    y = X @ rng.random(64) + rng.normal(size=len(X))
+    size = StoredObject(X).nbytes
+    settings = {"provider": "aws", "n": args.hosts, "instance": "C2", "cluster": args.cluster,
+                "region": REGION, "ingress_cidr": "198.51.100.7/32",
+                "user": getpass.getuser(), "python": sys.executable, "workers_per_host": 1,
+                "staging": args.staging}
+    with mock_aws(), tempfile.TemporaryDirectory() as root:
+        ec2 = boto3.client("ec2", region_name=REGION)
+        hook = slowlink.far_ec2_hook(link, ec2, Path(root))
+        provisioner.set_address_hook(hook)
+        try:
+            start = time.time()
+            cluster = registry.get_cluster(resolve_config(**settings))
+            cluster.wait_until_settled(120)
+            connected = time.time()
+            sent0 = link.sent_bytes()
+            search = GridSearchCV(Ridge(), {"alpha": np.logspace(-3, 3, args.candidates)},
+                                  cv=3, scoring=_scores, refit=False, n_jobs=-1)
+            begin = time.time()
+            with parallel_backend("cloud", **settings):
+                search.fit(X, y)
+            end = time.time()
+            sent = link.sent_bytes() - sent0
+            finished = min(min(search.cv_results_[f"split{k}_test_finished"])
+                           for k in range(3))
+            hosts = cluster.hosts
+            print(json.dumps({
+                "staging": args.staging, "size": size, "sent": sent, "ratio": sent / size,
+                "connect": connected - start, "first_result": finished - begin,
+                "fit": end - begin, "fits": 3 * args.candidates,
+                "staged_bytes": cluster.staging.bytes_staged if cluster.staging else 0,
+                "direct_bytes": sum(h.uploads.bytes_sent for h in hosts),
+                "hosts_fetched": sum(bool(h.uploads.bytes_fetched) for h in hosts),
+                "warnings": cluster.staging.failed if cluster.staging else None}), flush=True)
+        finally:
+            registry.close_all()
+            for host in hook.hosts.values():
+                host.kill()
+
+
+if __name__ == "__main__":
+    main()
