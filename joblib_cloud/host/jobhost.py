@@ -122,13 +122,9 @@ def read_exact(fd: int, n: int) -> bytes:
 
 
 def op_start(job_id: str, python: str, command: str, options_json: str = "{}") -> None:
-    """stdin: 8-byte length + joblib-cloud zip, then the workspace tar.gz.
-
-    ``options``: ``env`` for the job's own backend (``{cloud}`` stands for the job's
-    ``cloud/`` directory), ``files`` to put there, ``agent`` (use the forwarded ssh-agent),
-    ``probe`` (check the siblings answer before starting), ``output`` (where outputs are
-    looked for), ``shared`` (the cluster whose shared directory the job sees), ``follow``
-    (stream the output on this channel, as ``logs JOB 1`` does)."""
+    """stdin: 8-byte length + joblib-cloud zip, then the workspace tar.gz.  ``options``:
+    see ``jobs/control.py`` (``_prepare``) and ``jobs/siblings.py``; with ``follow``, the
+    job's output follows this call's first line on the same channel."""
     options = json.loads(options_json)
     directory = job_dir(job_id)
     os.makedirs(jobs_root(), mode=0o700, exist_ok=True)
@@ -379,24 +375,20 @@ def op_outputs(job_id: str, max_bytes: str, path: str = "") -> None:
     files().op_outputs(directory, max_bytes, path)
 
 
-def op_shared(op: str, cluster: str, *args: str) -> None:
-    files().SHARED_OPS[op](shared_dir(cluster), *args)
-
-
 OPS = {"start": op_start, "status": op_status, "logs": op_logs, "cancel": op_cancel,
        "outputs": op_outputs}
-SHARED_OPS = ("shared-ls", "shared-put", "shared-get", "shared-rm", "shared-replace",
-              "shared-changed")
 
 
 def main(argv: list[str]) -> None:
-    if not argv or argv[0] not in (*OPS, *SHARED_OPS):
+    """``OP ARGS``; ``shared-* CLUSTER ARGS`` act on the cluster's shared directory."""
+    shared = argv[0] if argv and argv[0].startswith("shared-") else None
+    if not argv or argv[0] not in OPS and shared not in files().SHARED_OPS:
         fail(f"unknown operation {argv[:1]!r}; expected one of "
-             f"{', '.join((*OPS, *SHARED_OPS))}")
+             f"{', '.join((*OPS, *files().SHARED_OPS))}")
     os.umask(0o077)  # job output and code are the user's alone
     try:
-        if argv[0] in SHARED_OPS:
-            op_shared(*argv)
+        if shared:
+            files().SHARED_OPS[shared](shared_dir(argv[1]), *argv[2:])
         else:
             OPS[argv[0]](*argv[1:])
     except ValueError as exc:  # jobfiles' errors are messages for the user
