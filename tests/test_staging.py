@@ -221,3 +221,18 @@ def test_on_loopback_auto_sends_directly(s3, api_calls, loopback_ec2, X):
         assert api_calls.of("PutObject") == [] and _keys() == []
     finally:
         registry.close_all()
+
+
+def test_presigned_urls_name_the_regions_own_endpoint(monkeypatch):
+    """Through the global endpoint a new bucket redirects, which a signed URL does not
+    survive.  (No request is made: signing is local.)"""
+    import boto3
+
+    from joblib_cloud.providers.aws.bucket import _s3_client
+
+    monkeypatch.delenv("AWS_ENDPOINT_URL_S3", raising=False)
+    for region in ("eu-west-1", "us-east-1"):
+        client = _s3_client(boto3.session.Session(region_name=region), region)
+        bucket = Bucket(client, bucket_name("123456789012", region), region)
+        url = bucket.presign_get("objects/ab", 60)
+        assert url.startswith(f"https://{bucket.name}.s3.{region}.amazonaws.com/objects/ab?")

@@ -81,6 +81,23 @@ class SegmentReader(io.RawIOBase):
         return written
 
 
+def _s3_client(sess: Any, region: str) -> Any:
+    """An S3 client whose presigned URLs name the region's own endpoint: through the
+    global one, a bucket made minutes ago answers with a redirect, which a signed URL
+    does not survive.  An endpoint configured by the user (``AWS_ENDPOINT_URL_S3``, a
+    profile) is kept."""
+    from botocore.config import Config
+
+    config = Config(signature_version="s3v4", retries={"mode": "standard"},
+                    s3={"addressing_style": "virtual"})
+    client = sess.client("s3", region_name=region, config=config)
+    default = client.meta.endpoint_url.rstrip("/")
+    if default in ("https://s3.amazonaws.com", f"https://s3.{region}.amazonaws.com"):
+        client = sess.client("s3", region_name=region, config=config,
+                             endpoint_url=f"https://s3.{region}.amazonaws.com")
+    return client
+
+
 class Bucket:
     """The bucket of one region, with the calls joblib-cloud makes on it."""
 
@@ -98,11 +115,7 @@ class Bucket:
             sess = ec2api.session(region)
             account = call(sess.client("sts", region_name=region).get_caller_identity,
                            "look up the AWS account")["Account"]
-            from botocore.config import Config
-
-            client = sess.client("s3", region_name=region,
-                                 config=Config(signature_version="s3v4",
-                                               retries={"mode": "standard"}))
+            client = _s3_client(sess, region)
             bucket = cls(client, bucket_name(account, region), region)
             if not bucket._there():
                 if not create:
