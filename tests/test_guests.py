@@ -18,11 +18,13 @@ from awsmock import CIDR, REGION, aws_fixture, cluster_instances  # noqa: F401  
 from guest_ec2 import SELF_SHUTDOWN, guest_ec2_fixture  # noqa: F401  (fixture)
 from helpers import assert_grid_search_matches_sequential, wait_until
 from joblib import Parallel, delayed, parallel_backend
+from s3double import s3_fixture  # noqa: F401  (fixture)
 from sklearn.datasets import make_classification
 from sklearn.model_selection import GridSearchCV
 
 from joblib_cloud import DistributedPool
 from joblib_cloud.client import registry
+from joblib_cloud.config import resolve_config
 from joblib_cloud.errors import ClusterLostError, JoblibCloudError
 from joblib_cloud.providers.aws import sshkeys, userdata
 
@@ -46,15 +48,28 @@ def _offered_host_keys(address: str, port: int) -> list[str]:
                   if line and not line.startswith("#"))
 
 
-def test_grid_search_and_pool_on_two_fresh_guests_then_idle_power_off(guest_ec2):
+def _part_sum(X, part: int) -> float:
+    return float(X[part::4].sum())
+
+
+def test_grid_search_and_pool_on_two_fresh_guests_then_idle_power_off(guest_ec2, s3):
     """The headline use on machines that boot: results equal the sequential run; host
-    keys verified from the first connection; a short idle_timeout never cuts the install
+    keys verified from the first connection; a large argument staged in S3 is fetched by
+    each machine with its presigned URL; a short idle_timeout never cuts the install
     short, and the machines power off once the client has left."""
     settings = _settings("guests", n=2, idle_timeout=20)
     try:
         assert_grid_search_matches_sequential(settings)
         with DistributedPool(**settings) as pool:
             assert pool.map(_square, range(50)) == [x * x for x in range(50)]
+        X = np.random.default_rng(0).random(2**21)  # 16 MB
+        with parallel_backend("cloud", **settings, staging="always"):
+            sums = Parallel(n_jobs=4)(delayed(_part_sum)(X, i) for i in range(8))
+        assert sums == [float(X[i::4].sum()) for i in range(8)]
+        hosts = registry.get_cluster(resolve_config(**settings)).hosts
+        assert len(hosts) == 2
+        for host in hosts:  # each machine downloaded it itself, none got it over SSH
+            assert host.uploads.bytes_fetched > X.nbytes and host.uploads.bytes_sent == 0
 
         guests = list(guest_ec2.guests.values())
         assert len(guests) == 2
