@@ -77,3 +77,33 @@ def test_run_n2_on_aws_spans_both_machines_with_the_cluster_key(aws, loopback_ec
         from joblib_cloud.client import registry
 
         registry.close_all()
+
+
+def test_run_n2_on_aws_keeps_the_other_machine_awake_while_the_job_runs(
+        aws, loopback_ec2, tmp_path, monkeypatch, capfd):
+    """The other machine's kill switch knows nothing of a job on the first: its idle
+    timer is started again while the job runs (every idle_timeout / 3)."""
+    hosts = loopback_ec2
+    provisioner.set_sibling_hook(lambda inst: (hosts[inst["InstanceId"]].address,
+                                               hosts[inst["InstanceId"]].port))
+    try:
+        project = tmp_path / "project"
+        project.mkdir()
+        monkeypatch.chdir(project)
+        for name, value in {"REGION": REGION, "INGRESS_CIDR": CIDR, "IDLE_TIMEOUT": "15",
+                            "USER": getpass.getuser(), "PYTHON": sys.executable}.items():
+            monkeypatch.setenv(f"JOBLIB_CLOUD_{name}", value)
+        code = cli.main(["run", "--provider", "aws", "-i", "C2", "-n", "2", "--cluster",
+                         "awake", "--", "python", "-c", "import time; time.sleep(12)"])
+        assert code == 0, capfd.readouterr().err
+        (job_host,) = [h for h in hosts.values() if (h.home / "jobs").exists()]
+        (other,) = [h for h in hosts.values() if h is not job_host]
+        (job,) = (job_host.home / "jobs").iterdir()
+        started = json.loads((job / "command.json").read_text())["started"]
+        # Touched while the job ran, not only when the client first reached it.
+        assert (other.home / "activity").stat().st_mtime >= started + 4
+    finally:
+        provisioner.set_sibling_hook(None)
+        from joblib_cloud.client import registry
+
+        registry.close_all()

@@ -19,6 +19,7 @@ import json
 import os
 import shutil
 import stat
+import subprocess
 import sys
 import tarfile
 import zipfile
@@ -260,6 +261,22 @@ def write_cloud_files(directory: str, files: dict[str, str]) -> str:
         with os.fdopen(fd, "w") as fh:
             fh.write(text)
     return cloud
+
+
+def run_probe(env: dict, *args: str, wait: bool = True):  # noqa: ANN201
+    """``python -m joblib_cloud.jobs.probe ARGS`` in the job's environment, where the
+    job's machine logs in to its siblings as the job's backend will: None, or why it
+    failed; without ``wait``, the process (its outcome does not matter)."""
+    command = ["/bin/sh", "-c", 'exec python -m joblib_cloud.jobs.probe "$@"', "sh", *args]
+    if not wait:
+        return subprocess.Popen(command, env=env, stdin=subprocess.DEVNULL,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    done = subprocess.run(command, env=env, stdin=subprocess.DEVNULL, capture_output=True,
+                          text=True, timeout=3600)
+    if done.returncode == 0:
+        return None
+    return (done.stderr.strip().splitlines()[-1] if done.stderr.strip()
+            else f"checking the cluster's machines failed (exit code {done.returncode})")
 
 
 def remove_cloud_files(directory: str) -> None:

@@ -221,16 +221,8 @@ def job_env(directory: str) -> dict:
 
 
 def in_job(directory: str, *args: str) -> str | None:
-    """``python -m joblib_cloud.jobs.probe ARGS`` in the job's environment, where the
-    job's machine logs in to its siblings as the job's backend will (``jobs/probe.py``):
-    None, or why it failed."""
-    done = subprocess.run(["/bin/sh", "-c", 'exec python -m joblib_cloud.jobs.probe "$@"',
-                           "sh", *args], env=job_env(directory), stdin=subprocess.DEVNULL,
-                          capture_output=True, text=True, timeout=3600)
-    if done.returncode == 0:
-        return None
-    return (done.stderr.strip().splitlines()[-1] if done.stderr.strip()
-            else f"checking the cluster's machines failed (exit code {done.returncode})")
+    """``jobs/probe.py ARGS`` in the job's environment: None, or why it failed."""
+    return files().run_probe(job_env(directory), *args)
 
 
 def supervise(directory: str) -> None:
@@ -252,8 +244,13 @@ def supervise(directory: str) -> None:
                                     stdin=subprocess.DEVNULL, stdout=out, stderr=err,
                                     start_new_session=True)
             write_atomic(os.path.join(directory, "pid"), str(proc.pid))
+            keep, keeper = spec.get("keepalive"), None
+            last = time.monotonic()
             while True:  # a running job is work: the VM's idle kill switch must wait
                 touch_activity()
+                if keep and time.monotonic() - last >= keep and \
+                        (keeper is None or keeper.poll() is not None):
+                    keeper, last = files().run_probe(env, "keep", wait=False), time.monotonic()
                 try:
                     code = proc.wait(timeout=ACTIVITY_INTERVAL)
                     break

@@ -78,6 +78,9 @@ def open_target(config: CloudConfig, progress: Progress
         python = "python3"
     spec = target.spec
     progress.update(f"connecting to {spec.name}")
+    # aws, run -n N: the other machines are waited for meanwhile (siblings.py)
+    others = (siblings.start_waiting(fleet) if config.provider == "aws"
+              and len(fleet.hosts) > 1 else None)
     try:
         connection = SSHConnection(spec, key_path=target.ssh_key,
                                    known_hosts=target.known_hosts,
@@ -85,6 +88,12 @@ def open_target(config: CloudConfig, progress: Progress
                                    or config.connect_timeout,
                                    retry_auth=target.retry_auth, check=target.check,
                                    timeout_advice=target.timeout_advice)
+        try:
+            if others is not None:
+                others()
+        except BaseException:
+            connection.close()
+            raise
     except BaseException:
         fleet.abort()  # never leave a VM we just launched and cannot reach
         raise

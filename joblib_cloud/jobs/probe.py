@@ -6,7 +6,8 @@ job's backend will be.
 other, a key they refuse or a host key that does not match stop the job before it runs,
 with a message that says which host and what is missing; then give every other machine a
 copy of the shared directory (``$JOBLIB_CLOUD_SHARED``: the job's backend points its
-agents there, so tasks on every host see it).  ``end``, after the job: what tasks
+agents there, so tasks on every host see it).  ``keep``, while the job runs on aws: the
+other machines' idle timers start again.  ``end``, after the job: what tasks
 created or changed in those copies comes back into the job machine's directory (which
 is saved to S3 next, on aws).  Exit code 1 and one line on stderr when something fails.
 """
@@ -120,6 +121,23 @@ def end(config: CloudConfig) -> int:
     return 0
 
 
+def keep(config: CloudConfig) -> int:
+    """While the job runs: the other machines' idle timers start again."""
+    from .siblings import touch
+
+    def one(host: str) -> None:
+        connection = _connect(host, config)
+        try:
+            touch(connection)
+        finally:
+            connection.close()
+
+    failures = _each(config, one)
+    if failures:
+        print(" | ".join(failures), file=sys.stderr)
+    return 1 if failures else 0
+
+
 def main(argv: list[str]) -> int:
     try:
         import paramiko  # noqa: F401  (what the job's backend logs in with)
@@ -130,7 +148,7 @@ def main(argv: list[str]) -> int:
               "run again), or run with -n 1.", file=sys.stderr)
         return 1
     config = resolve_config()
-    return end(config) if argv[:1] == ["end"] else start(config)
+    return {"end": end, "keep": keep}.get(argv[0] if argv else "", start)(config)
 
 
 if __name__ == "__main__":

@@ -20,6 +20,8 @@ from __future__ import annotations
 import dataclasses
 import importlib.metadata
 import shlex
+import threading
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -42,10 +44,12 @@ class JobCluster:
     #: The job's machine checks it can log in to each sibling before the job starts.
     probe: bool = False
     hosts: list[str] = dataclasses.field(default_factory=list)
+    #: aws: seconds between touches of the siblings' idle timers while the job runs.
+    keepalive: float | None = None
 
     def options(self) -> dict[str, Any]:
         return {"env": self.env, "files": self.files, "agent": self.agent,
-                "probe": self.probe}
+                "probe": self.probe, "keepalive": self.keepalive}
 
 
 def for_job(config: CloudConfig, fleet: provisioner.Fleet, python: str,
@@ -127,17 +131,36 @@ def paramiko_pin() -> str:
     return f"paramiko=={importlib.metadata.version('paramiko')}"
 
 
+#: Resets a machine's idle timer (its kill switch reads the activity file's mtime).
+TOUCH = (f"mkdir -p {contract.HOME_SHELL} && "
+         f"touch {contract.HOME_SHELL}/{contract.ACTIVITY_FILE}")
+
+
+def touch(connection: Any) -> None:
+    channel = connection.exec(TOUCH)
+    try:
+        channel.recv_exit_status()
+    finally:
+        channel.close()
+
+
 def wait_for_siblings(fleet: provisioner.Fleet) -> None:
-    """Every machine but the job's own accepts SSH (they may still be booting), and each
-    gets what :meth:`Fleet.ready` does once it answered (aws: the metadata endpoint that
-    served its user-data closes), as the backend's own connect would do."""
+    """Every machine but the job's own accepts SSH (they may still be booting); each gets
+    what :meth:`Fleet.ready` does once it answered (aws: the metadata endpoint that served
+    its user-data closes), as the backend's own connect would do, and its idle timer
+    starts again, so a machine that booted first does not stop while the others boot."""
     from ..client.ssh import SSHConnection
 
     def reach(host: provisioner.HostTarget) -> None:
-        SSHConnection(host.spec, key_path=host.ssh_key, known_hosts=host.known_hosts,
-                      connect_timeout=fleet.connect_timeout or 60.0,
-                      retry_auth=host.retry_auth, check=host.check,
-                      timeout_advice=host.timeout_advice).close()
+        connection = SSHConnection(host.spec, key_path=host.ssh_key,
+                                   known_hosts=host.known_hosts,
+                                   connect_timeout=fleet.connect_timeout or 60.0,
+                                   retry_auth=host.retry_auth, check=host.check,
+                                   timeout_advice=host.timeout_advice)
+        try:
+            touch(connection)
+        finally:
+            connection.close()
         fleet.ready(host)
 
     with ThreadPoolExecutor(max(len(fleet.hosts) - 1, 1)) as pool:
@@ -145,11 +168,39 @@ def wait_for_siblings(fleet: provisioner.Fleet) -> None:
             future.result()
 
 
+def start_waiting(fleet: provisioner.Fleet) -> Callable[[], None]:
+    """:func:`wait_for_siblings` in the background (while the job's own machine is
+    reached); the function returned waits for it and raises what it raised."""
+    failure: list[BaseException] = []
+
+    def wait() -> None:
+        try:
+            wait_for_siblings(fleet)
+        except BaseException as exc:  # noqa: BLE001 - raised in the caller's thread
+            failure.append(exc)
+
+    thread = threading.Thread(target=wait, daemon=True, name="siblings")
+    thread.start()
+
+    def join() -> None:
+        while thread.is_alive():
+            thread.join(0.2)
+        if failure:
+            raise failure[0]
+
+    return join
+
+
+def keepalive(config: CloudConfig) -> float:
+    """Seconds between touches of the siblings' activity files while the job runs: their
+    kill switches know nothing of a job on another machine."""
+    return max(5.0, min(60.0, config.idle_timeout / 3))
+
+
 def _aws(config: CloudConfig, fleet: provisioner.Fleet, common: dict[str, str]
          ) -> JobCluster:
     from ..providers.aws import ec2api
 
-    wait_for_siblings(fleet)
     handle = fleet.handle  # type: ignore[attr-defined]  # AWSFleet
     found = {i["InstanceId"]: i for i in ec2api.instances(
         handle.ec2, "find the cluster's machines",
@@ -172,4 +223,4 @@ def _aws(config: CloudConfig, fleet: provisioner.Fleet, common: dict[str, str]
     # The cluster's own key: already on every machine's authorized_keys, never the user's.
     key = Path(handle.ssh_key).read_text()
     return JobCluster(env, {"known_hosts": "".join(lines), "id_cluster": key},
-                      probe=True, hosts=hosts)
+                      probe=True, hosts=hosts, keepalive=keepalive(config))
