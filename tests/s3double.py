@@ -7,7 +7,8 @@ real one can:
 
 - presigned URLs expire (moto serves them forever): 403 ``Request has expired``;
 - ``corrupt``: keys whose next response from byte 0 is damaged in transit;
-- ``delay``: seconds each GET of an object waits before answering (a slow store);
+- ``delay``: seconds each GET of an object waits before answering (a slow store), and
+  ``put_delay`` each upload (a slow link to it);
 - every request is recorded (method, key, range, signature, status).
 """
 
@@ -45,6 +46,7 @@ class S3Double:
         self.requests: list[Request] = []
         self.corrupt: set[str] = set()
         self.delay = 0.0
+        self.put_delay = 0.0
         self._lock = threading.Lock()
 
     def gets(self, key_suffix: str) -> list[Request]:
@@ -68,6 +70,8 @@ class S3Double:
                 return [EXPIRED]
         if request.method == "GET" and "X-Amz-Signature" in query and self.delay:
             time.sleep(self.delay)
+        if request.method == "PUT" and request.key.startswith("objects/") and self.put_delay:
+            time.sleep(self.put_delay)
 
         def recording_start(status: str, headers: Any, *args: Any) -> Any:
             request.status = int(status.split()[0])

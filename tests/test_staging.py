@@ -153,6 +153,21 @@ def test_an_url_that_expires_during_the_download_is_renewed(s3, loopback_ec2, X,
         registry.close_all()
 
 
+def test_hosts_hear_from_the_client_while_it_uploads_to_the_store(s3, loopback_ec2, X):
+    """An upload longer than heartbeat_timeout: the waiting agents are pinged meanwhile,
+    so none of them takes the client for gone."""
+    s3.put_delay = 4.0
+    settings = _settings(heartbeat_timeout=1.5)
+    try:
+        assert _run(settings, X) == _expected(X)
+        cluster = _cluster(settings)
+        assert len(cluster.alive_hosts) == 3 and not cluster.failures
+        assert all(h.uploads.bytes_fetched and not h.uploads.bytes_sent
+                   for h in cluster.hosts)
+    finally:
+        registry.close_all()
+
+
 def test_s3_refused_sends_directly_with_one_warning(s3, api_calls, loopback_ec2, X):
     from awsmock import client_error
 

@@ -10,9 +10,11 @@ the host's sender thread, holding the writer, runs this.
 from __future__ import annotations
 
 import collections
+import concurrent.futures
 import threading
 import time
-from typing import TYPE_CHECKING
+from collections.abc import Callable
+from typing import TYPE_CHECKING, TypeVar
 
 from ..wire.protocol import EvictMeta, FetchedMeta, FetchMeta, Kind, PutMeta
 from ..wire.serialization import StoredObject
@@ -22,6 +24,7 @@ if TYPE_CHECKING:
     from .session import HostSession
 
 UPLOAD_CHUNK = 4 * 2**20
+T = TypeVar("T")
 #: A renewed URL that expires again is not renewed forever.
 MAX_RENEWALS = 3
 
@@ -76,7 +79,7 @@ class HostUploads:
         staging = cluster.staging
         if staging is None or not staging.worth_it(stored, self._hosts_without(stored)):
             return False
-        url = staging.url_for(stored)
+        url = self._pinging(lambda: staging.url_for(stored))
         for _ in range(MAX_RENEWALS + 1):
             if url is None:
                 return False
@@ -91,7 +94,7 @@ class HostUploads:
                 staging.give_up(f"host {self.session.name} could not download "
                                 f"{staging.where}: {answer['error']}")
                 return False
-            url = staging.url_for(stored, renew=True)
+            url = self._pinging(lambda: staging.url_for(stored, renew=True))
         return False
 
     def _hosts_without(self, stored: StoredObject) -> int:
@@ -99,6 +102,23 @@ class HostUploads:
         with cluster.lock:
             holders = sum(stored.digest in h.uploads.cache for h in cluster.alive_hosts)
             return len(cluster.alive_hosts) + cluster.joining - holders
+
+    def _pinging(self, work: Callable[[], T]) -> T:
+        """``work()`` (staging: an upload to the store that may take minutes on a slow
+        link, or the wait for another host's), pinging this host meanwhile: its agent
+        stops when the client is silent for ``heartbeat_timeout``."""
+        session = self.session
+        ping_every = max(session.cluster.config.heartbeat_timeout / 5, 0.2)
+        pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="joblib-cloud-stage")
+        future = pool.submit(work)
+        pool.shutdown(wait=False)
+        while True:
+            try:
+                return future.result(timeout=ping_every)
+            except concurrent.futures.TimeoutError:
+                if not session.alive:
+                    raise ConnectionError(f"host {session.name} was lost") from None
+                session._send(Kind.PING)
 
     def _ask(self, meta: FetchMeta) -> FetchedMeta:
         """Send FETCH and wait for the answer, pinging meanwhile so the agent knows this
