@@ -185,12 +185,24 @@ def test_run_n2_on_local_lists_two_agents(project, tmp_path):
     env.update({"JOBLIB_CLOUD_HOME": str(tmp_path / "client-home"),
                 "JOBLIB_CLOUD_PROVIDER": "local", "JOBLIB_CLOUD_WORKERS_PER_HOST": "1"})
     script = ("import joblib, os, joblib_cloud; from joblib import parallel_backend\n"
+              "from joblib import Parallel, delayed\n"
               "with parallel_backend('cloud'):\n"
-              "    print(joblib.effective_n_jobs(-1), os.environ['JOBLIB_CLOUD_N'])\n")
+              "    seen = Parallel()(delayed(os.environ.get)('JOBLIB_CLOUD_SHARED') "
+              "for i in range(4))\n"
+              "    print(joblib.effective_n_jobs(-1), os.environ['JOBLIB_CLOUD_N'],\n"
+              "          len(set(seen)), seen[0] == os.environ['JOBLIB_CLOUD_SHARED'])\n")
     (project / "n.py").write_text(script)
     done = cli(env, project, "run", "-n", "2", "--", "python", "n.py")
     assert done.returncode == 0, done.stderr
-    assert done.stdout.split() == ["2", "2"]
+    # Two agents, and their tasks see the job's shared directory.
+    assert done.stdout.split() == ["2", "2", "1", "True"]
+
+
+def test_run_n2_on_ssh_cannot_detach(fleet, ssh_agent, project, tmp_path):
+    env = ssh_env(fleet, [h.spec for h in fleet.hosts[:2]], tmp_path, ssh_agent)
+    done = cli(env, project, "run", "--detach", "-n", "2", "--", "true")
+    assert done.returncode == 1
+    assert "cannot --detach" in done.stderr and "ssh-agent" in done.stderr
 
 
 SHARED_JOB = """
