@@ -106,8 +106,8 @@ def _ssh(config: CloudConfig, fleet: provisioner.Fleet, python: str,
     specs = [h.spec for h in fleet.hosts]
     lines = []
     known = paramiko.HostKeys()
-    for target in fleet.hosts:
-        path = Path(target.known_hosts or Path.home() / ".ssh" / "known_hosts").expanduser()
+    for path in {Path(t.known_hosts or Path.home() / ".ssh" / "known_hosts").expanduser()
+                 for t in fleet.hosts}:
         if path.exists():
             known.load(str(path))
     for spec in specs:
