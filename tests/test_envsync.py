@@ -220,12 +220,12 @@ def test_agent_starts_inside_the_image(fake_docker):
 
 
 def test_job_python_runs_inside_the_image(fake_docker, tmp_path):
-    from joblib_cloud.host import jobhost
+    from joblib_cloud.host import jobfiles
     from joblib_cloud.jobs.docker import docker_python
 
     bin_dir, workspace = tmp_path / "bin", tmp_path / "ws"
     workspace.mkdir()
-    jobhost.write_shims(str(bin_dir), docker_python("img:2", sys.executable, mount_cwd=True))
+    jobfiles.write_shims(str(bin_dir), docker_python("img:2", sys.executable, mount_cwd=True))
     env = {**fake_docker["env"], "JOBLIB_CLOUD_PROVIDER": "local"}
     out = subprocess.run([str(bin_dir / "python"), "-c",
                           "import json, os; print(json.dumps([os.getcwd(), "
