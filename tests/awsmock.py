@@ -226,27 +226,35 @@ def dead_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(name="loopback_ec2")
-def loopback_ec2_fixture(aws, tmp_path):
-    """Address hook: each launched instance becomes a loopback sshd with the host key and
-    authorised client key read back from its stored user-data."""
+def sshd_per_instance(ec2, make_host: Callable[..., SSHHost]) -> Any:
+    """Address hook: each launched instance becomes an sshd host, made by
+    ``make_host(index, client_pub, host_key=...)`` with the host key and authorised client
+    key read back from its stored user-data, and started.  ``hook.hosts``: by id."""
     hosts: dict[str, SSHHost] = {}
 
-    def loopback_host(instance: dict) -> tuple[str, int]:
+    def hook(instance: dict) -> tuple[str, int]:
         iid = instance["InstanceId"]
         if iid not in hosts:
-            doc = stored_user_data(aws, iid)
-            host = SSHHost(tmp_path, 40 + len(hosts),
-                           written_file(doc, userdata.CLIENT_KEY_PATH).strip(),
-                           host_key=(doc["ssh_keys"]["ed25519_private"],
-                                     doc["ssh_keys"]["ed25519_public"]))
+            doc = stored_user_data(ec2, iid)
+            host = make_host(len(hosts), written_file(doc, userdata.CLIENT_KEY_PATH).strip(),
+                             host_key=(doc["ssh_keys"]["ed25519_private"],
+                                       doc["ssh_keys"]["ed25519_public"]))
             host.start()
             hosts[iid] = host
         return hosts[iid].address, hosts[iid].port
 
-    provisioner.set_address_hook(loopback_host)
-    yield hosts
-    for host in hosts.values():
+    hook.hosts = hosts  # type: ignore[attr-defined]
+    return hook
+
+
+@pytest.fixture(name="loopback_ec2")
+def loopback_ec2_fixture(aws, tmp_path):
+    """Address hook: each launched instance becomes a loopback sshd (``sshd_per_instance``)."""
+    hook = sshd_per_instance(aws, lambda index, *args, **kw: SSHHost(tmp_path, 40 + index,
+                                                                     *args, **kw))
+    provisioner.set_address_hook(hook)
+    yield hook.hosts
+    for host in hook.hosts.values():
         host.kill()
 
 

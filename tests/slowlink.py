@@ -125,26 +125,10 @@ class FarHost(SSHHost):
 def far_ec2_hook(link: SlowLink, ec2: Any, root: Path) -> Any:
     """Address hook: each launched instance becomes a far host with the host key and client
     key its stored user-data carries."""
-    from awsmock import stored_user_data, written_file
+    from awsmock import sshd_per_instance
 
-    from joblib_cloud.providers.aws import userdata
-
-    hosts: dict[str, FarHost] = {}
-
-    def hook(instance: dict) -> tuple[str, int]:
-        iid = instance["InstanceId"]
-        if iid not in hosts:
-            doc = stored_user_data(ec2, iid)
-            host = FarHost(link, root, len(hosts),
-                           written_file(doc, userdata.CLIENT_KEY_PATH).strip(),
-                           host_key=(doc["ssh_keys"]["ed25519_private"],
-                                     doc["ssh_keys"]["ed25519_public"]))
-            host.start()
-            hosts[iid] = host
-        return hosts[iid].address, hosts[iid].port
-
-    hook.hosts = hosts  # type: ignore[attr-defined]
-    return hook
+    return sshd_per_instance(ec2, lambda index, *args, **kw: FarHost(link, root, index,
+                                                                     *args, **kw))
 
 
 S3_PORT = 5123

@@ -112,7 +112,7 @@ def test_the_bucket_is_private_encrypted_and_expires_staged_objects(s3, loopback
     assert rule["Rules"][0]["ApplyServerSideEncryptionByDefault"]["SSEAlgorithm"] == "AES256"
     rules = s3api.get_bucket_lifecycle_configuration(Bucket=name)["Rules"]
     expiring = [r for r in rules if "Expiration" in r]
-    assert [r["Filter"]["Prefix"] for r in expiring] == ["objects/"]
+    assert [r["Filter"]["Prefix"] for r in expiring] == ["objects/", "jobs/"]
     assert s3api.get_bucket_tagging(Bucket=name)["TagSet"]
 
 

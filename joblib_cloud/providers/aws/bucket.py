@@ -7,7 +7,9 @@ empty markers: ``down`` removes a cluster's objects by them), and what jobs keep
 
 Made private: public access blocked, encrypted by default (SSE-S3), tagged, with a
 lifecycle rule that expires staged objects after :data:`OBJECT_DAYS` days (an object in
-use is renewed: see :meth:`Bucket.renew_if_old`) and aborts unfinished uploads.  Hosts
+use is renewed: see :meth:`Bucket.renew_if_old`), jobs' saved outputs after
+:data:`JOB_DAYS`, and aborts unfinished uploads.  The shared directories
+(``shared/<cluster>/``) stay until ``joblib-cloud shared rm`` or ``down --all``.  Hosts
 never get credentials for it, only presigned URLs for one object (GET) or one key prefix
 (POST).
 """
@@ -24,6 +26,8 @@ from . import ec2api
 from .ec2api import AWSError, call, error_code
 
 OBJECT_DAYS = 7
+#: A finished job's saved outputs (``joblib-cloud pull``) are kept this long.
+JOB_DAYS = 30
 #: An object older than this is copied onto itself when used, restarting its expiry.
 RENEW_AFTER = datetime.timedelta(days=1)
 TAG = {"Key": "joblib-cloud:bucket", "Value": "staging"}
@@ -156,6 +160,8 @@ class Bucket:
              LifecycleConfiguration={"Rules": [
                  {"ID": "staged-objects-expire", "Status": "Enabled",
                   "Filter": {"Prefix": "objects/"}, "Expiration": {"Days": OBJECT_DAYS}},
+                 {"ID": "job-outputs-expire", "Status": "Enabled",
+                  "Filter": {"Prefix": "jobs/"}, "Expiration": {"Days": JOB_DAYS}},
                  {"ID": "abort-unfinished-uploads", "Status": "Enabled",
                   "Filter": {"Prefix": ""},
                   "AbortIncompleteMultipartUpload": {"DaysAfterInitiation": 1}}]})
