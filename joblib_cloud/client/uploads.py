@@ -104,9 +104,10 @@ class HostUploads:
             return len(cluster.alive_hosts) + cluster.joining - holders
 
     def _pinging(self, work: Callable[[], T]) -> T:
-        """``work()`` (staging: an upload to the store that may take minutes on a slow
-        link, or the wait for another host's), pinging this host meanwhile: its agent
-        stops when the client is silent for ``heartbeat_timeout``."""
+        """``work()`` (an upload to the store that may take minutes on a slow link, the
+        wait for another host's, or for this host's download), pinging this host
+        meanwhile, from this thread, which holds the writer: its agent stops when the
+        client is silent for ``heartbeat_timeout``."""
         session = self.session
         ping_every = max(session.cluster.config.heartbeat_timeout / 5, 0.2)
         pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="joblib-cloud-stage")
@@ -121,19 +122,18 @@ class HostUploads:
                 session._send(Kind.PING)
 
     def _ask(self, meta: FetchMeta) -> FetchedMeta:
-        """Send FETCH and wait for the answer, pinging meanwhile so the agent knows this
-        client is still here.  A host lost meanwhile raises, as a failed send does."""
-        session = self.session
-        ping_every = max(session.cluster.config.heartbeat_timeout / 5, 0.2)
-        digest = meta["digest"]
-        session._send(Kind.FETCH, meta)  # type: ignore[arg-type]
+        """Send FETCH and wait for the answer (pinging meanwhile).  A host lost
+        meanwhile raises, as a failed send does."""
+        self.session._send(Kind.FETCH, meta)  # type: ignore[arg-type]
+        return self._pinging(lambda: self._answer_to(meta["digest"]))
+
+    def _answer_to(self, digest: str) -> FetchedMeta:
         with self._answered:
             while digest not in self._answers:
-                if not session.alive:
-                    raise ConnectionError(f"host {session.name} was lost during a download")
-                self._answered.wait(ping_every)
-                if digest not in self._answers and session.alive:
-                    session._send(Kind.PING)
+                if not self.session.alive:
+                    raise ConnectionError(f"host {self.session.name} was lost during a "
+                                          "download")
+                self._answered.wait(1.0)
             return self._answers.pop(digest)
 
     def on_fetched(self, answer: FetchedMeta) -> None:
