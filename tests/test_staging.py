@@ -4,6 +4,7 @@ loopback sshd hosts (``loopback_ec2``)."""
 
 from __future__ import annotations
 
+import datetime
 import getpass
 import sys
 import warnings
@@ -96,6 +97,23 @@ def test_one_object_for_three_hosts_leaves_the_client_once(s3, api_calls, loopba
         assert all(h.uploads.bytes_sent == 0 for h in _cluster(settings).hosts)
     finally:
         registry.close_all()
+
+
+def test_an_object_staged_long_ago_is_renewed_when_used_again(s3, api_calls, loopback_ec2,
+                                                              X, monkeypatch):
+    from joblib_cloud.providers.aws import bucket as aws_bucket
+
+    settings = _settings(n=2)
+    digest = StoredObject(X).digest
+    try:
+        _run(settings, X)
+        registry.close_all()  # a later program
+        monkeypatch.setattr(aws_bucket, "RENEW_AFTER", datetime.timedelta(seconds=-1))
+        assert _run(settings, X) == _expected(X)
+    finally:
+        registry.close_all()
+    copies = [c for c in api_calls.of("CopyObject") if c.params["Key"] == f"objects/{digest}"]
+    assert len(copies) == 1 and len(_uploads_of(api_calls, digest)) == 1
 
 
 def test_the_bucket_is_private_encrypted_and_expires_staged_objects(s3, loopback_ec2, X):

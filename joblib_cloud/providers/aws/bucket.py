@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import datetime
 import io
+import logging
 import threading
 from collections.abc import Iterator
 from typing import Any
@@ -35,6 +36,7 @@ TAG = {"Key": "joblib-cloud:bucket", "Value": "staging"}
 PART_SIZE = 16 * 2**20
 CONCURRENCY = 8
 
+log = logging.getLogger("joblib_cloud")
 _buckets: dict[str, Bucket] = {}
 _lock = threading.Lock()
 
@@ -181,12 +183,22 @@ class Bucket:
         return self.head(key) is not None
 
     def renew_if_old(self, key: str, head: dict[str, Any]) -> None:
-        """Restart the expiry of an object in use, by copying it onto itself."""
+        """Restart the expiry of an object in use, by copying it onto itself (a managed
+        copy: objects over 5 GB are copied in parts).  Failing that, the object is used
+        as it is: it may only expire sooner."""
         modified = head.get("LastModified")
-        if modified is not None and (datetime.datetime.now(datetime.timezone.utc) - modified
-                                     > RENEW_AFTER):
-            call(self.client.copy_object, "renew a staged object", Bucket=self.name, Key=key,
-                 CopySource={"Bucket": self.name, "Key": key}, MetadataDirective="REPLACE")
+        if modified is None or (datetime.datetime.now(datetime.timezone.utc) - modified
+                                <= RENEW_AFTER):
+            return
+        from boto3.s3.transfer import TransferConfig
+
+        try:  # one CopyObject up to its 5 GB limit
+            self.client.copy({"Bucket": self.name, "Key": key}, self.name, key,
+                             ExtraArgs={"MetadataDirective": "REPLACE"},
+                             Config=TransferConfig(multipart_threshold=5 * 2**30))
+        except Exception as exc:  # noqa: BLE001 - renewing is a nicety
+            log.warning("could not renew s3://%s/%s (%s); it expires %d days after it was "
+                        "uploaded", self.name, key, exc, OBJECT_DAYS)
 
     def upload(self, key: str, segments: list[bytes | memoryview]) -> None:
         """Managed multipart upload (parallel parts) straight from memory."""
