@@ -107,3 +107,31 @@ def test_run_n2_on_aws_keeps_the_other_machine_awake_while_the_job_runs(
         from joblib_cloud.client import registry
 
         registry.close_all()
+
+
+def test_a_machine_that_answered_first_is_kept_awake_while_the_others_boot(fresh_fleet):
+    """run -n N waits for every machine: the one that answers first has its idle timer
+    started again while a slower one boots, not only once."""
+    import threading
+    import time
+
+    from joblib_cloud.client.hosts import parse_host
+    from joblib_cloud.jobs import siblings
+
+    early, late = fresh_fleet.hosts[1], fresh_fleet.hosts[2]
+    late.kill()
+    targets = [provisioner.HostTarget(h.spec, parse_host(h.spec),
+                                      str(fresh_fleet.client_key),
+                                      str(fresh_fleet.known_hosts))
+               for h in fresh_fleet.hosts]
+    fleet = provisioner.Fleet(targets, connect_timeout=30)
+    boot = threading.Timer(4.0, late.start)  # the slow machine's sshd comes up at 4 s
+    began = time.time()
+    boot.start()
+    try:
+        siblings.wait_for_siblings(fleet, every=1.0)
+    finally:
+        boot.join()
+    touched = (early.home / "activity").stat().st_mtime
+    assert touched >= began + 3  # touched again while the late one booted
+    assert (late.home / "activity").exists()

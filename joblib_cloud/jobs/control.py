@@ -79,8 +79,8 @@ def open_target(config: CloudConfig, progress: Progress
     spec = target.spec
     progress.update(f"connecting to {spec.name}")
     # aws, run -n N: the other machines are waited for meanwhile (siblings.py)
-    others = (siblings.start_waiting(fleet) if config.provider == "aws"
-              and len(fleet.hosts) > 1 else None)
+    others = (siblings.start_waiting(fleet, siblings.keepalive(config))
+              if config.provider == "aws" and len(fleet.hosts) > 1 else None)
     try:
         connection = SSHConnection(spec, key_path=target.ssh_key,
                                    known_hosts=target.known_hosts,

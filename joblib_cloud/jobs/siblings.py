@@ -22,7 +22,7 @@ import importlib.metadata
 import shlex
 import threading
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, wait
 from pathlib import Path
 from typing import Any
 
@@ -144,12 +144,16 @@ def touch(connection: Any) -> None:
         channel.close()
 
 
-def wait_for_siblings(fleet: provisioner.Fleet) -> None:
+def wait_for_siblings(fleet: provisioner.Fleet, every: float) -> None:
     """Every machine but the job's own accepts SSH (they may still be booting); each gets
     what :meth:`Fleet.ready` does once it answered (aws: the metadata endpoint that served
     its user-data closes), as the backend's own connect would do, and its idle timer
-    starts again, so a machine that booted first does not stop while the others boot."""
+    starts again, every ``every`` seconds until the last one answered: a machine that
+    booted first must not stop while the others boot."""
     from ..client.ssh import SSHConnection
+
+    reached: list[SSHConnection] = []
+    lock = threading.Lock()
 
     def reach(host: provisioner.HostTarget) -> None:
         connection = SSHConnection(host.spec, key_path=host.ssh_key,
@@ -159,27 +163,41 @@ def wait_for_siblings(fleet: provisioner.Fleet) -> None:
                                    timeout_advice=host.timeout_advice)
         try:
             touch(connection)
-        finally:
+        except BaseException:
             connection.close()
+            raise
+        with lock:
+            reached.append(connection)
         fleet.ready(host)
 
-    with ThreadPoolExecutor(max(len(fleet.hosts) - 1, 1)) as pool:
-        for future in [pool.submit(reach, host) for host in fleet.hosts[1:]]:
-            future.result()
+    try:
+        with ThreadPoolExecutor(max(len(fleet.hosts) - 1, 1)) as pool:
+            pending = {pool.submit(reach, host) for host in fleet.hosts[1:]}
+            while pending:
+                done, pending = wait(pending, timeout=every)
+                for future in done:
+                    future.result()
+                if pending:
+                    with lock:
+                        for connection in reached:
+                            touch(connection)
+    finally:
+        for connection in reached:
+            connection.close()
 
 
-def start_waiting(fleet: provisioner.Fleet) -> Callable[[], None]:
+def start_waiting(fleet: provisioner.Fleet, every: float) -> Callable[[], None]:
     """:func:`wait_for_siblings` in the background (while the job's own machine is
     reached); the function returned waits for it and raises what it raised."""
     failure: list[BaseException] = []
 
-    def wait() -> None:
+    def run() -> None:
         try:
-            wait_for_siblings(fleet)
+            wait_for_siblings(fleet, every)
         except BaseException as exc:  # noqa: BLE001 - raised in the caller's thread
             failure.append(exc)
 
-    thread = threading.Thread(target=wait, daemon=True, name="siblings")
+    thread = threading.Thread(target=run, daemon=True, name="siblings")
     thread.start()
 
     def join() -> None:
