@@ -90,7 +90,7 @@ def open_target(config: CloudConfig, progress: Progress
                                    timeout_advice=target.timeout_advice)
         try:
             if others is not None:
-                others()
+                others(lambda: siblings.touch(connection))
         except BaseException:
             connection.close()
             raise

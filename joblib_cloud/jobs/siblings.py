@@ -21,6 +21,7 @@ import dataclasses
 import importlib.metadata
 import shlex
 import threading
+import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor, wait
 from pathlib import Path
@@ -186,9 +187,11 @@ def wait_for_siblings(fleet: provisioner.Fleet, every: float) -> None:
             connection.close()
 
 
-def start_waiting(fleet: provisioner.Fleet, every: float) -> Callable[[], None]:
+def start_waiting(fleet: provisioner.Fleet, every: float
+                  ) -> Callable[[Callable[[], None]], None]:
     """:func:`wait_for_siblings` in the background (while the job's own machine is
-    reached); the function returned waits for it and raises what it raised."""
+    reached); the function returned waits for it, calling ``tick`` every ``every`` seconds
+    meanwhile (the job's machine must not idle out either), and raises what it raised."""
     failure: list[BaseException] = []
 
     def run() -> None:
@@ -200,9 +203,13 @@ def start_waiting(fleet: provisioner.Fleet, every: float) -> Callable[[], None]:
     thread = threading.Thread(target=run, daemon=True, name="siblings")
     thread.start()
 
-    def join() -> None:
+    def join(tick: Callable[[], None]) -> None:
+        due = time.monotonic() + every
         while thread.is_alive():
             thread.join(0.2)
+            if time.monotonic() >= due:
+                tick()
+                due = time.monotonic() + every
         if failure:
             raise failure[0]
 
