@@ -44,13 +44,16 @@ class Staging:
     def __init__(self, store: ObjectStoreAccess, mode: str = "auto") -> None:
         self.store = store
         self.mode = mode
-        self.where = store.where
         self.link = LinkRates()
         self.failed: str | None = None
         self.bytes_staged = 0
         self._urls: dict[str, tuple[str, float]] = {}
         self._locks: dict[str, threading.Lock] = {}
         self._lock = threading.Lock()
+
+    @property
+    def where(self) -> str:
+        return self.store.where
 
     def worth_it(self, stored: StoredObject, hosts_without: int) -> bool:
         """Whether the hosts should fetch ``stored`` from the store rather than get it over
