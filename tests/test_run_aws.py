@@ -10,6 +10,7 @@ import json
 import sys
 import textwrap
 
+import pytest
 from awsmock import (  # noqa: F401  (fixtures)
     CIDR,
     REGION,
@@ -30,83 +31,77 @@ print(json.dumps({"key": key, "mode": stat.S_IMODE(os.stat(key).st_mode),
 """
 
 
-def test_run_n2_on_aws_spans_both_machines_with_the_cluster_key(aws, loopback_ec2, tmp_path,
-                                                                monkeypatch, capfd):
+@pytest.fixture
+def project(loopback_ec2, tmp_path, monkeypatch):
+    """A project directory to run from; siblings reached at this test's own hosts."""
     hosts = loopback_ec2
     provisioner.set_sibling_hook(lambda inst: (hosts[inst["InstanceId"]].address,
                                                hosts[inst["InstanceId"]].port))
-    try:
-        project = tmp_path / "project"
-        project.mkdir()
-        (project / "spread.py").write_text(textwrap.dedent(SPREAD_JOB))
-        (project / "keycheck.py").write_text(textwrap.dedent(KEY_CHECK))
-        marks = tmp_path / "marks"
-        marks.mkdir()
-        monkeypatch.chdir(project)
-        for name, value in {"REGION": REGION, "INGRESS_CIDR": CIDR,
-                            "USER": getpass.getuser(), "PYTHON": sys.executable,
-                            "WORKERS_PER_HOST": "1"}.items():
-            monkeypatch.setenv(f"JOBLIB_CLOUD_{name}", value)
-        args = ["run", "--provider", "aws", "-i", "C2", "-n", "2", "--cluster", "sib", "--"]
-        code = cli.main([*args, "python", "spread.py", str(marks)])
-        out, err = capfd.readouterr()
-        assert code == 0, err
-        info = json.loads(out.strip().splitlines()[-1])
-        assert info["homes"] == sorted(str(h.home) for h in hosts.values())
-        assert info["provider"] == "ssh" and info["n_jobs"] == 2
-        # The cluster's own key (never the user's), private, only while the job runs.
-        assert cli.main([*args, "python", "keycheck.py"]) == 0
-        out, err = capfd.readouterr()
-        key = json.loads(out.strip().splitlines()[-1])
-        cluster_key = (tmp_path / "home" / "aws" / REGION / "sib" / "id_ed25519").read_text()
-        assert key["text"] == cluster_key and key["mode"] == 0o600
-        first = next(h for h in hosts.values() if key["key"].startswith(str(h.home)))
-        assert not list((first.home / "jobs").glob("*/cloud"))
-        # The security group: port 22 from its own members, and the client's address.
-        (group,) = aws.describe_security_groups(
-            Filters=[{"Name": "group-name", "Values": ["joblib-cloud-sib"]}])["SecurityGroups"]
-        rules = [(p["FromPort"], p["ToPort"], [g["GroupId"] for g in p["UserIdGroupPairs"]],
-                  [r["CidrIp"] for r in p["IpRanges"]]) for p in group["IpPermissions"]]
-        assert sorted(rules) == sorted([(22, 22, [], [CIDR]),
-                                        (22, 22, [group["GroupId"]], [])]) or \
-            rules == [(22, 22, [group["GroupId"]], [CIDR])]
-        assert all(g.get("Description") == network.SIBLING_RULE
-                   for p in group["IpPermissions"] for g in p["UserIdGroupPairs"])
-    finally:
-        provisioner.set_sibling_hook(None)
-        from joblib_cloud.client import registry
+    project = tmp_path / "project"
+    project.mkdir()
+    monkeypatch.chdir(project)
+    yield project
+    provisioner.set_sibling_hook(None)
+    from joblib_cloud.client import registry
 
-        registry.close_all()
+    registry.close_all()
+
+
+def test_run_n2_on_aws_spans_both_machines_with_the_cluster_key(aws, loopback_ec2, project,
+                                                                tmp_path, monkeypatch, capfd):
+    hosts = loopback_ec2
+    (project / "spread.py").write_text(textwrap.dedent(SPREAD_JOB))
+    (project / "keycheck.py").write_text(textwrap.dedent(KEY_CHECK))
+    marks = tmp_path / "marks"
+    marks.mkdir()
+    for name, value in {"REGION": REGION, "INGRESS_CIDR": CIDR,
+                        "USER": getpass.getuser(), "PYTHON": sys.executable,
+                        "WORKERS_PER_HOST": "1"}.items():
+        monkeypatch.setenv(f"JOBLIB_CLOUD_{name}", value)
+    args = ["run", "--provider", "aws", "-i", "C2", "-n", "2", "--cluster", "sib", "--"]
+    code = cli.main([*args, "python", "spread.py", str(marks)])
+    out, err = capfd.readouterr()
+    assert code == 0, err
+    info = json.loads(out.strip().splitlines()[-1])
+    assert info["homes"] == sorted(str(h.home) for h in hosts.values())
+    assert info["provider"] == "ssh" and info["n_jobs"] == 2
+    # The cluster's own key (never the user's), private, only while the job runs.
+    assert cli.main([*args, "python", "keycheck.py"]) == 0
+    out, err = capfd.readouterr()
+    key = json.loads(out.strip().splitlines()[-1])
+    cluster_key = (tmp_path / "home" / "aws" / REGION / "sib" / "id_ed25519").read_text()
+    assert key["text"] == cluster_key and key["mode"] == 0o600
+    first = next(h for h in hosts.values() if key["key"].startswith(str(h.home)))
+    assert not list((first.home / "jobs").glob("*/cloud"))
+    # The security group: port 22 from its own members, and the client's address.
+    (group,) = aws.describe_security_groups(
+        Filters=[{"Name": "group-name", "Values": ["joblib-cloud-sib"]}])["SecurityGroups"]
+    rules = [(p["FromPort"], p["ToPort"], [g["GroupId"] for g in p["UserIdGroupPairs"]],
+              [r["CidrIp"] for r in p["IpRanges"]]) for p in group["IpPermissions"]]
+    assert sorted(rules) == sorted([(22, 22, [], [CIDR]),
+                                    (22, 22, [group["GroupId"]], [])]) or \
+        rules == [(22, 22, [group["GroupId"]], [CIDR])]
+    assert all(g.get("Description") == network.SIBLING_RULE
+               for p in group["IpPermissions"] for g in p["UserIdGroupPairs"])
 
 
 def test_run_n2_on_aws_keeps_the_other_machine_awake_while_the_job_runs(
-        aws, loopback_ec2, tmp_path, monkeypatch, capfd):
+        aws, loopback_ec2, project, monkeypatch, capfd):
     """The other machine's kill switch knows nothing of a job on the first: its idle
     timer is started again while the job runs (every idle_timeout / 3)."""
     hosts = loopback_ec2
-    provisioner.set_sibling_hook(lambda inst: (hosts[inst["InstanceId"]].address,
-                                               hosts[inst["InstanceId"]].port))
-    try:
-        project = tmp_path / "project"
-        project.mkdir()
-        monkeypatch.chdir(project)
-        for name, value in {"REGION": REGION, "INGRESS_CIDR": CIDR, "IDLE_TIMEOUT": "15",
-                            "USER": getpass.getuser(), "PYTHON": sys.executable}.items():
-            monkeypatch.setenv(f"JOBLIB_CLOUD_{name}", value)
-        code = cli.main(["run", "--provider", "aws", "-i", "C2", "-n", "2", "--cluster",
-                         "awake", "--", "python", "-c", "import time; time.sleep(12)"])
-        assert code == 0, capfd.readouterr().err
-        (job_host,) = [h for h in hosts.values() if (h.home / "jobs").exists()]
-        (other,) = [h for h in hosts.values() if h is not job_host]
-        (job,) = (job_host.home / "jobs").iterdir()
-        started = json.loads((job / "command.json").read_text())["started"]
-        # Touched while the job ran, not only when the client first reached it.
-        assert (other.home / "activity").stat().st_mtime >= started + 4
-    finally:
-        provisioner.set_sibling_hook(None)
-        from joblib_cloud.client import registry
-
-        registry.close_all()
+    for name, value in {"REGION": REGION, "INGRESS_CIDR": CIDR, "IDLE_TIMEOUT": "15",
+                        "USER": getpass.getuser(), "PYTHON": sys.executable}.items():
+        monkeypatch.setenv(f"JOBLIB_CLOUD_{name}", value)
+    code = cli.main(["run", "--provider", "aws", "-i", "C2", "-n", "2", "--cluster",
+                     "awake", "--", "python", "-c", "import time; time.sleep(12)"])
+    assert code == 0, capfd.readouterr().err
+    (job_host,) = [h for h in hosts.values() if (h.home / "jobs").exists()]
+    (other,) = [h for h in hosts.values() if h is not job_host]
+    (job,) = (job_host.home / "jobs").iterdir()
+    started = json.loads((job / "command.json").read_text())["started"]
+    # Touched while the job ran, not only when the client first reached it.
+    assert (other.home / "activity").stat().st_mtime >= started + 4
 
 
 def test_a_machine_that_answered_first_is_kept_awake_while_the_others_boot(fresh_fleet):
