@@ -43,14 +43,9 @@ def region_of(config: CloudConfig) -> str:
 
 def objects(bucket: Bucket, prefix: str) -> dict[str, dict[str, Any]]:
     """Relative key -> {etag, size, mtime} under ``prefix``."""
-    found = {}
-    for page in bucket.client.get_paginator("list_objects_v2").paginate(
-            Bucket=bucket.name, Prefix=prefix):
-        for item in page.get("Contents") or ():
-            found[item["Key"][len(prefix):]] = {
-                "etag": item["ETag"], "size": item["Size"],
-                "mtime": item["LastModified"].timestamp()}
-    return found
+    return {item["Key"][len(prefix):]: {"etag": item["ETag"], "size": item["Size"],
+                                        "mtime": item["LastModified"].timestamp()}
+            for item in bucket.listing(prefix)}
 
 
 def start_options(region: str, job_id: str, cluster: str, lifetime: float,

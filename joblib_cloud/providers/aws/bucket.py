@@ -226,11 +226,14 @@ class Bucket:
             self.name, prefix + "${filename}", Conditions=[["starts-with", "$key", prefix]],
             ExpiresIn=int(expires))
 
-    def keys(self, prefix: str) -> Iterator[str]:
+    def listing(self, prefix: str) -> Iterator[dict[str, Any]]:
+        """Every object under ``prefix``, as ListObjectsV2 describes it (all pages)."""
         for page in self.client.get_paginator("list_objects_v2").paginate(
                 Bucket=self.name, Prefix=prefix):
-            for item in page.get("Contents") or ():
-                yield item["Key"]
+            yield from page.get("Contents") or ()
+
+    def keys(self, prefix: str) -> Iterator[str]:
+        return (item["Key"] for item in self.listing(prefix))
 
     def delete_keys(self, keys: list[str]) -> None:
         for start in range(0, len(keys), 1000):
