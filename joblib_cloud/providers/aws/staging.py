@@ -41,7 +41,8 @@ class S3Objects:
         key = OBJECTS + digest
         # A small object is put again rather than looked for: one round trip, not two.
         head = bucket.head(key) if nbytes >= LOOK_FIRST else None
-        if head is None or head.get("ContentLength") != nbytes:
+        upload = head is None or head.get("ContentLength") != nbytes
+        if upload:
             bucket.upload(key, segments)
         else:
             bucket.renew_if_old(key, head)
@@ -50,18 +51,15 @@ class S3Objects:
             self._marked.add(digest)
         if mark:
             bucket.put_empty(marker_prefix(self.cluster) + digest)
-        return head is None or head.get("ContentLength") != nbytes
+        return upload
 
     def url(self, digest: str, expires: float) -> str:
         return self._bucket().presign_get(OBJECTS + digest, expires)
 
 
-def remove_cluster_objects(bucket: Bucket, cluster: str) -> int:
-    """Delete the objects ``cluster`` staged, and its markers; how many objects went."""
-    markers = list(bucket.keys(marker_prefix(cluster)))
-    digests = [key.rsplit("/", 1)[1] for key in markers]
-    bucket.delete_keys([OBJECTS + d for d in digests] + markers)
-    return len(digests)
+def remove_cluster_objects(bucket: Bucket, markers: list[str]) -> None:
+    """Delete the objects a cluster's ``markers`` name, and the markers."""
+    bucket.delete_keys([OBJECTS + key.rsplit("/", 1)[1] for key in markers] + markers)
 
 
 def sweep(region: str, cluster: str | None, dry_run: bool, out: Callable[[str], None]
@@ -83,11 +81,11 @@ def sweep(region: str, cluster: str | None, dry_run: bool, out: Callable[[str], 
             out(f"{region}: {verb}delete S3 bucket {bucket.name} and everything in it")
             if not dry_run:
                 bucket.delete_bucket()
-        elif any(True for _ in bucket.keys(marker_prefix(cluster))):
-            out(f"{region}: {verb}delete the objects cluster {cluster!r} staged in "
-                f"s3://{bucket.name}")
+        elif markers := list(bucket.keys(marker_prefix(cluster))):
+            out(f"{region}: {verb}delete the {len(markers)} objects cluster {cluster!r} "
+                f"staged in s3://{bucket.name}")
             if not dry_run:
-                remove_cluster_objects(bucket, cluster)
+                remove_cluster_objects(bucket, markers)
     except Exception as exc:  # noqa: BLE001 - report; down exits 1
         out(f"{region}: ERROR: could not clean S3 bucket {bucket.name}: {exc}")
         return False
