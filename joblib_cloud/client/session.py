@@ -175,6 +175,11 @@ class HostSession:
                              name=f"joblib-cloud-read-{self.name}").start()
 
     @property
+    def ping_every(self) -> float:
+        """Seconds between the client's pings when it has nothing else to send."""
+        return max(self.cluster.config.heartbeat_timeout / 5, 0.2)
+
+    @property
     def capacity(self) -> int:
         """Batches in flight: two per worker, so a worker never waits for the wire."""
         return 2 * self.workers
@@ -193,7 +198,7 @@ class HostSession:
 
     def _send_loop(self) -> None:
         cluster = self.cluster
-        ping_every = max(cluster.config.heartbeat_timeout / 5, 0.2)
+        ping_every = self.ping_every
         while True:
             item: tuple[str, Any]
             with cluster.lock:

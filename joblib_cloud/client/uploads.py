@@ -109,13 +109,12 @@ class HostUploads:
         meanwhile, from this thread, which holds the writer: its agent stops when the
         client is silent for ``heartbeat_timeout``."""
         session = self.session
-        ping_every = max(session.cluster.config.heartbeat_timeout / 5, 0.2)
         pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="joblib-cloud-stage")
         future = pool.submit(work)
         pool.shutdown(wait=False)
         while True:
             try:
-                return future.result(timeout=ping_every)
+                return future.result(timeout=session.ping_every)
             except concurrent.futures.TimeoutError:
                 if not session.alive:
                     raise ConnectionError(f"host {session.name} was lost") from None
