@@ -67,8 +67,9 @@ def _helper(host: str, config: CloudConfig, args: list[str], stdin: bytes = b"")
     return result.stdout
 
 
-def _each(config: CloudConfig, fn) -> list[str]:  # noqa: ANN001
-    """``fn(host)`` on every machine but this one (the first): the failures."""
+def _on_others(config: CloudConfig, fn, failed: str = "") -> bool:  # noqa: ANN001
+    """``fn(host)`` on every machine but this one (the first); False, after printing
+    ``failed`` and each failing host's reason, when any failed."""
     def attempt(host: str) -> str | None:
         try:
             fn(host)
@@ -78,7 +79,10 @@ def _each(config: CloudConfig, fn) -> list[str]:  # noqa: ANN001
 
     others = config.hosts[1:]
     with ThreadPoolExecutor(max(len(others), 1)) as pool:
-        return [f for f in pool.map(attempt, others) if f]
+        failures = [f for f in pool.map(attempt, others) if f]
+    if failures:
+        print(failed + " | ".join(failures), file=sys.stderr)
+    return not failures
 
 
 def start(config: CloudConfig) -> int:
@@ -98,10 +102,9 @@ def start(config: CloudConfig) -> int:
     if shared:
         archive = _pack(shared)
         args = ["shared-replace", config.cluster, os.environ["JOBLIB_CLOUD_JOB_ID"]]
-        failures = _each(config, lambda host: _helper(host, config, args, archive))
-        if failures:
-            print("copying the shared directory to the cluster's other machines failed, so "
-                  "the job was not started: " + " | ".join(failures), file=sys.stderr)
+        if not _on_others(config, lambda host: _helper(host, config, args, archive),
+                          "copying the shared directory to the cluster's other machines "
+                          "failed, so the job was not started: "):
             return 1
     return 0
 
@@ -113,12 +116,10 @@ def end(config: CloudConfig) -> int:
     from .outputs import unpack
 
     args = ["shared-changed", config.cluster, os.environ["JOBLIB_CLOUD_JOB_ID"]]
-    failures = _each(config, lambda host: unpack(_helper(host, config, args), Path(shared)))
-    if failures:
-        print("bringing back what tasks wrote to the shared directory on the other "
-              "machines failed: " + " | ".join(failures), file=sys.stderr)
-        return 1
-    return 0
+    return 0 if _on_others(config,
+                           lambda host: unpack(_helper(host, config, args), Path(shared)),
+                           "bringing back what tasks wrote to the shared directory on the "
+                           "other machines failed: ") else 1
 
 
 def keep(config: CloudConfig) -> int:
@@ -132,10 +133,7 @@ def keep(config: CloudConfig) -> int:
         finally:
             connection.close()
 
-    failures = _each(config, one)
-    if failures:
-        print(" | ".join(failures), file=sys.stderr)
-    return 1 if failures else 0
+    return 0 if _on_others(config, one) else 1
 
 
 def main(argv: list[str]) -> int:
