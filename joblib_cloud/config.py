@@ -18,11 +18,6 @@ from typing import Any
 
 from .wire import contract
 
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover - exercised on 3.10 only
-    import tomli as tomllib
-
 ENV_PREFIX = "JOBLIB_CLOUD_"
 #: ``connect_timeout`` when not set, except on aws (where a VM may take minutes to boot).
 DEFAULT_CONNECT_TIMEOUT = 60.0
@@ -173,9 +168,25 @@ def config_file_path() -> Path:
     return Path(explicit) if explicit else home_dir() / "config.toml"
 
 
+def _toml_module() -> Any:
+    """``tomllib`` (3.11+) or the ``tomli`` backport, imported only when a config file
+    is read: hosts import this module too (the agent's package) and have neither."""
+    if sys.version_info >= (3, 11):
+        import tomllib
+
+        return tomllib
+    try:
+        import tomli
+    except ModuleNotFoundError:
+        raise ValueError("reading a config file on Python 3.10 needs the 'tomli' package: "
+                         "pip install tomli (joblib-cloud's own install brings it)") from None
+    return tomli
+
+
 def _read_config_file(path: Path) -> dict[str, Any]:
     if not path.is_file():
         return {}
+    tomllib = _toml_module()
     try:
         with path.open("rb") as fh:
             data = tomllib.load(fh)

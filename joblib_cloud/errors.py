@@ -62,3 +62,4 @@ class RemoteTraceback(Exception):
 
 class BudgetExceededError(JoblibCloudError):
     """A cluster reached its ``budget=``: its machines were told to stop."""
+

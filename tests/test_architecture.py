@@ -19,46 +19,147 @@ PACKAGE = Path(provisioner.__file__).parent
 HOST_CODE = [PACKAGE / "worker.py", PACKAGE / "errors.py", *sorted((PACKAGE / "host").glob(
     "*.py")), *sorted((PACKAGE / "wire").glob("*.py"))]
 #: Run as standalone scripts on hosts (before any Python environment exists, for two).
-STANDALONE = [PACKAGE / "host" / name for name in ("watchdog.py", "jobhost.py", "fetch_uv.py")]
+STANDALONE = [*(PACKAGE / "host" / name for name in ("watchdog.py", "jobhost.py", "fetch_uv.py")),
+              PACKAGE / "wire" / "archive.py"]
 #: Imports inside functions, only on the path that needs them: numpy when a batch carries
 #: a view of a cached array (the data itself needs numpy), threadpoolctl when a caller
 #: caps a task's inner threads (``inner_max_num_threads``: scikit-learn brings it).
 LAZY_ALLOWED = {"numpy", "threadpoolctl"}
 
 
-def _imports(path: Path) -> list[tuple[str, bool]]:
-    """(absolute module, imported at module level) for every import of ``path``."""
-    package = ".".join(path.relative_to(PACKAGE.parent).with_suffix("").parts[:-1])
-    tree = ast.parse(path.read_text())
-    top = {id(node) for node in tree.body}
-    found = []
-    for node in ast.walk(tree):
+def _module_name(path: Path) -> str:
+    parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def _module_path(module: str) -> Path | None:
+    """The file of a ``joblib_cloud`` module, or None for anything else."""
+    if module.split(".")[0] != PACKAGE.name:
+        return None
+    base = PACKAGE.parent.joinpath(*module.split("."))
+    for candidate in (base.with_suffix(".py"), base / "__init__.py"):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def _guarded(handlers: list[ast.ExceptHandler]) -> bool:
+    """An ``except`` that catches a failed import (the code copes without the module)."""
+    names = {"ImportError", "ModuleNotFoundError", "Exception"}
+    for handler in handlers:
+        kinds = handler.type.elts if isinstance(handler.type, ast.Tuple) else [handler.type]
+        if handler.type is None or any(isinstance(k, ast.Name) and k.id in names
+                                       for k in kinds):
+            return True
+    return False
+
+
+def _imports(path: Path, package: str | None = None) -> list[tuple[str, bool]]:
+    """(absolute module, runs when the module is imported) for every import of ``path``.
+
+    An import runs at import time unless it sits in a function, under ``if
+    TYPE_CHECKING:``, or in a ``try`` that catches its failure; imports under other
+    module-level ``if``s (a version check) do run on some Python, so they count."""
+    if package is None:
+        package = _module_name(path) if path.name == "__init__.py" else \
+            _module_name(path).rpartition(".")[0]
+    found: list[tuple[str, bool]] = []
+
+    def visit(node: ast.AST, eager: bool) -> None:
         if isinstance(node, ast.Import):
-            found += [(alias.name, id(node) in top) for alias in node.names]
+            found.extend((alias.name, eager) for alias in node.names)
         elif isinstance(node, ast.ImportFrom):
             if node.level:
                 base = package.split(".")[: len(package.split(".")) - node.level + 1]
                 module = ".".join(base + ([node.module] if node.module else []))
+                # "from . import x" may name a submodule
+                found.extend((f"{module}.{a.name}", eager) for a in node.names
+                             if _module_path(f"{module}.{a.name}"))
             else:
                 module = node.module or ""
-            found.append((module, id(node) in top))
+            found.append((module, eager))
+        for field, value in ast.iter_fields(node):
+            children = value if isinstance(value, list) else [value]
+            for child in children:
+                if not isinstance(child, ast.AST):
+                    continue
+                inner = eager
+                if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda)):
+                    inner = False
+                elif isinstance(node, ast.If) and field == "body" and \
+                        "TYPE_CHECKING" in ast.unparse(node.test):
+                    inner = False
+                elif isinstance(node, ast.Try) and field == "body" and _guarded(node.handlers):
+                    inner = False
+                visit(child, inner)
+
+    visit(ast.parse(path.read_text()), True)
     return found
+
+
+def _bootstrap_closure() -> list[Path]:
+    """Every module of the package that starting the agent imports: the bootstrap's own
+    import, each package ``__init__`` on the way, and whatever those import at import time,
+    followed to the end (what the host's Python really loads, however the tree changes)."""
+    from joblib_cloud.client.streams import BOOTSTRAP
+
+    roots = [line.split()[1] for line in BOOTSTRAP.splitlines()
+             if line.startswith("from ") and line.split()[1].startswith(PACKAGE.name)]
+    # A worker also imports what a batch references: everything that runs on hosts.
+    roots += [_module_name(p) for p in HOST_CODE]
+    seen: dict[str, Path] = {}
+    todo = list(roots)
+    while todo:
+        module = todo.pop()
+        parts = module.split(".")
+        for i in range(1, len(parts) + 1):  # importing a.b.c imports a and a.b first
+            name = ".".join(parts[:i])
+            path = _module_path(name)
+            if path is None or name in seen:
+                continue
+            seen[name] = path
+            todo += [m for m, eager in _imports(path) if eager]
+    return sorted(set(seen.values()))
 
 
 def _allowed_on_hosts(module: str) -> bool:
     top = module.split(".")[0]
-    if top in sys.stdlib_module_names or top in ("__future__", "joblib", "cloudpickle"):
-        return True
-    return module.startswith(("joblib_cloud.host", "joblib_cloud.wire",
-                              "joblib_cloud.errors", "joblib_cloud.worker"))
+    return top in sys.stdlib_module_names or top in ("__future__", "joblib", "cloudpickle",
+                                                     PACKAGE.name)
+
+
+def test_the_bootstrap_closure_is_found():
+    names = {p.relative_to(PACKAGE).as_posix() for p in _bootstrap_closure()}
+    # The package's __init__ runs first, and it loads the backend and its settings.
+    assert {"__init__.py", "worker.py", "backend.py", "config.py"} <= names
+
+
+@pytest.mark.parametrize("path", _bootstrap_closure(),
+                         ids=lambda p: p.relative_to(PACKAGE).as_posix())
+def test_what_the_agent_imports_needs_only_the_standard_library_joblib_and_cloudpickle(path):
+    bad = [module for module, eager in _imports(path)
+           if eager and not _allowed_on_hosts(module)]
+    assert not bad, f"{path.name} is imported on hosts, yet imports what a host lacks: {bad}"
 
 
 @pytest.mark.parametrize("path", HOST_CODE, ids=lambda p: p.relative_to(PACKAGE).as_posix())
 def test_host_code_imports_only_the_standard_library_joblib_and_cloudpickle(path):
-    bad = [(module, level) for module, level in _imports(path)
+    """Host code's imports inside functions too: only the lazy ones a batch brings."""
+    bad = [module for module, eager in _imports(path)
            if not _allowed_on_hosts(module)
-           and not (not level and module.split(".")[0] in LAZY_ALLOWED)]
+           and not (not eager and module.split(".")[0] in LAZY_ALLOWED)]
     assert not bad, f"{path.name} imports what a host may lack: {bad}"
+
+
+def test_the_old_rule_would_have_missed_a_version_dependent_import(tmp_path):
+    """A module-level ``if`` (``tomli`` on 3.10 only) counts as imported at start-up."""
+    sample = PACKAGE / "config.py"
+    assert all(m != "tomli" or not eager for m, eager in _imports(sample))
+    probe = tmp_path / "probe.py"
+    probe.write_text("import sys\nif sys.version_info < (3, 11):\n    import tomli\n"
+                     "def f():\n    import paramiko\n")
+    assert _imports(probe, PACKAGE.name) == [("sys", True), ("tomli", True),
+                                             ("paramiko", False)]
 
 
 @pytest.mark.parametrize("path", STANDALONE, ids=lambda p: p.name)

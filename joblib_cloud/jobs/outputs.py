@@ -15,6 +15,7 @@ import sys
 import tarfile
 from pathlib import Path
 
+from ..wire.archive import extract
 from .targets import Target
 from .workspace import human
 
@@ -28,11 +29,8 @@ def default_into(job_id: str) -> Path:
 
 def unpack(archive: bytes, into: Path) -> list[str]:
     """Regular files and directories only, nothing outside ``into``: the names."""
-    into.mkdir(parents=True, exist_ok=True)
     with tarfile.open(fileobj=io.BytesIO(archive), mode="r:gz") as tar:
-        members = [m for m in tar.getmembers() if m.isfile() or m.isdir()]
-        tar.extractall(into, members=members, filter="data")
-    return sorted(m.name for m in members if m.isfile())
+        return sorted(extract(tar, str(into)))
 
 
 def fetch(target: Target, job_id: str, into: Path | None = None, path: str = "",

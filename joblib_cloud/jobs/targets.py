@@ -2,9 +2,9 @@
 SSH connection (``ssh`` and ``aws``): one interface, :class:`Target`, for every provider.
 
 The helper is shipped on every call as source, like the agent's bootstrap: a small
-program loads ``host/jobfiles.py`` (workspace files), ``host/jobstore.py`` (S3 on aws)
-and ``host/jobhost.py`` (process control) as modules and runs the operation, so nothing
-needs installing on the host.
+program loads ``wire/archive.py`` (safe unpacking), ``host/jobfiles.py`` (workspace
+files), ``host/jobstore.py`` (S3 on aws) and ``host/jobhost.py`` (process control) as
+modules and runs the operation, so nothing needs installing on the host.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ import paramiko
 
 from ..client.ssh import MAX_PACKET_SIZE, WINDOW_SIZE, SSHConnection
 from ..host import jobfiles, jobhost, jobstore
+from ..wire import archive
 
 Sink = Callable[[bytes], None]
 
@@ -30,6 +31,7 @@ def _load(name, source):
     sys.modules[name] = module
     exec(compile(source, name + ".py", "exec"), module.__dict__)
     return module
+_load("archive", {archive!r})
 _load("jobfiles", {files!r})
 _load("jobstore", {store!r})
 _load("jobhost", {host!r}).main(sys.argv[1:])
@@ -37,7 +39,8 @@ _load("jobhost", {host!r}).main(sys.argv[1:])
 
 
 def _helper_source() -> str:
-    return _BOOT.format(files=Path(jobfiles.__file__).read_text(),
+    return _BOOT.format(archive=Path(archive.__file__).read_text(),
+                        files=Path(jobfiles.__file__).read_text(),
                         store=Path(jobstore.__file__).read_text(),
                         host=Path(jobhost.__file__).read_text())
 
