@@ -82,3 +82,10 @@ def cloud_kwargs(request, fleet):
     if request.param == "local":
         return {"provider": "local", "n": 2, "workers_per_host": 2}
     return fleet.kwargs(workers_per_host=2)
+
+
+@pytest.fixture(autouse=True)
+def _compat_row(request, record_property):
+    """Tests of the compatibility set say so in the JUnit file (.ci/matrix.py counts them)."""
+    if request.node.get_closest_marker("compat"):
+        record_property("compat", "1")

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import collections
 import pickle
+import re
 import sys
 import threading
 import time
@@ -148,10 +149,16 @@ class HostSession:
         except (EOFError, OSError) as exc:
             time.sleep(0.3)  # let the stderr pump collect the reason
             detail = self._stderr_tail.decode(errors="replace").strip() or str(exc)
+            missing = re.search(r"No module named '([^'.]+)", detail)
+            advice = ("It needs Python with joblib and cloudpickle installed (set python= "
+                      "to the right interpreter).")
+            if missing and missing.group(1) not in ("joblib", "cloudpickle"):
+                advice = (f"The agent needs only joblib and cloudpickle, so needing "
+                          f"{missing.group(1)!r} there is a joblib-cloud bug: please report it "
+                          "with this message.")
             raise HostConnectError(
                 f"the joblib-cloud agent on {self.name} did not start with python="
-                f"{config.python or 'python3'!r}: {detail}. It needs Python with joblib "
-                "and cloudpickle installed (set python= to the right interpreter).") from None
+                f"{config.python or 'python3'!r}: {detail}. {advice}") from None
         if kind != Kind.HELLO or hello.get("protocol") != PROTOCOL_VERSION:
             raise HostConnectError(f"host {self.name} speaks another protocol: {hello!r}")
         self.hello = hello
