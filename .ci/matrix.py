@@ -131,6 +131,8 @@ def main() -> int:
     if args.write:
         write_doc(args.write, counts, seconds)
     failures = sum(c["failed"] for c in counts.values())
+    print(f"matrix: {sum(c['passed'] for c in counts.values())} passed, {failures} failed, "
+          f"{sum(c['skipped'] for c in counts.values())} skipped")
     if failed_runs or failures:
         print(f"matrix: {failures} failed test(s); runs that failed: "
               f"{', '.join(failed_runs) or 'none'}", file=sys.stderr)
