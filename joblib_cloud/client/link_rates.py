@@ -14,6 +14,7 @@ from __future__ import annotations
 import socket
 import statistics
 import struct
+import sys
 import threading
 
 #: Until estimated: a laptop's uplink (100 Mbit/s), an in-region download (100 MB/s).
@@ -30,7 +31,9 @@ _DELIVERY_RATE_OFFSET = 160
 def delivery_rate(sock: object) -> float | None:
     """The kernel's measured delivery rate of a connected TCP socket (Linux), or None."""
     option = getattr(socket, "TCP_INFO", None)
-    if option is None or not isinstance(sock, socket.socket):
+    # The struct's layout (and so the offset) is Linux's: other systems differ or lack it.
+    if option is None or not sys.platform.startswith("linux") or \
+            not isinstance(sock, socket.socket):
         return None
     try:
         info = sock.getsockopt(socket.IPPROTO_TCP, option, 256)

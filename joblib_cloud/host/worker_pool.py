@@ -51,13 +51,13 @@ def write_all(fd: int, parts: list[bytes | memoryview]) -> None:
 def grow_pipe(fd: int, size: int = 1 << 20) -> None:
     """At the default 64 KiB both ends of a pipe wake up every 64 KiB; 1 MiB (the
     unprivileged maximum) made uploads faster in bench/ssh_throughput.py.  Not a pipe,
-    or not allowed: no harm."""
+    not allowed, or not Linux: no harm."""
     try:
         import fcntl
 
         if fcntl.fcntl(fd, fcntl.F_GETPIPE_SZ) < size:
             fcntl.fcntl(fd, fcntl.F_SETPIPE_SZ, size)
-    except (OSError, AttributeError, ValueError):
+    except (OSError, AttributeError, ValueError, ImportError):
         pass
 
 
