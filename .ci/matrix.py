@@ -41,8 +41,11 @@ def client_venv(python: str) -> Path:
     exe = root / "bin" / "python"
     if not (root / ".complete").exists():
         subprocess.run([python, "-m", "venv", "--clear", str(root)], check=True)
-        subprocess.run([str(exe), "-m", "pip", "install", "-q", "--disable-pip-version-check",
-                        "-e", f"{REPO}[test]"], check=True)
+        install = subprocess.run([str(exe), "-m", "pip", "install", "-q",
+                                  "--disable-pip-version-check", "-e", f"{REPO}[test]"],
+                                 capture_output=True, text=True)
+        if install.returncode != 0:
+            sys.exit(f"installing the client into {root} failed:\n{install.stderr[-4000:]}")
         (root / ".complete").write_text(info["version"])
     return exe
 
