@@ -14,6 +14,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import warnings
 from pathlib import Path
 
 import pytest
@@ -211,3 +212,18 @@ def test_settings_come_from_keyword_environment_and_config_file(tmp_path, monkey
     config.write_text("n = [unclosed\n")
     with pytest.raises(ValueError, match="not valid TOML"):
         resolve_config()
+
+
+def test_a_host_without_the_clients_libraries_gives_one_warning(minimal_host,
+                                                                 record_property):
+    python, label = minimal_host
+    record_property("provider", "local")
+    record_property("host", f"venv {label}: joblib, cloudpickle")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with parallel_backend("cloud", provider="local", n=1, workers_per_host=1,
+                              python=python, cluster=f"one-warning-{label.split()[0]}"):
+            assert Parallel()(delayed(abs)(-i) for i in range(3)) == [0, 1, 2]
+    lines = [str(w.message) for w in caught if "lacks" in str(w.message)]
+    assert len(lines) == 1, lines
+    assert "numpy" in lines[0] and "scikit-learn" in lines[0] and "sync_packages" in lines[0]

@@ -67,14 +67,17 @@ def check_versions(host: str, remote: dict[str, str | None]) -> None:
             f"host {host} has cloudpickle {remote.get('cloudpickle')} but this client has "
             f"cloudpickle {local['cloudpickle']}: install cloudpickle=={local['cloudpickle']} "
             "on the host (packages=[...] on aws).")
-    for name, version in local.items():
-        if name in ("python", "cloudpickle") or version is None:
-            continue
-        if remote.get(name) != version:
-            warnings.warn(
-                f"host {host} has {name} {remote.get(name) or '(not installed)'} but this "
-                f"client has {name} {version}; results may differ or tasks may fail.",
-                RuntimeWarning, stacklevel=2)
+    others = [(name, version, remote.get(name)) for name, version in local.items()
+              if name not in ("python", "cloudpickle") and version is not None
+              and remote.get(name) != version]
+    differ = [f"{name} {theirs} (this client: {mine})" for name, mine, theirs in others
+              if theirs]
+    missing = [f"{name} {mine}" for name, mine, theirs in others if not theirs]
+    if differ or missing:  # one line per host, however many packages
+        parts = ([f"has {', '.join(differ)}: results may differ"] if differ else []) + (
+            [f"lacks {', '.join(missing)}: tasks that import them fail there unless "
+             "sync_packages installs them"] if missing else [])
+        warnings.warn(f"host {host} {'; '.join(parts)}.", RuntimeWarning, stacklevel=2)
 
 
 class Writer:
