@@ -61,6 +61,10 @@ class Request:
     bucket: str = ""
     #: The owner the request named (``ExpectedBucketOwner``), if any.
     owner: str | None = None
+    query: str = ""
+    #: A copy's source bucket and the owner named for it.
+    source: str = ""
+    source_owner: str | None = None
 
 
 class S3Double:
@@ -138,13 +142,15 @@ class S3Double:
         request = Request(environ["REQUEST_METHOD"], path.split("/", 2)[-1],
                           environ.get("HTTP_RANGE"), (query.get("X-Amz-Signature") or [None])[0],
                           bucket=path.lstrip("/").split("/", 1)[0],
-                          owner=environ.get("HTTP_X_AMZ_EXPECTED_BUCKET_OWNER"))
+                          owner=environ.get("HTTP_X_AMZ_EXPECTED_BUCKET_OWNER"),
+                          query=environ.get("QUERY_STRING", ""),
+                          source=urllib.parse.unquote(environ.get("HTTP_X_AMZ_COPY_SOURCE", "")
+                                                      ).lstrip("/").split("/", 1)[0],
+                          source_owner=environ.get("HTTP_X_AMZ_SOURCE_EXPECTED_BUCKET_OWNER"))
         with self._lock:
             self.requests.append(request)
-        source = urllib.parse.unquote(environ.get("HTTP_X_AMZ_COPY_SOURCE", "")
-                                      ).lstrip("/").split("/", 1)[0]
-        for bucket, named in ((request.bucket, request.owner), (source, environ.get(
-                "HTTP_X_AMZ_SOURCE_EXPECTED_BUCKET_OWNER"))):
+        for bucket, named in ((request.bucket, request.owner),
+                              (request.source, request.source_owner)):
             if named is not None and named != self.owners.get(bucket, DEFAULT_ACCOUNT_ID):
                 request.status = 403
                 start_response("403 Forbidden", [("Content-Type", "application/xml"),

@@ -110,13 +110,14 @@ fi
 systemctl enable --now docker
 usermod -aG docker {user}
 docker pull {shlex.quote(image)}
-echo "joblib-cloud: image {image} pulled"
+echo joblib-cloud: image {shlex.quote(image)} pulled
 """
 
 
 def boot_script(user: str, python_minor: str, requirements: list[str],
                 requirements_file: bool, image: str | None = None) -> str:
     """Bash run by cloud-init (as root) once the watchdog is up."""
+    user = shlex.quote(user)  # validated by config too
     pins = " ".join(shlex.quote(r) for r in requirements)
     if requirements_file:
         pins += f" -r {ROOT}/requirements.txt"
