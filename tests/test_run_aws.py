@@ -1,7 +1,8 @@
 """``joblib-cloud run -n 2`` on ``aws`` under moto: each "instance" is a loopback sshd
-started with the keys from its stored user-data; the job's machine reaches its siblings
-with the cluster's own key, at the addresses the sibling hook gives (this test's own
-hosts, never an address moto hands out)."""
+started with the keys from its stored user-data (its sshd trusting the cluster's key as a
+user CA, as the user-data says); the job's machine reaches its siblings with a key of the
+job's own that the cluster's key certified, at the addresses the sibling hook gives (this
+test's own hosts, never an address moto hands out)."""
 
 from __future__ import annotations
 
@@ -24,10 +25,22 @@ from joblib_cloud import cli, provisioner
 from joblib_cloud.providers.aws import network
 
 KEY_CHECK = """
-import json, os, stat
+import json, os, stat, time
+import paramiko
 key = os.environ["JOBLIB_CLOUD_SSH_KEY"]
+cert = paramiko.PKey.from_path(key).public_blob  # loaded from key + "-cert.pub"
+msg = paramiko.Message(cert.key_blob)
+msg.get_text(); msg.get_binary(); msg.get_binary(); msg.get_int64(); msg.get_int()
+msg.get_text()
+raw, names = msg.get_binary(), []
+while raw:
+    size = int.from_bytes(raw[:4], "big")
+    names.append(raw[4:4 + size].decode())
+    raw = raw[4 + size:]
+msg.get_int64()
+left = msg.get_int64() - time.time()
 print(json.dumps({"key": key, "mode": stat.S_IMODE(os.stat(key).st_mode),
-                  "text": open(key).read()}))
+                  "text": open(key).read(), "cert": {"principals": names, "left": left}}))
 """
 
 
@@ -47,8 +60,8 @@ def project(loopback_ec2, tmp_path, monkeypatch):
     registry.close_all()
 
 
-def test_run_n2_on_aws_spans_both_machines_with_the_cluster_key(aws, loopback_ec2, project,
-                                                                tmp_path, monkeypatch, capfd):
+def test_run_n2_on_aws_spans_both_machines_with_a_key_of_the_jobs_own(
+        aws, loopback_ec2, project, tmp_path, monkeypatch, capfd):
     hosts = loopback_ec2
     (project / "spread.py").write_text(textwrap.dedent(SPREAD_JOB))
     (project / "keycheck.py").write_text(textwrap.dedent(KEY_CHECK))
@@ -65,14 +78,23 @@ def test_run_n2_on_aws_spans_both_machines_with_the_cluster_key(aws, loopback_ec
     info = json.loads(out.strip().splitlines()[-1])
     assert info["homes"] == sorted(str(h.home) for h in hosts.values())
     assert info["provider"] == "ssh" and info["n_jobs"] == 2
-    # The cluster's own key (never the user's), private, only while the job runs.
-    assert cli.main([*args, "python", "keycheck.py"]) == 0
-    out, err = capfd.readouterr()
-    key = json.loads(out.strip().splitlines()[-1])
+    # A key of the job's own (never the user's, nor the cluster's long-lived one), with a
+    # certificate for the machines' user that ends with their lifetime at the latest;
+    # private, only while the job runs, another for the next job.
+    keys = []
+    for _ in range(2):
+        assert cli.main([*args, "python", "keycheck.py"]) == 0
+        out, err = capfd.readouterr()
+        keys.append(json.loads(out.strip().splitlines()[-1]))
     cluster_key = (tmp_path / "home" / "aws" / REGION / "sib" / "id_ed25519").read_text()
-    assert key["text"] == cluster_key and key["mode"] == 0o600
-    first = next(h for h in hosts.values() if key["key"].startswith(str(h.home)))
+    assert all(k["text"] != cluster_key and k["mode"] == 0o600 for k in keys)
+    assert keys[0]["text"] != keys[1]["text"]
+    assert all(k["cert"]["principals"] == [getpass.getuser()] for k in keys)
+    assert all(0 < k["cert"]["left"] <= 12 * 3600 for k in keys)  # max_lifetime's default
+    first = next(h for h in hosts.values() if keys[0]["key"].startswith(str(h.home)))
     assert not list((first.home / "jobs").glob("*/cloud"))
+    assert cluster_key not in "".join(p.read_text(errors="replace") for p in
+                                      first.home.rglob("*") if p.is_file())
     # The security group: port 22 from its own members, and the client's address.
     (group,) = aws.describe_security_groups(
         Filters=[{"Name": "group-name", "Values": ["joblib-cloud-sib"]}])["SecurityGroups"]

@@ -248,3 +248,34 @@ def test_run_n2_every_host_sees_the_shared_directory(fleet, ssh_agent, project, 
         "from-host0.txt", "from-host1.txt", "inputs.txt"], listing.stdout
     first = hosts[0].home / "shared" / "spread"
     assert (first / "from-host1.txt").read_text() == "seen everywhere"
+
+
+def test_following_a_job_again_forwards_the_agent_only_to_a_job_that_uses_it(
+        fleet, ssh_agent, project, tmp_path):
+    """``logs -f`` of a one-host job: the host gets no socket to this computer's agent
+    (any process of that user there could use it while the job is followed)."""
+    import psutil
+
+    env = ssh_env(fleet, [fleet.hosts[0].spec], tmp_path, ssh_agent)
+    started = cli(env, project, "run", "--detach", "--", "python", "-c",
+                  "import time; time.sleep(6); print('done')")
+    assert started.returncode == 0, started.stderr
+    job = started.stdout.strip().splitlines()[-1]
+    follower = subprocess.Popen([sys.executable, "-m", "joblib_cloud", "logs", "-f", job],
+                                cwd=project, env=env, stdout=subprocess.PIPE, text=True)
+    try:
+        def helper():  # the host helper serving `logs -f` (ours: it names this job)
+            for proc in psutil.process_iter(["cmdline"]):
+                words = proc.info["cmdline"] or []
+                if words[-3:] == ["logs", job, "1"]:
+                    return proc
+            return None
+
+        wait_until(lambda: helper() is not None, 30, "the helper following the job")
+        assert "SSH_AUTH_SOCK" not in helper().environ()
+        assert follower.communicate(timeout=60)[0].strip() == "done"
+    finally:
+        if follower.poll() is None:
+            follower.kill()
+            follower.wait()
+    assert follower.returncode == 0

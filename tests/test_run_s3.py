@@ -75,12 +75,15 @@ def test_outputs_saved_to_s3_come_back_after_the_machine_is_gone(s3, loopback_ec
     assert f"jobs/{job}/outputs.tar.gz" in set(bucket().keys("jobs/"))
     assert "shared/s3c/result.txt" in set(bucket().keys("shared/"))
 
-    # The upload policies the machine got: one key prefix each, the machine's lifetime.
+    # The upload policies the machine got: the outputs' one key, the shared prefix, each
+    # capped at --max-output, for the machine's lifetime.
     (host,) = loopback_ec2.values()
     spec = json.loads((host.home / "jobs" / job / "command.json").read_text())
-    for part, prefix in (("outputs", f"jobs/{job}/"), ("shared", "shared/s3c/")):
+    for part, where in (("outputs", {"key": f"jobs/{job}/outputs.tar.gz"}),
+                        ("shared", ["starts-with", "$key", "shared/s3c/"])):
         policy = json.loads(base64.b64decode(spec["s3"][part]["post"]["fields"]["policy"]))
-        assert ["starts-with", "$key", prefix] in policy["conditions"]
+        assert where in policy["conditions"]
+        assert ["content-length-range", 0, 100 * 2**20] in policy["conditions"]
         expires = datetime.datetime.fromisoformat(policy["expiration"].replace("Z", "+00:00"))
         left = expires - datetime.datetime.now(datetime.timezone.utc)
         assert 11.5 * 3600 < left.total_seconds() <= 12 * 3600  # max_lifetime's default

@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import importlib
+import json
 import subprocess
 import sys
 import zipfile
@@ -158,6 +159,34 @@ def test_without_sync_packages_the_missing_module_fails_as_before(tmp_path, whee
             Parallel()(delayed(probe.where)(i) for i in range(2))
     assert info.value.name == PROBE
     assert f"needs module {PROBE!r}, which host local-0 cannot import" in str(info.value)
+    assert not host.has(PROBE)
+    registry.close_all()
+
+
+@pytest.mark.parametrize(("origin", "said"), [
+    ({"url": "file:///home/me/src/jc_probe_pkg", "dir_info": {"editable": True}},
+     "from a local path (file:///home/me/src/jc_probe_pkg)"),
+    ({"url": "https://git.corp.example/ml/probe.git",
+      "vcs_info": {"vcs": "git", "commit_id": "0" * 40}},
+     "from git (https://git.corp.example/ml/probe.git)"),
+])
+def test_a_package_the_client_got_from_a_path_or_a_repository_is_not_installed_by_name(
+        tmp_path, wheels, monkeypatch, origin, said):
+    """The host's index has a package of that name (``wheels``): it may be anyone's."""
+    site = tmp_path / "client-site"
+    probe = install_on_client(site, monkeypatch)
+    (site / f"{PROBE}-1.0.dist-info" / "direct_url.json").write_text(json.dumps(origin))
+    host = HostPython(tmp_path / "host", wheels)
+    settings = _settings("local", None, host.wrapper, "sync-origin", sync_packages=True)
+    with parallel_backend("cloud", **settings):
+        with pytest.raises(ModuleNotFoundError) as info:
+            Parallel(batch_size=1)(delayed(probe.where)(i) for i in range(3))
+        assert Parallel()(delayed(abs)(-i) for i in range(3)) == [0, 1, 2]  # host fine
+    message = str(info.value)
+    for words in (said, f"{PROBE}==1.0", "so joblib-cloud did not", "requirements=",
+                  "--index-url", "packages= with its URL or path"):
+        assert words in message, (words, message)
+    assert info.value.name == PROBE
     assert not host.has(PROBE)
     registry.close_all()
 

@@ -46,6 +46,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     _region_args(down)
     down.add_argument("--yes", "-y", action="store_true", help="do not ask for confirmation")
     down.add_argument("--dry-run", action="store_true", help="show what would be deleted")
+    down.add_argument("--shared", action="store_true",
+                      help="also delete the cluster's shared directory (aws: shared/<cluster>/ "
+                           "in the bucket; kept otherwise)")
     down.set_defaults(func=cmd_down)
 
     cost = subparsers.add_parser("cost", help="what each aws cluster cost over recent days")

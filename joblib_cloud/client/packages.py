@@ -8,6 +8,11 @@ its install runs wait for that one install.  ``packages=`` and ``requirements=``
 through the same path once a host is connected, on providers whose boot does not install
 them.
 
+A distribution this client got from a path, a URL or a version-control checkout (its
+``direct_url.json`` says so) is not installed on a host by name: a package of that name
+on the host's index may be anyone's (dependency confusion).  The batch then fails saying
+how to give the hosts the right source.
+
 Threads: ``take_over`` and ``on_installed`` run on the host's reader (results and answers
 arrive in order there); ``install_configured`` runs on a connecting thread and waits.
 """
@@ -17,6 +22,7 @@ from __future__ import annotations
 import importlib.metadata
 import importlib.util
 import itertools
+import json
 import threading
 import time
 import weakref
@@ -58,6 +64,28 @@ def client_pins(module: str) -> list[str] | None:
     return pins or None
 
 
+def not_by_name(pins: list[str]) -> str | None:
+    """Why the distributions ``pins`` name must not be installed on a host by name from
+    its index, or None when they may."""
+    for pin in pins:
+        name = pin.partition("==")[0]
+        try:
+            text = importlib.metadata.distribution(name).read_text("direct_url.json")
+        except importlib.metadata.PackageNotFoundError:
+            continue
+        if text:
+            try:
+                info = json.loads(text)
+            except ValueError:
+                info = {}
+            url = info.get("url", "?")
+            how = ("a local path" if "dir_info" in info else
+                   f"{info['vcs_info'].get('vcs', 'version control')}" if "vcs_info" in info
+                   else "a URL")
+            return f"this client installed {name} from {how} ({url})"
+    return None
+
+
 @dataclass(eq=False)
 class PackageInstall:
     """One INSTALL on one host: what it installs, the batches waiting, how it ended."""
@@ -88,6 +116,8 @@ class HostPackages:
         self.by_module: dict[str, PackageInstall] = {}
         self.by_id: dict[int, PackageInstall] = {}
         self.configured: set[tuple[tuple[str, ...], str | None]] = set()
+        #: Modules not installed by name, and why (:func:`not_by_name`).
+        self.refused: dict[str, str] = {}
         #: Batches sent again here after an install: a second miss fails them.
         self.ran_again: weakref.WeakKeyDictionary[Batch, PackageInstall] = \
             weakref.WeakKeyDictionary()
@@ -107,12 +137,18 @@ class HostPackages:
             return True
         top = meta["missing_module"].partition(".")[0]
         install = self.by_module.get(top)
-        if install is None:
+        if install is None and top not in self.refused:
             pins = client_pins(top)
             if pins is None:
                 return False
-            install = self.by_module[top] = PackageInstall(pins)
-            self._request(install)
+            if (why := not_by_name(pins)) is not None:
+                self.refused[top] = f"{why}. Installing {', '.join(pins)} there by name"
+            else:
+                install = self.by_module[top] = PackageInstall(pins)
+                self._request(install)
+        if install is None:
+            self._refuse(job, meta, data, self.refused[top])
+            return True
         if install.done.is_set() and not install.ok:
             self._fail(job, install, meta, data)
             return True
@@ -137,6 +173,25 @@ class HostPackages:
         self.ran_again[job] = install
         self.session.resends.append(job)
         self.session.wake.notify()
+
+    def _refuse(self, job: Batch, meta: ResultMeta, data: bytes | memoryview,
+                why: str) -> None:
+        session = self.session
+        with session.cluster.lock:
+            session.inflight.pop(job.id, None)
+            if session.cluster.pending:
+                session.wake.notify()
+        missing = meta["missing_module"]
+        error = ModuleNotFoundError(
+            f"{job.label} needs module {missing!r}, which host {session.name} cannot import; "
+            f"{why} could give it a different package of the same name from the host's "
+            "index, so joblib-cloud did not. Give the hosts its source: requirements= a "
+            "file with `--index-url URL` (or `--extra-index-url URL`) and the pin, or "
+            "packages= with its URL or path; or install it on the hosts yourself.",
+            name=missing)
+        error.__cause__ = remote_exception(dict(meta), data, session.name,  # type: ignore
+                                           job.label).__cause__
+        resolve(job, exc=error)
 
     def _fail(self, job: Batch, install: PackageInstall, meta: ResultMeta,
               data: bytes | memoryview) -> None:

@@ -3,8 +3,9 @@ saved before the machine may stop, through presigned URLs only.
 
 The machine holds no AWS credentials.  At the start the client hands it a presigned GET
 per object of the cluster's shared prefix (``shared/<cluster>/``), and two presigned POST
-policies, each allowed only for keys under one prefix (``jobs/<job>/`` and the shared
-one: an S3 ``starts-with`` condition) and valid for the machine's lifetime.  Only what
+policies valid for the machine's lifetime: one for the outputs' single key
+(``jobs/<job>/outputs.tar.gz``), one for keys under the shared prefix (an S3
+``starts-with`` condition), each with a ``content-length-range`` (``--max-output``).  Only what
 changed moves: a download when the object's ETag differs from the one last seen here, an
 upload when a file's size or mtime differ from when the job started.  Files a job deletes
 are not deleted from the bucket (``joblib-cloud shared rm`` does that).
@@ -101,15 +102,24 @@ def sync_down(mirror: str, objects: dict) -> None:
     _save_state(mirror, state)
 
 
-def sync_up(mirror: str, before: dict, after: dict, post: dict, prefix: str) -> int:
-    """Upload the files that changed (``before``/``after``: path -> [size, mtime])."""
+def sync_up(mirror: str, before: dict, after: dict, post: dict, prefix: str,
+            max_bytes: int) -> int:
+    """Upload the files that changed (``before``/``after``: path -> [size, mtime]); a file
+    over ``max_bytes`` (the policy's cap) is not sent, and said after the others are."""
     state = _load_state(mirror)
-    sent = 0
+    sent, over = 0, []
     for rel, stamp in sorted(after.items()):
-        if before.get(rel) != stamp:
-            state[rel] = post_file(post, prefix + rel, os.path.join(mirror, rel))
-            sent += 1
+        if before.get(rel) == stamp:
+            continue
+        if stamp[0] > max_bytes:
+            over.append(f"{rel} ({stamp[0]} bytes)")
+            continue
+        state[rel] = post_file(post, prefix + rel, os.path.join(mirror, rel))
+        sent += 1
     _save_state(mirror, state)
+    if over:
+        raise ValueError(f"not saved: {', '.join(over)}: a shared file may be at most "
+                         f"{max_bytes} bytes (--max-output)")
     return sent
 
 
@@ -156,7 +166,7 @@ def on_end(directory: str, spec: dict) -> list[str]:
             with open(os.path.join(directory, "shared_manifest.json")) as fh:
                 before = json.load(fh)
             sync_up(mirror, before, _files().walk(mirror), s3["shared"]["post"],
-                    s3["shared"]["prefix"])
+                    s3["shared"]["prefix"], int(s3["shared"]["max_bytes"]))
         except Exception as exc:  # noqa: BLE001 - reported in the job's stderr
             problems.append(f"saving the shared directory to S3 failed: {exc}")
     if s3.get("outputs"):

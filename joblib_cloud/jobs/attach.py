@@ -21,12 +21,12 @@ def pull(job: str, path: str = "", into: Path | None = None,
     except (HostConnectError, OSError):
         if record.provider != "aws":
             raise
-        return _from_bucket(record, path, into)  # the machine is gone: what it saved
+        return _from_bucket(record, path, into, max_bytes)  # the machine is gone: what it saved
     try:
         info = state_of(target, record)
         if info["state"] == "missing" and record.provider == "aws":
             target.close()
-            return _from_bucket(record, path, into)
+            return _from_bucket(record, path, into, max_bytes)
         if info["state"] == "missing":
             raise ValueError(f"job {record.id} no longer exists on {record.host}")
         if info["state"] == "running":
@@ -39,11 +39,11 @@ def pull(job: str, path: str = "", into: Path | None = None,
     return 0 if names else 1
 
 
-def _from_bucket(record: JobRecord, path: str, into: Path | None) -> int:
+def _from_bucket(record: JobRecord, path: str, into: Path | None, max_bytes: int) -> int:
     from .s3store import fetch_outputs
 
     into, names, nbytes = fetch_outputs(record.region, record.id, path,
-                                        into or outputs.default_into(record.id))
+                                        into or outputs.default_into(record.id), max_bytes)
     print(f"joblib-cloud: job {record.id}'s machine is gone; its outputs come from S3",
           file=sys.stderr)
     outputs.report(record.id, into, names, nbytes)

@@ -160,6 +160,7 @@ def _prepare(config: CloudConfig, argv: list[str], root: Path | None, opts: RunO
         cluster = siblings.for_job(config, fleet, target.python, opts.detach)
         record.id = secrets.token_hex(4)
         record.command = command
+        record.agent = cluster.agent
         options = {**cluster.options(), "output": opts.output, "shared": config.cluster,
                    "follow": not opts.detach}
         if config.provider == "aws":  # outputs and the shared directory in the bucket
@@ -317,7 +318,7 @@ def follow(target: Target, record: JobRecord, stdout: BinaryIO | None = None,
     result = target.call(["logs", record.id, "1"],
                          out=_writer(stdout or sys.stdout.buffer),
                          err=_writer(stderr or sys.stderr.buffer),
-                         forward_agent=record.provider == "ssh")
+                         forward_agent=record.agent)
     return _exit_code(target, record, result.code)
 
 

@@ -23,7 +23,7 @@ import shlex
 from ..wire.contract import HOME_ENV, HOME_SHELL
 
 #: What a Docker image reference may contain (registry/name:tag@digest).
-_IMAGE_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._/:@+-]*$")
+_IMAGE_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._/:@+-]{0,254}")
 #: What ``jobhost`` sets for a job that must reach the job's Python in the container.
 JOB_ENV = ("JOBLIB_CLOUD_PROVIDER", "JOBLIB_CLOUD_JOB_ID", "PYTHONPATH", "PYTHONUNBUFFERED")
 HOME_EXPR = HOME_SHELL
@@ -31,7 +31,7 @@ HOME_EXPR = HOME_SHELL
 
 def check_image(image: str) -> str:
     image = image.strip()
-    if not _IMAGE_RE.match(image):
+    if not _IMAGE_RE.fullmatch(image):
         raise ValueError(f"invalid Docker image {image!r}: expected a reference such as "
                          "'python:3.11-slim' or 'ghcr.io/me/model:1.2'")
     return image

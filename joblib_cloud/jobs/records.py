@@ -37,6 +37,9 @@ class JobRecord:
     known_hosts: str | None = None
     #: aws: the region, so outputs saved to the bucket can be found after the machine.
     region: str | None = None
+    #: The job logs in to its siblings with the client's ssh-agent (``run -n N`` on ssh):
+    #: only then is the agent forwarded when the job is followed again.
+    agent: bool = False
 
 
 def records_dir() -> Path:

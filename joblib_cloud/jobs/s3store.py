@@ -9,21 +9,27 @@
   machine needed.
 
 The machines get no credentials: the client gives the job presigned GETs for the shared
-objects (valid :data:`GET_EXPIRY`, used at the start) and presigned POST policies, each
-allowed only under one key prefix, valid for the machine's lifetime.
+objects (valid :data:`GET_EXPIRY`, used at the start) and presigned POST policies valid
+for the machine's lifetime: the outputs' for their one key, the shared directory's for
+keys under its prefix, each with a size cap (``--max-output``).
+
+Whatever a job wrote is untrusted here: a key becomes a local path only when every part
+of it is a plain name (:func:`local_path`), and what ``pull`` takes from the bucket is
+capped before it is unpacked.
 """
 
 from __future__ import annotations
 
 import io
 import tarfile
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 from ..config import CloudConfig
 from ..providers.aws import ec2api
 from ..providers.aws.bucket import Bucket
-from .outputs import unpack
+from .outputs import DEFAULT_MAX_OUTPUT, unpack
+from .workspace import human
 
 #: Seconds the start's presigned GETs stay valid: they are used while the job starts.
 GET_EXPIRY = 3600.0
@@ -35,6 +41,27 @@ def job_prefix(job_id: str) -> str:
 
 def shared_prefix(cluster: str) -> str:
     return f"shared/{cluster}/"
+
+
+def outputs_key(job_id: str) -> str:
+    return job_prefix(job_id) + "outputs.tar.gz"
+
+
+def local_path(root: Path, rel: str) -> Path:
+    """``root / rel`` for a name that came from the bucket or a machine: refused unless
+    every part is a plain name (no ``..``, ``.``, empty part or absolute path), so the
+    result is inside ``root``."""
+    parts = rel.split("/")
+    if not rel or any(p in ("", ".", "..") or "\\" in p for p in parts) or \
+            PurePosixPath(rel).is_absolute():
+        raise ValueError(f"refusing {rel!r} from the shared directory: it is not a plain "
+                         f"relative path, so it could be written outside {root}. Remove it "
+                         "with `joblib-cloud shared rm`.")
+    target = root.joinpath(*parts)
+    if not target.resolve().is_relative_to(root.resolve()):
+        raise ValueError(f"refusing {rel!r}: it leads outside {root} (through a symbolic "
+                         "link there)")
+    return target
 
 
 def region_of(config: CloudConfig) -> str:
@@ -55,35 +82,55 @@ def start_options(region: str, job_id: str, cluster: str, lifetime: float,
     shared = shared_prefix(cluster)
     gets = {rel: {"url": bucket.presign_get(shared + rel, GET_EXPIRY), "etag": info["etag"]}
             for rel, info in objects(bucket, shared).items()}
-    return {"outputs": {"post": bucket.presign_post(job_prefix(job_id), lifetime),
+    return {"outputs": {"post": bucket.presign_post(outputs_key(job_id), lifetime,
+                                                    max_output, exact=True),
                         "prefix": job_prefix(job_id), "max_bytes": max_output},
-            "shared": {"post": bucket.presign_post(shared, lifetime), "prefix": shared,
-                       "get": gets}}
+            "shared": {"post": bucket.presign_post(shared, lifetime, max_output),
+                       "prefix": shared, "get": gets, "max_bytes": max_output}}
 
 
-def fetch_outputs(region: str | None, job_id: str, path: str, into: Path
-                  ) -> tuple[Path, list[str], int]:
-    """A job's outputs from the bucket (its machine may be gone)."""
+def fetch_outputs(region: str | None, job_id: str, path: str, into: Path,
+                  max_bytes: int = DEFAULT_MAX_OUTPUT) -> tuple[Path, list[str], int]:
+    """A job's outputs from the bucket (its machine may be gone).  The archive and what
+    it unpacks to are held to ``max_bytes`` (a small archive may unpack to a disk's worth)
+    before anything is written here."""
     bucket = Bucket.for_region(region, create=False) if region else None
-    key = job_prefix(job_id) + "outputs.tar.gz"
-    if bucket is None or not bucket.exists(key):
+    key = outputs_key(job_id)
+    head = bucket.head(key) if bucket is not None else None
+    if head is None:
         raise RuntimeError(f"job {job_id}'s machine cannot be reached and no outputs of it "
                            "were saved to S3 (it may still be running, or ended without "
                            "outputs, or they were over the size cap)")
-    archive = bucket.client.get_object(Bucket=bucket.name, Key=key)["Body"].read()
-    if path:
-        archive = _only(archive, path.strip("/"))
+    if head["ContentLength"] > max_bytes:
+        raise RuntimeError(_over(job_id, f"its saved archive is {human(head['ContentLength'])}",
+                                 max_bytes))
+    body = bucket.client.get_object(Bucket=bucket.name, Key=key)["Body"].read(max_bytes + 1)
+    archive = _only(body, path.strip("/"), job_id, max_bytes)
     names = unpack(archive, into)
     return into, names, sum((into / n).stat().st_size for n in names)
 
 
-def _only(archive: bytes, path: str) -> bytes:
-    out = io.BytesIO()
+def _over(job_id: str, what: str, max_bytes: int) -> str:
+    return (f"job {job_id}'s outputs were not copied: {what}, over --max-output "
+            f"({human(max_bytes)}). Give a PATH to pull part of them, or a larger "
+            "--max-output if you expect that much.")
+
+
+def _only(archive: bytes, path: str, job_id: str, max_bytes: int) -> bytes:
+    """The archive's regular files (below ``path``), their sizes summed as the headers
+    are read: over ``max_bytes`` nothing is unpacked."""
+    out, total = io.BytesIO(), 0
     with tarfile.open(fileobj=io.BytesIO(archive), mode="r:gz") as src, \
             tarfile.open(fileobj=out, mode="w:gz") as dst:
-        for member in src.getmembers():
-            if member.isfile() and (member.name == path or member.name.startswith(path + "/")):
-                dst.addfile(member, src.extractfile(member))
+        for member in src:
+            if not member.isfile() or (path and member.name != path
+                                       and not member.name.startswith(path + "/")):
+                continue
+            total += member.size
+            if total > max_bytes:
+                raise RuntimeError(_over(job_id, f"they unpack to more than {human(total)}",
+                                         max_bytes))
+            dst.addfile(member, src.extractfile(member))
     return out.getvalue()
 
 
@@ -127,10 +174,10 @@ class S3Shared:
             raise ValueError(f"no {path!r} in the shared directory")
         key = self._key(path)[len(self.prefix):]
         strip = key.rsplit("/", 1)[0] + "/" if "/" in key else ""
+        targets = {rel: local_path(into, rel[len(strip):]) for rel in sorted(found)}
         names = []
-        for rel in sorted(found):
+        for rel, target in targets.items():
             name = rel[len(strip):]
-            target = into / name
             target.parent.mkdir(parents=True, exist_ok=True)
             self.bucket.client.download_file(self.bucket.name, self.prefix + rel, str(target))
             names.append(name)

@@ -10,9 +10,12 @@ backend reaches all N (itself included) and give it what it needs, as start opti
   connection (the key never leaves this computer).  No agent, or hosts that cannot reach
   each other, fail before the job starts, saying what is missing.
 - ``aws``: the machines where :func:`provisioner.sibling_address` says (private
-  addresses by default), their injected host keys, and the cluster's own key (never the
-  user's), written into the job's ``cloud/`` directory and removed when the job ends; the
-  cluster's security group lets its machines reach each other on port 22 only.
+  addresses by default), their injected host keys, and a key of the job's own (never the
+  user's, nor the cluster's long-lived one) with a certificate the cluster's key signed
+  for the machines' user, valid for a machine's lifetime at most (their sshd trusts the
+  cluster's key as a user CA), written into the job's ``cloud/`` directory and removed
+  when the job ends; the cluster's security group lets its machines reach each other on
+  port 22 only.
 """
 
 from __future__ import annotations
@@ -224,7 +227,7 @@ def keepalive(config: CloudConfig) -> float:
 
 def _aws(config: CloudConfig, fleet: provisioner.Fleet, common: dict[str, str]
          ) -> JobCluster:
-    from ..providers.aws import ec2api
+    from ..providers.aws import ec2api, sshkeys
 
     handle = fleet.handle  # type: ignore[attr-defined]  # AWSFleet
     found = {i["InstanceId"]: i for i in ec2api.instances(
@@ -244,8 +247,12 @@ def _aws(config: CloudConfig, fleet: provisioner.Fleet, common: dict[str, str]
     env.setdefault("JOBLIB_CLOUD_WORKERS_PER_HOST", str(handle.vcpus or ""))
     if not env["JOBLIB_CLOUD_WORKERS_PER_HOST"]:
         del env["JOBLIB_CLOUD_WORKERS_PER_HOST"]
-    env["JOBLIB_CLOUD_SSH_KEY"] = "{cloud}/id_cluster"
-    # The cluster's own key: already on every machine's authorized_keys, never the user's.
-    key = Path(handle.ssh_key).read_text()
-    return JobCluster(env, {"known_hosts": "".join(lines), "id_cluster": key},
+    env["JOBLIB_CLOUD_SSH_KEY"] = "{cloud}/id_job"
+    # The job's own key, certified for the machines' user until they stop at the latest.
+    private, public = sshkeys.generate_ed25519()
+    cert = sshkeys.user_certificate(Path(handle.ssh_key).read_text(), public,
+                                    handle.specs[0].user, f"joblib-cloud-job@{config.cluster}",
+                                    config.max_lifetime)
+    return JobCluster(env, {"known_hosts": "".join(lines), "id_job": private,
+                            "id_job-cert.pub": cert + "\n"},
                       probe=True, hosts=hosts, keepalive=keepalive(config))

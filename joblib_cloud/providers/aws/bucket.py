@@ -5,7 +5,12 @@ addressed, so the same ``X`` is uploaded once while it is there, whatever the ca
 cluster or day), which clusters use each one (``clusters/<cluster>/objects/<digest>``,
 empty markers: ``down`` removes a cluster's objects by them), and what jobs keep.
 
-Made private: public access blocked, encrypted by default (SSE-S3), tagged, with a
+The name is predictable, so anyone could make it first: every call names the owner it
+expects (``ExpectedBucketOwner``, and the source's on copies), so S3 refuses a bucket of
+another account instead of taking this one's data, and joblib-cloud says so.
+
+Made private: public access blocked, requests without TLS denied by its policy,
+encrypted by default (SSE-S3), tagged, with a
 lifecycle rule that expires staged objects after :data:`OBJECT_DAYS` days (an object in
 use is renewed: see :meth:`Bucket.renew_if_old`), jobs' saved outputs after
 :data:`JOB_DAYS`, and aborts unfinished uploads.  The shared directories
@@ -18,6 +23,7 @@ from __future__ import annotations
 
 import datetime
 import io
+import json
 import logging
 import threading
 from collections.abc import Iterator
@@ -104,13 +110,39 @@ def _s3_client(sess: Any, region: str) -> Any:
     return client
 
 
+def expect_owner(client: Any, account: str) -> None:
+    """Make every call of ``client`` name ``account`` as the bucket's owner (and as the
+    source's owner on copies), where the operation takes it.  Presigned URLs are left
+    alone: the header would be part of their signature, which the machines do not send;
+    they are signed only for a bucket already checked to be the account's."""
+
+    def add(params: dict[str, Any], model: Any, context: dict[str, Any], **_: Any) -> None:
+        if context.get("is_presign_request") or model.input_shape is None:
+            return
+        for name in ("ExpectedBucketOwner", "ExpectedSourceBucketOwner"):
+            if name in model.input_shape.members:
+                params.setdefault(name, account)
+
+    client.meta.events.register("before-parameter-build.s3", add)
+
+
+def tls_only_policy(name: str) -> str:
+    """A bucket policy that denies every request made without TLS."""
+    return json.dumps({"Version": "2012-10-17", "Statement": [{
+        "Sid": "TLSOnly", "Effect": "Deny", "Principal": "*", "Action": "s3:*",
+        "Resource": [f"arn:aws:s3:::{name}", f"arn:aws:s3:::{name}/*"],
+        "Condition": {"Bool": {"aws:SecureTransport": "false"}}}]})
+
+
 class Bucket:
     """The bucket of one region, with the calls joblib-cloud makes on it."""
 
-    def __init__(self, client: Any, name: str, region: str) -> None:
+    def __init__(self, client: Any, name: str, region: str, owner: str | None = None) -> None:
         self.client = client
         self.name = name
         self.region = region
+        if owner is not None:
+            expect_owner(client, owner)
 
     @classmethod
     def for_region(cls, region: str, *, create: bool = True) -> Bucket | None:
@@ -122,7 +154,7 @@ class Bucket:
             account = call(sess.client("sts", region_name=region).get_caller_identity,
                            "look up the AWS account")["Account"]
             client = _s3_client(sess, region)
-            bucket = cls(client, bucket_name(account, region), region)
+            bucket = cls(client, bucket_name(account, region), region, owner=account)
             if not bucket._there():
                 if not create:
                     return None
@@ -138,8 +170,13 @@ class Bucket:
             if error_code(exc) in ("404", "NoSuchBucket", "NotFound"):
                 return False
             if error_code(exc) in ("403", "AccessDenied"):
-                raise AWSError(f"S3 bucket {self.name} exists but this account may not use "
-                               "it (or s3:ListBucket is not allowed)") from exc
+                raise AWSError(
+                    f"S3 bucket {self.name} exists but does not belong to this AWS account, "
+                    "or this account may not list it (s3:ListBucket): joblib-cloud puts "
+                    "nothing in a bucket it does not own. If the bucket is this account's, "
+                    "allow s3:ListBucket on it; if another account made it, staging goes "
+                    "over SSH and jobs' outputs stay on their machines "
+                    "(`joblib-cloud pull JOB` while they run).") from exc
             raise
 
     def _create(self) -> None:
@@ -155,6 +192,8 @@ class Bucket:
              PublicAccessBlockConfiguration={
                  "BlockPublicAcls": True, "IgnorePublicAcls": True,
                  "BlockPublicPolicy": True, "RestrictPublicBuckets": True})
+        call(s3.put_bucket_policy, "allow only TLS requests to the bucket", Bucket=name,
+             Policy=tls_only_policy(name))
         call(s3.put_bucket_encryption, "encrypt the bucket", Bucket=name,
              ServerSideEncryptionConfiguration={"Rules": [
                  {"ApplyServerSideEncryptionByDefault": {"SSEAlgorithm": "AES256"}}]})
@@ -219,11 +258,15 @@ class Bucket:
         return self.client.generate_presigned_url(
             "get_object", Params={"Bucket": self.name, "Key": key}, ExpiresIn=int(expires))
 
-    def presign_post(self, prefix: str, expires: float) -> dict[str, Any]:
-        """A form upload allowed only for keys under ``prefix`` (``url`` and ``fields``;
-        the host adds ``key`` and ``file``)."""
+    def presign_post(self, key: str, expires: float, max_bytes: int, exact: bool = False
+                     ) -> dict[str, Any]:
+        """A form upload (``url`` and ``fields``; the host adds ``key`` and ``file``) of at
+        most ``max_bytes``, allowed only for ``key`` itself (``exact``) or for keys under
+        it (a prefix)."""
+        where = {"key": key} if exact else ["starts-with", "$key", key]
         return self.client.generate_presigned_post(
-            self.name, prefix + "${filename}", Conditions=[["starts-with", "$key", prefix]],
+            self.name, key if exact else key + "${filename}",
+            Conditions=[where, ["content-length-range", 0, int(max_bytes)]],
             ExpiresIn=int(expires))
 
     def listing(self, prefix: str) -> Iterator[dict[str, Any]]:

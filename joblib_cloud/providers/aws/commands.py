@@ -86,7 +86,8 @@ def down(config: CloudConfig, args: argparse.Namespace, out: Out) -> int:
     ok = True
     for region in where:
         try:
-            ok &= teardown.down_region(sess, region, cluster, args.dry_run, out)
+            ok &= teardown.down_region(sess, region, cluster, args.dry_run, out,
+                                       shared=getattr(args, "shared", False))
         except Exception as exc:  # noqa: BLE001 - report, sweep the other regions, exit 1
             if getattr(args, "all_regions", False) and _skip_denied(region, exc, out):
                 continue

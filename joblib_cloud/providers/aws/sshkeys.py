@@ -11,8 +11,12 @@ needed to verify hosts when a later program re-attaches.  Layout::
 
 from __future__ import annotations
 
+import base64
 import json
+import secrets
 import shutil
+import struct
+import time
 from pathlib import Path
 
 from ...config import home_dir, write_private
@@ -29,6 +33,36 @@ def generate_ed25519() -> tuple[str, str]:
     public = key.public_key().public_bytes(serialization.Encoding.OpenSSH,
                                            serialization.PublicFormat.OpenSSH).decode()
     return private, public
+
+
+def _string(data: bytes | str) -> bytes:
+    data = data.encode() if isinstance(data, str) else data
+    return struct.pack(">I", len(data)) + data
+
+
+def user_certificate(ca_private: str, public: str, principal: str, key_id: str,
+                     seconds: float) -> str:
+    """An OpenSSH user certificate (``...-cert.pub`` line) for the key ``public``, signed
+    with ``ca_private`` (the cluster's key, which the machines' sshd trusts as a user CA:
+    ``TrustedUserCAKeys``), for ``principal`` only, valid from a minute ago for
+    ``seconds``, with no extensions (no pty, no forwarding: commands only)."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    ca = serialization.load_ssh_private_key(ca_private.encode(), password=None)
+    assert isinstance(ca, Ed25519PrivateKey)
+    kind = "ssh-ed25519-cert-v01@openssh.com"
+    key_blob = base64.b64decode(public.split()[1])
+    pk = key_blob[4 + 11 + 4:]  # string "ssh-ed25519", then string pk
+    ca_pk = ca.public_key().public_bytes(serialization.Encoding.Raw,
+                                         serialization.PublicFormat.Raw)
+    now = int(time.time())
+    body = (_string(kind) + _string(secrets.token_bytes(32)) + _string(pk)
+            + struct.pack(">QI", 0, 1) + _string(key_id) + _string(_string(principal))
+            + struct.pack(">QQ", now - 60, now + int(seconds)) + _string(b"")
+            + _string(b"") + _string(b"") + _string(_string("ssh-ed25519") + _string(ca_pk)))
+    signature = _string(_string("ssh-ed25519") + _string(ca.sign(body)))
+    return f"{kind} {base64.b64encode(body + signature).decode()} {key_id}"
 
 
 def aws_root() -> Path:

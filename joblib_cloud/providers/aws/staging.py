@@ -57,15 +57,24 @@ class S3Objects:
         return self._bucket().presign_get(OBJECTS + digest, expires)
 
 
-def remove_cluster_objects(bucket: Bucket, markers: list[str]) -> None:
-    """Delete the objects a cluster's ``markers`` name, and the markers."""
-    bucket.delete_keys([OBJECTS + key.rsplit("/", 1)[1] for key in markers] + markers)
+def remove_cluster_objects(bucket: Bucket, markers: list[str]) -> int:
+    """Delete a cluster's ``markers`` and the objects they name that no other cluster
+    marked (those stay: the other cluster's hosts may still fetch them).  The number of
+    objects deleted."""
+    ours = set(markers)
+    digest = lambda key: key.rsplit("/", 1)[1]  # noqa: E731
+    others = {digest(k) for k in bucket.keys("clusters/")
+              if k not in ours and k.split("/")[2:3] == ["objects"]}
+    gone = [OBJECTS + d for d in {digest(k) for k in markers} - others]
+    bucket.delete_keys(gone + markers)
+    return len(gone)
 
 
-def sweep(region: str, cluster: str | None, dry_run: bool, out: Callable[[str], None]
-          ) -> bool:
-    """``down``'s part in S3: a cluster's staged objects, or (``cluster`` None, ``--all``)
-    the whole bucket.  False when something could not be deleted."""
+def sweep(region: str, cluster: str | None, dry_run: bool, out: Callable[[str], None],
+          shared: bool = False) -> bool:
+    """``down``'s part in S3: a cluster's staged objects (its shared directory too when
+    ``shared``), or (``cluster`` None, ``--all``) the whole bucket.  False when something
+    could not be deleted."""
     try:
         bucket = Bucket.for_region(region, create=False)
     except Exception as exc:  # noqa: BLE001 - no S3 permission: nothing of ours there
@@ -81,11 +90,17 @@ def sweep(region: str, cluster: str | None, dry_run: bool, out: Callable[[str], 
             out(f"{region}: {verb}delete S3 bucket {bucket.name} and everything in it")
             if not dry_run:
                 bucket.delete_bucket()
-        elif markers := list(bucket.keys(marker_prefix(cluster))):
-            out(f"{region}: {verb}delete the {len(markers)} objects cluster {cluster!r} "
-                f"staged in s3://{bucket.name}")
+            return True
+        if markers := list(bucket.keys(marker_prefix(cluster))):
+            out(f"{region}: {verb}delete the objects cluster {cluster!r} staged in "
+                f"s3://{bucket.name} ({len(markers)}, less any another cluster uses)")
             if not dry_run:
                 remove_cluster_objects(bucket, markers)
+        if shared and (files := list(bucket.keys(f"shared/{cluster}/"))):
+            out(f"{region}: {verb}delete cluster {cluster!r}'s shared directory "
+                f"({len(files)} files)")
+            if not dry_run:
+                bucket.delete_keys(files)
     except Exception as exc:  # noqa: BLE001 - report; down exits 1
         out(f"{region}: ERROR: could not clean S3 bucket {bucket.name}: {exc}")
         return False

@@ -119,8 +119,9 @@ def find(ec2: Any, cluster: str | None) -> dict[str, list[dict[str, Any]]]:
 
 
 def down_region(sess: Any, region: str, cluster: str | None, dry_run: bool, out: Out,
-                timeout: float | None = None) -> bool:
-    """Delete a cluster (``None``: every joblib-cloud cluster) in one region.
+                timeout: float | None = None, shared: bool = False) -> bool:
+    """Delete a cluster (``None``: every joblib-cloud cluster) in one region; its shared
+    directory in S3 only when ``shared``.
 
     Returns False if something could not be deleted (the caller exits non-zero)."""
     timeout = WAIT_TIMEOUT if timeout is None else timeout
@@ -130,7 +131,7 @@ def down_region(sess: Any, region: str, cluster: str | None, dry_run: bool, out:
     names = {ec2api.tag_value(x) for kind in found.values() for x in kind}
     local = [cluster] if cluster is not None else sshkeys.local_clusters(region)
     names.update(n for n in local if sshkeys.exists(region, n))
-    swept = staging.sweep(region, cluster, dry_run, out)
+    swept = staging.sweep(region, cluster, dry_run, out, shared)
     if not names:
         out(f"{region}: nothing to delete for "
             f"{'any cluster' if cluster is None else f'cluster {cluster!r}'}")

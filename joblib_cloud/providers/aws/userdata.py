@@ -42,6 +42,7 @@ BOOT_LOG = "/var/log/joblib-cloud-boot.log"
 #: only joblib and cloudpickle (tests/test_host_requirements.py).
 CLIENT_PACKAGES = ("joblib", "cloudpickle", "loky", "numpy", "scipy", "scikit-learn",
                    "pandas", "threadpoolctl")
+SSHD_CONFIG = "/etc/ssh/sshd_config.d/01-joblib-cloud.conf"
 CLIENT_KEY_PATH = f"{ROOT}/client_key.pub"
 UV_VERSION = "0.13.9"
 MAX_USER_DATA = 16 * 1024  # EC2's limit, before base64
@@ -110,13 +111,14 @@ fi
 systemctl enable --now docker
 usermod -aG docker {user}
 docker pull {shlex.quote(image)}
-echo "joblib-cloud: image {image} pulled"
+echo joblib-cloud: image {shlex.quote(image)} pulled
 """
 
 
 def boot_script(user: str, python_minor: str, requirements: list[str],
                 requirements_file: bool, image: str | None = None) -> str:
     """Bash run by cloud-init (as root) once the watchdog is up."""
+    user = shlex.quote(user)  # validated by config too
     pins = " ".join(shlex.quote(r) for r in requirements)
     if requirements_file:
         pins += f" -r {ROOT}/requirements.txt"
@@ -181,9 +183,11 @@ def build(*, user: str, host_private_key: str, host_public_key: str, client_publ
     defaults to the client's own."""
     python_minor = python_minor or ".".join(platform.python_version_tuple()[:2])
     files: list[dict[str, Any]] = [
-        # sshd offers only the key the client expects (the image may generate others).
-        {"path": "/etc/ssh/sshd_config.d/01-joblib-cloud.conf", "permissions": "0644",
-         "content": "HostKey /etc/ssh/ssh_host_ed25519_key\nPasswordAuthentication no\n"},
+        # sshd offers only the key the client expects (the image may generate others);
+        # the cluster's key also signs run -n N jobs' short-lived keys (siblings.py).
+        {"path": SSHD_CONFIG, "permissions": "0644",
+         "content": "HostKey /etc/ssh/ssh_host_ed25519_key\nPasswordAuthentication no\n"
+                    f"TrustedUserCAKeys {CLIENT_KEY_PATH}\n"},
         {"path": f"{ROOT}/watchdog.py", "permissions": "0755",
          "content": Path(watchdog.__file__).read_text()},
         {"path": f"{ROOT}/fetch_uv.py", "permissions": "0755",
