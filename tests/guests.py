@@ -1,4 +1,4 @@
-"""Guests: Debian 12 machines that really boot, standing in for EC2 instances.
+"""Guests: Debian machines that really boot, standing in for EC2 instances.
 
 A guest is what an EC2 instance of a Debian cloud image is, minus the hypervisor: its own
 root filesystem (made by ``mmdebstrap`` from Debian's packages: systemd, cloud-init,
@@ -6,6 +6,8 @@ sshd, python3, sudo, curl; no venv module, no pip, nothing of ours), booted by
 ``systemd-nspawn -b`` as PID 1 systemd, with real cloud-init reading a NoCloud seed, and
 clocks that start near zero (``unshare --time`` offsets), as a VM's do.
 
+Two image families, as two AMIs: ``bookworm`` (Debian 12: Python 3.11, cloud-init 22.4)
+and ``trixie`` (Debian 13: Python 3.13, cloud-init 25.1), built from the same recipe.
 Image properties, as an AMI has them: a default user ``ec2-user`` with passwordless sudo,
 the NoCloud datasource, no SSH host keys of its own, this machine's CA bundle (so pip and
 uv inside reach the package index), cloud-init's network configuration off (the guest
@@ -39,7 +41,8 @@ from pathlib import Path
 CACHE = Path(os.environ.get("JOBLIB_CLOUD_GUEST_CACHE", "/var/cache/joblib-cloud-tests"))
 PACKAGES = ("systemd-sysv", "dbus", "openssh-server", "cloud-init", "python3", "sudo",
             "ca-certificates", "curl")
-SUITE = "bookworm"
+#: Image family -> the cache directory's prefix (the family is Debian's suite name).
+FAMILIES = {"bookworm": "debian12", "trixie": "debian13"}
 DEFAULT_USER = "ec2-user"
 
 #: What the image's own cloud-init configuration says (an AMI's /etc/cloud/cloud.cfg.d).
@@ -88,15 +91,18 @@ def _customize(root: Path) -> None:
         (root / "etc/machine-id").write_text("")  # each boot makes its own
 
 
-def _recipe() -> str:
-    return json.dumps({"suite": SUITE, "packages": PACKAGES, "cfg": IMAGE_CLOUD_CFG,
+def _recipe(family: str) -> str:
+    return json.dumps({"suite": family, "packages": PACKAGES, "cfg": IMAGE_CLOUD_CFG,
                        "customize": inspect.getsource(_customize)}, sort_keys=True)
 
 
-def base_image() -> Path:
-    """The cached base root filesystem (built on first use, ~25-45 s)."""
-    key = hashlib.sha256((_recipe() + _ca_bundle().hex()[:64]).encode()).hexdigest()[:12]
-    path = CACHE / f"debian12-{key}"
+def base_image(family: str = "bookworm") -> Path:
+    """The cached base root filesystem of ``family`` (built on first use, ~35-45 s)."""
+    if family not in FAMILIES:
+        raise ValueError(f"no guest image family {family!r}: one of {sorted(FAMILIES)}")
+    recipe = _recipe(family)
+    key = hashlib.sha256((recipe + _ca_bundle().hex()[:64]).encode()).hexdigest()[:12]
+    path = CACHE / f"{FAMILIES[family]}-{key}"
     if (path / ".complete").exists():
         return path
     CACHE.mkdir(parents=True, exist_ok=True)
@@ -107,10 +113,10 @@ def base_image() -> Path:
         tmp = CACHE / f".build-{key}-{os.getpid()}"
         shutil.rmtree(tmp, ignore_errors=True)
         subprocess.run(["mmdebstrap", "--quiet", "--variant=minbase",
-                        f"--include={','.join(PACKAGES)}", SUITE, str(tmp)],
+                        f"--include={','.join(PACKAGES)}", family, str(tmp)],
                        check=True, stdin=subprocess.DEVNULL)
         _customize(tmp)
-        (tmp / ".complete").write_text(_recipe())
+        (tmp / ".complete").write_text(recipe)
         shutil.rmtree(path, ignore_errors=True)
         tmp.rename(path)
     return path
@@ -124,8 +130,9 @@ class Guest:
     """One booting machine.  ``console`` is its console output so far."""
 
     def __init__(self, workdir: Path, index: int, user_data: str, instance_id: str,
-                 delay: float = 0.0) -> None:
+                 delay: float = 0.0, family: str = "bookworm") -> None:
         self.index = index
+        self.family = family
         self.address = f"127.0.1.{index + 2}"
         self.port = 22
         self.instance_id = instance_id
@@ -146,7 +153,7 @@ class Guest:
 
     # -------------------------------------------------------------- lifecycle
     def _prepare(self) -> None:
-        base = base_image()
+        base = base_image(self.family)
         upper, work = self.dir / "upper", self.dir / "work"
         for d in (upper, work, self.root):
             d.mkdir()
