@@ -160,8 +160,10 @@ def test_hard_lifetime_stops_the_machine_with_a_client_attached(guest_ec2):
     assert inst["StateReason"]["Code"] == SELF_SHUTDOWN[0]
 
 
-def test_cloud_init_accepts_every_rendered_user_data(tmp_path):
-    """The real cloud-init of the image validates each variant the provider can send."""
+@pytest.mark.parametrize("family", ["bookworm", "trixie"])
+def test_cloud_init_accepts_every_rendered_user_data(tmp_path, family):
+    """The real cloud-init of each image family (22.4 on Debian 12, 25.1 on Debian 13)
+    validates each variant the provider can send."""
     from guests import base_image, tools_missing
 
     reason = tools_missing()
@@ -181,16 +183,22 @@ def test_cloud_init_accepts_every_rendered_user_data(tmp_path):
                                       boot_timeout=90),
         "docker-image": userdata.build(**common, image="python:3.11-slim"),
         "other-python": userdata.build(**common, python_minor="3.13"),
+        "python=": userdata.build(**common, python="/opt/python 3/bin/python3"),
     }
     for name, text in variants.items():
         path = tmp_path / f"{name}.yaml"
         path.write_text(text)
         result = subprocess.run(
-            ["systemd-nspawn", "--quiet", "--register=no", "--keep-unit", "-D", str(base_image()),
+            ["systemd-nspawn", "--quiet", "--register=no", "--keep-unit", "-D",
+             str(base_image(family)),
              "--read-only", f"--bind-ro={path}:/tmp/user-data", "cloud-init", "schema",
              "--config-file", "/tmp/user-data"], capture_output=True, text=True, timeout=120)
         assert result.returncode == 0 and "Valid" in result.stdout, (name, result.stdout,
                                                                      result.stderr)
+        boot = next(f["content"] for f in userdata.parse(text)["write_files"]
+                    if f["path"].endswith("/boot.sh"))
+        syntax = subprocess.run(["bash", "-n"], input=boot, capture_output=True, text=True)
+        assert syntax.returncode == 0, (name, syntax.stderr)
 
 
 def test_a_boot_that_fails_powers_off_and_the_client_says_why(guest_ec2):

@@ -20,7 +20,7 @@ from typing import Any
 
 from ...client.hosts import HostSpec
 from . import ec2api, teardown, userdata
-from .ec2api import BootFailedError, call
+from .ec2api import BootFailedError, PythonBootFailedError, call
 
 log = logging.getLogger("joblib_cloud")
 
@@ -210,9 +210,16 @@ def boot_failure(ec2: Any, instance: dict[str, Any],
                   "requirements= that does not install, or an image_id= without the "
                   "expected user or Python), then run again.")
     also = "".join(f" Also {o['InstanceId']}: {o['State']['Name']}." for o in others or ())
-    return BootFailedError(
+    tail = console_tail(ec2, iid)
+    error: type[BootFailedError] = BootFailedError
+    no_python = [row for row in tail.splitlines() if userdata.NO_PYTHON in row]
+    if no_python:  # the boot said which Pythons the image has and what to pass instead
+        error = PythonBootFailedError
+        advice = no_python[-1][no_python[-1].index(userdata.NO_PYTHON):]
+        advice = advice.removeprefix("joblib-cloud: ") + "."
+    return error(
         f"machine {iid} stopped while booting: it is {state} ({why}).{also} {advice}\n"
-        f"Last lines of its console output:\n{console_tail(ec2, iid)}")
+        f"Last lines of its console output:\n{tail}")
 
 
 def _find_by_tokens(ec2: Any, launches: Launches) -> tuple[set[str], list[str]]:
