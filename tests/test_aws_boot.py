@@ -105,8 +105,10 @@ def test_a_boot_without_the_clients_python_raises_host_python_error_with_the_fix
             "be downloaded. This image has Python 3.13: run the client on one of those, pass "
             "image_id= of an image that has python3.11, or python= with the path of a "
             "Python 3.11 on it")
+    # After the verdict, cloud-init 25 (Debian 13) prints a traceback as the machine stops.
+    noise = "".join(f"\r\n[   63.{i:03d}] cloud-init[113]:   Line number: {i}" for i in range(30))
     console = CONSOLE.replace("joblib-cloud: boot failed", line + "\r\n[   61.000] "
-                              "cloud-init[113]: joblib-cloud: boot failed")
+                              "cloud-init[113]: joblib-cloud: boot failed") + noise
     ended: list[str] = []
 
     def hook(instance: dict) -> tuple[str, int]:
@@ -128,6 +130,7 @@ def test_a_boot_without_the_clients_python_raises_host_python_error_with_the_fix
     assert first.endswith("Instance initiated shutdown). " + line.removeprefix(
         "joblib-cloud: ") + "."), first
     assert "Fix what the console output shows" not in str(error)
+    assert str(error).endswith("nonexistent-package==9); powering off"), str(error)
     assert cluster_instances(aws) == []
 
 

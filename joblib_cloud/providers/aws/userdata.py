@@ -75,6 +75,8 @@ OPENMP=$!
 """
 
 
+#: Starts the boot script's last line when it fails (then it powers the machine off).
+BOOT_FAILED = "joblib-cloud: boot failed"
 #: Starts the boot's console line when no interpreter at the client's minor can be had:
 #: the line names the fix, and the client raises it as :class:`~..errors.HostPythonError`.
 NO_PYTHON = "joblib-cloud: no Python"
@@ -134,7 +136,7 @@ fi
 {uv}if command -v $PY >/dev/null; then PYTHON=$(command -v $PY)
 else
   echo "joblib-cloud: no $PY package here: uv's standalone Python"
-  {STANDALONE_LIMITS} {ROOT}/bin/uv python install --quiet {python_minor} ||
+  {STANDALONE_LIMITS} {ROOT}/bin/uv python install {python_minor} ||
     no_python "uv's standalone Python {python_minor} could not be downloaded" $LINENO
   PYTHON={python_minor}
 fi
@@ -184,7 +186,7 @@ def boot_script(user: str, python_minor: str, requirements: list[str],
 set -euo pipefail
 exec > >(tee -a {BOOT_LOG}) 2>&1
 failed() {{
-  echo "joblib-cloud: boot failed (line $1: $2); powering off"
+  echo "{BOOT_FAILED} (line $1: $2); powering off"
   systemctl poweroff || poweroff -f
 }}
 trap 'failed $LINENO "$BASH_COMMAND"' ERR
