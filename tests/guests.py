@@ -7,7 +7,12 @@ sshd, python3, sudo, curl; no venv module, no pip, nothing of ours), booted by
 clocks that start near zero (``unshare --time`` offsets), as a VM's do.
 
 Two image families, as two AMIs: ``bookworm`` (Debian 12: Python 3.11, cloud-init 22.4)
-and ``trixie`` (Debian 13: Python 3.13, cloud-init 25.1), built from the same recipe.
+and ``trixie`` (Debian 13: Python 3.13 only, cloud-init 25.1), built from the same recipe
+and customised alike: on both, cloud.cfg's default user is ``debian`` (replaced below),
+sshd reads ``sshd_config.d``, and ``cloud-init schema --config-file`` checks a document.
+Debian 13 differs in what needs nothing here: an ``sshd-keygen`` unit (off when
+cloud-init is active) and cloud-init as one process, which prints a traceback on the
+console when the machine powers off during its last stage.
 Image properties, as an AMI has them: a default user ``ec2-user`` with passwordless sudo,
 the NoCloud datasource, no SSH host keys of its own, this machine's CA bundle (so pip and
 uv inside reach the package index), cloud-init's network configuration off (the guest
@@ -278,6 +283,14 @@ class Guest:
 
     def uptime(self) -> float | None:
         return None if self.started_at is None else time.time() - self.started_at
+
+    def offered_host_keys(self) -> list[str]:
+        """Every host key its sshd offers (one key exchange per key type, as ssh-keyscan
+        does), as ``type base64`` strings."""
+        out = subprocess.run(["ssh-keyscan", "-T", "5", "-p", str(self.port), self.address],
+                             capture_output=True, text=True, timeout=60).stdout
+        return sorted(" ".join(line.split()[1:3]) for line in out.splitlines()
+                      if line and not line.startswith("#"))
 
     def listening(self) -> bool:
         with socket.socket() as s:

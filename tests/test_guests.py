@@ -40,14 +40,6 @@ def _square(x: int) -> int:
     return x * x
 
 
-def _offered_host_keys(address: str, port: int) -> list[str]:
-    """Every host key sshd offers (one key exchange per key type, as ssh-keyscan does)."""
-    out = subprocess.run(["ssh-keyscan", "-T", "5", "-p", str(port), address],
-                         capture_output=True, text=True, timeout=60).stdout
-    return sorted(" ".join(line.split()[1:3]) for line in out.splitlines()
-                  if line and not line.startswith("#"))
-
-
 def _part_sum(X, part: int) -> float:
     return float(X[part::4].sum())
 
@@ -77,7 +69,7 @@ def test_grid_search_and_pool_on_two_fresh_guests_then_idle_power_off(guest_ec2,
         for guest in guests:
             # sshd offers the injected key and nothing else; the image's own are gone.
             injected = " ".join(keys[guest.instance_id].split()[:2])
-            assert _offered_host_keys(guest.address, guest.port) == [injected]
+            assert guest.offered_host_keys() == [injected]
             # The install outlived idle_timeout (20 s) from boot, and was not cut short.
             log = guest.file(userdata.BOOT_LOG) or ""
             assert "joblib-cloud: host ready" in log, log

@@ -22,7 +22,7 @@ from joblib import Parallel, delayed, parallel_backend
 
 from joblib_cloud.client import registry
 from joblib_cloud.errors import HostPythonError
-from joblib_cloud.providers.aws import userdata
+from joblib_cloud.providers.aws import sshkeys, userdata
 
 pytestmark = pytest.mark.slow
 
@@ -114,6 +114,9 @@ def test_a_313_client_on_debian_13_takes_the_distributions_python(guest_ec2):
         registry.close_all()
     (guest,) = guest_ec2.guests.values()
     assert guest.family == "trixie"
+    # sshd offers the injected key only (Debian 13's sshd-keygen stays off under cloud-init).
+    injected = sshkeys.host_keys(REGION, "py313")[guest.instance_id]
+    assert guest.offered_host_keys() == [" ".join(injected.split()[:2])]
     log = guest.file(userdata.BOOT_LOG) or ""
     assert "joblib-cloud: host ready" in log, log
     assert "uv's standalone Python" not in log and "no Python" not in log, log
