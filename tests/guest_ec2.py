@@ -49,6 +49,8 @@ class GuestEC2:
         self.boot_delays: list[float] = []
         #: AMI id -> guest image family (guests.FAMILIES); other AMIs boot ``bookworm``.
         self.images: dict[str, str] = {}
+        #: Files (path -> text) every next guest's image holds (e.g. /etc/uv/uv.toml).
+        self.image_files: dict[str, str] = {}
         self._lock = threading.Lock()
 
     # ------------------------------------------------------------ the double
@@ -89,7 +91,7 @@ class GuestEC2:
         with self._lock:
             delay = self.boot_delays.pop(0) if self.boot_delays else 0.0
             guest = Guest(self.workdir, next(_addresses), base64.b64decode(user_data).decode(),
-                          instance_id, delay=delay, family=family)
+                          instance_id, delay=delay, family=family, files=self.image_files)
             self.guests[instance_id] = guest
         guest.on_exit(self._powered_off)
         guest.start()

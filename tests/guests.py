@@ -135,9 +135,12 @@ class Guest:
     """One booting machine.  ``console`` is its console output so far."""
 
     def __init__(self, workdir: Path, index: int, user_data: str, instance_id: str,
-                 delay: float = 0.0, family: str = "bookworm") -> None:
+                 delay: float = 0.0, family: str = "bookworm",
+                 files: dict[str, str] | None = None) -> None:
         self.index = index
         self.family = family
+        #: Files of the image's own (path -> text), written before boot: an AMI's settings.
+        self.files = dict(files or {})
         self.address = f"127.0.1.{index + 2}"
         self.port = 22
         self.instance_id = instance_id
@@ -173,6 +176,8 @@ class Guest:
         (seed / "user-data").write_text(self.user_data)
         (self.root / "etc/ssh/sshd_config.d/00-guest-address.conf").write_text(
             f"ListenAddress {self.address}:{self.port}\n")
+        for path, text in self.files.items():
+            (self.root / path.lstrip("/")).write_text(text)
 
     def start(self) -> Guest:
         """Boot now, or after ``delay`` seconds (a machine that comes up late)."""

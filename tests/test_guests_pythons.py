@@ -11,6 +11,7 @@ the client's packages into it.
 
 from __future__ import annotations
 
+import socket
 import sys
 import time
 
@@ -82,6 +83,28 @@ def test_a_client_on_a_minor_the_image_lacks_fails_fast_naming_the_fix(guest_ec2
     # What uv said about the download is on the console too (the cause, for the user).
     assert "Failed to download" in console or "python-build-standalone" in console, console
     assert guest.exited_at - guest.started_at < 80, guest.exited_at - guest.started_at
+
+
+@pytest.mark.skipif(CLIENT_MINOR == TRIXIE_MINORS, reason="Debian 13 has this client's Python")
+def test_a_standalone_download_that_never_answers_is_cut_short(guest_ec2):
+    """The image's uv configuration sends the standalone Python's download to a server
+    that accepts connections and never answers (a black hole): uv's bounded wait ends it,
+    and the boot stops with the same line about a minute after it started."""
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(16)
+        mirror = f"http://127.0.0.1:{silent.getsockname()[1]}/mirror"
+        guest_ec2.image_files["/etc/uv/uv.toml"] = (
+            f'native-tls = true\npython-install-mirror = "{mirror}"\n')
+        image_id = guest_ec2.register_image("trixie")
+        message, elapsed = _fails_fast(guest_ec2, _settings("blackhole", image_id))
+    (guest,) = guest_ec2.guests.values()
+    console = guest.console()
+    assert f"Failed to download `{mirror}/" in console and "timed out" in console, console
+    assert "could not be downloaded. This image has Python 3.13" in message, message
+    lived = guest.exited_at - guest.started_at
+    assert 40 <= lived <= 100, lived  # uv waited (20 s twice), then the boot stopped
+    assert elapsed < 130, elapsed
 
 
 @pytest.mark.skipif(CLIENT_MINOR == TRIXIE_MINORS, reason="Debian 13 has this client's Python")

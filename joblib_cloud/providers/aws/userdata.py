@@ -80,9 +80,10 @@ BOOT_FAILED = "joblib-cloud: boot failed"
 #: Starts the boot's console line when no interpreter at the client's minor can be had:
 #: the line names the fix, and the client raises it as :class:`~..errors.HostPythonError`.
 NO_PYTHON = "joblib-cloud: no Python"
-#: uv's download of its standalone Python is bounded (connect, read, one retry, total), so
-#: a network that cannot reach it fails the boot in seconds, not at boot_timeout.
-STANDALONE_LIMITS = "UV_HTTP_CONNECT_TIMEOUT=10 UV_HTTP_TIMEOUT=30 UV_HTTP_RETRIES=1 timeout 300"
+#: uv's download of its standalone Python is bounded (connect, silence between reads, one
+#: retry, in all), so a network that cannot reach it or never answers fails the boot
+#: within about a minute, not at boot_timeout.
+STANDALONE_LIMITS = "UV_HTTP_CONNECT_TIMEOUT=10 UV_HTTP_TIMEOUT=20 UV_HTTP_RETRIES=1 timeout 300"
 
 
 def _no_python(python_minor: str) -> str:
