@@ -17,7 +17,8 @@ Image properties, as an AMI has them: a default user ``ec2-user`` with passwordl
 the NoCloud datasource, no SSH host keys of its own, this machine's CA bundle (so pip and
 uv inside reach the package index), cloud-init's network configuration off (the guest
 shares this machine's network namespace: it must not reconfigure it).  Each guest's sshd
-listens only on its own loopback address ``127.0.1.N:22``.
+listens only on its own loopback address ``127.P.x.y:22`` (``P`` from the test process's
+id, so test sessions sharing a machine never answer for each other's guests).
 
 The base image is built once and cached (``JOBLIB_CLOUD_GUEST_CACHE``, by default
 ``/var/cache/joblib-cloud-tests``), keyed by its recipe; each guest runs on an overlay of
@@ -127,6 +128,14 @@ def base_image(family: str = "bookworm") -> Path:
     return path
 
 
+#: The second byte of this test process's guest addresses.
+_NET = 1 + os.getpid() % 254
+
+
+def _address(index: int) -> str:
+    return f"127.{_NET}.{index // 250}.{index % 250 + 2}"
+
+
 def _uptime() -> float:
     return float(Path("/proc/uptime").read_text().split()[0])
 
@@ -141,7 +150,7 @@ class Guest:
         self.family = family
         #: Files of the image's own (path -> text), written before boot: an AMI's settings.
         self.files = dict(files or {})
-        self.address = f"127.0.1.{index + 2}"
+        self.address = _address(index)
         self.port = 22
         self.instance_id = instance_id
         self.dir = workdir / f"guest{index}"
