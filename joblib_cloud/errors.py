@@ -29,6 +29,13 @@ class EnvironmentMismatchError(JoblibCloudError):
     """The host's Python or cloudpickle differs from the client's."""
 
 
+class HostPythonError(EnvironmentMismatchError):
+    """A host cannot have the client's Python minor: its image has no such interpreter and
+    none could be installed (on aws: uv's standalone Python could not be downloaded).
+    The message names the fix: ``python=``, ``image_id=``, or a client on a minor the
+    image has."""
+
+
 class TerminatedWorkerError(JoblibCloudError):
     """A worker process on a host died while running a task (crash, os._exit, OOM-kill)."""
 

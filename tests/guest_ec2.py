@@ -4,7 +4,9 @@ A test double around botocore (the one place every client call passes), never a 
 case in product code:
 
 - ``RunInstances``: moto answers, then a guest boots for each new instance, seeded with
-  the user-data moto stored for it (exactly what EC2 would hand cloud-init).
+  the user-data moto stored for it (exactly what EC2 would hand cloud-init), from the
+  image family its ``ImageId`` stands for (:meth:`GuestEC2.register_image`; any other
+  AMI boots Debian 12).
 - ``TerminateInstances``: moto answers, and the guests power off (as EC2 stops a VM).
 - A guest that powers itself off (kill switch, failed boot) becomes a terminated
   instance, with the state reason EC2 gives: ``Client.InstanceInitiatedShutdown``.
@@ -26,7 +28,7 @@ from typing import Any
 
 import botocore.client
 import pytest
-from guests import Guest, base_image, tools_missing
+from guests import FAMILIES, Guest, base_image, tools_missing
 from moto.core import DEFAULT_ACCOUNT_ID
 from moto.ec2.models import ec2_backends
 from moto.ec2.models.instances import StateReason
@@ -45,6 +47,10 @@ class GuestEC2:
         self.guests: dict[str, Guest] = {}
         #: Seconds each next launched guest waits before it boots (a slow machine).
         self.boot_delays: list[float] = []
+        #: AMI id -> guest image family (guests.FAMILIES); other AMIs boot ``bookworm``.
+        self.images: dict[str, str] = {}
+        #: Files (path -> text) every next guest's image holds (e.g. /etc/uv/uv.toml).
+        self.image_files: dict[str, str] = {}
         self._lock = threading.Lock()
 
     # ------------------------------------------------------------ the double
@@ -56,8 +62,9 @@ class GuestEC2:
                     "Output": tail}
         response = real(client, operation, params)
         if operation == "RunInstances":
+            family = self.images.get(params.get("ImageId", ""), "bookworm")
             for instance in response["Instances"]:
-                self._boot(client, instance["InstanceId"])
+                self._boot(client, instance["InstanceId"], family)
         elif operation == "TerminateInstances":
             for iid in params.get("InstanceIds", []):
                 guest = self.guests.get(iid)
@@ -65,13 +72,26 @@ class GuestEC2:
                     threading.Thread(target=guest.power_off, daemon=True).start()
         return response
 
-    def _boot(self, client: Any, instance_id: str) -> None:
+    def register_image(self, family: str) -> str:
+        """An AMI (in moto) whose instances boot guests of ``family``: pass it as
+        ``image_id=``.  Builds that family's root filesystem if it is not cached yet."""
+        import boto3
+
+        base_image(family)
+        ec2 = boto3.client("ec2", region_name=self.region)
+        name = f"{FAMILIES[family]}-{family}-amd64"
+        image_id = ec2.register_image(Name=name, Architecture="x86_64",
+                                      RootDeviceName="/dev/xvda")["ImageId"]
+        self.images[image_id] = family
+        return image_id
+
+    def _boot(self, client: Any, instance_id: str, family: str) -> None:
         user_data = client.describe_instance_attribute(
             InstanceId=instance_id, Attribute="userData")["UserData"]["Value"]
         with self._lock:
             delay = self.boot_delays.pop(0) if self.boot_delays else 0.0
             guest = Guest(self.workdir, next(_addresses), base64.b64decode(user_data).decode(),
-                          instance_id, delay=delay)
+                          instance_id, delay=delay, family=family, files=self.image_files)
             self.guests[instance_id] = guest
         guest.on_exit(self._powered_off)
         guest.start()

@@ -1,4 +1,4 @@
-"""Guests: Debian 12 machines that really boot, standing in for EC2 instances.
+"""Guests: Debian machines that really boot, standing in for EC2 instances.
 
 A guest is what an EC2 instance of a Debian cloud image is, minus the hypervisor: its own
 root filesystem (made by ``mmdebstrap`` from Debian's packages: systemd, cloud-init,
@@ -6,11 +6,19 @@ sshd, python3, sudo, curl; no venv module, no pip, nothing of ours), booted by
 ``systemd-nspawn -b`` as PID 1 systemd, with real cloud-init reading a NoCloud seed, and
 clocks that start near zero (``unshare --time`` offsets), as a VM's do.
 
+Two image families, as two AMIs: ``bookworm`` (Debian 12: Python 3.11, cloud-init 22.4)
+and ``trixie`` (Debian 13: Python 3.13 only, cloud-init 25.1), built from the same recipe
+and customised alike: on both, cloud.cfg's default user is ``debian`` (replaced below),
+sshd reads ``sshd_config.d``, and ``cloud-init schema --config-file`` checks a document.
+Debian 13 differs in what needs nothing here: an ``sshd-keygen`` unit (off when
+cloud-init is active) and cloud-init as one process, which prints a traceback on the
+console when the machine powers off during its last stage.
 Image properties, as an AMI has them: a default user ``ec2-user`` with passwordless sudo,
 the NoCloud datasource, no SSH host keys of its own, this machine's CA bundle (so pip and
 uv inside reach the package index), cloud-init's network configuration off (the guest
 shares this machine's network namespace: it must not reconfigure it).  Each guest's sshd
-listens only on its own loopback address ``127.0.1.N:22``.
+listens only on its own loopback address ``127.P.x.y:22`` (``P`` from the test process's
+id, so test sessions sharing a machine never answer for each other's guests).
 
 The base image is built once and cached (``JOBLIB_CLOUD_GUEST_CACHE``, by default
 ``/var/cache/joblib-cloud-tests``), keyed by its recipe; each guest runs on an overlay of
@@ -39,7 +47,8 @@ from pathlib import Path
 CACHE = Path(os.environ.get("JOBLIB_CLOUD_GUEST_CACHE", "/var/cache/joblib-cloud-tests"))
 PACKAGES = ("systemd-sysv", "dbus", "openssh-server", "cloud-init", "python3", "sudo",
             "ca-certificates", "curl")
-SUITE = "bookworm"
+#: Image family -> the cache directory's prefix (the family is Debian's suite name).
+FAMILIES = {"bookworm": "debian12", "trixie": "debian13"}
 DEFAULT_USER = "ec2-user"
 
 #: What the image's own cloud-init configuration says (an AMI's /etc/cloud/cloud.cfg.d).
@@ -88,15 +97,18 @@ def _customize(root: Path) -> None:
         (root / "etc/machine-id").write_text("")  # each boot makes its own
 
 
-def _recipe() -> str:
-    return json.dumps({"suite": SUITE, "packages": PACKAGES, "cfg": IMAGE_CLOUD_CFG,
+def _recipe(family: str) -> str:
+    return json.dumps({"suite": family, "packages": PACKAGES, "cfg": IMAGE_CLOUD_CFG,
                        "customize": inspect.getsource(_customize)}, sort_keys=True)
 
 
-def base_image() -> Path:
-    """The cached base root filesystem (built on first use, ~25-45 s)."""
-    key = hashlib.sha256((_recipe() + _ca_bundle().hex()[:64]).encode()).hexdigest()[:12]
-    path = CACHE / f"debian12-{key}"
+def base_image(family: str = "bookworm") -> Path:
+    """The cached base root filesystem of ``family`` (built on first use, ~35-45 s)."""
+    if family not in FAMILIES:
+        raise ValueError(f"no guest image family {family!r}: one of {sorted(FAMILIES)}")
+    recipe = _recipe(family)
+    key = hashlib.sha256((recipe + _ca_bundle().hex()[:64]).encode()).hexdigest()[:12]
+    path = CACHE / f"{FAMILIES[family]}-{key}"
     if (path / ".complete").exists():
         return path
     CACHE.mkdir(parents=True, exist_ok=True)
@@ -107,13 +119,21 @@ def base_image() -> Path:
         tmp = CACHE / f".build-{key}-{os.getpid()}"
         shutil.rmtree(tmp, ignore_errors=True)
         subprocess.run(["mmdebstrap", "--quiet", "--variant=minbase",
-                        f"--include={','.join(PACKAGES)}", SUITE, str(tmp)],
+                        f"--include={','.join(PACKAGES)}", family, str(tmp)],
                        check=True, stdin=subprocess.DEVNULL)
         _customize(tmp)
-        (tmp / ".complete").write_text(_recipe())
+        (tmp / ".complete").write_text(recipe)
         shutil.rmtree(path, ignore_errors=True)
         tmp.rename(path)
     return path
+
+
+#: The second byte of this test process's guest addresses.
+_NET = 1 + os.getpid() % 254
+
+
+def _address(index: int) -> str:
+    return f"127.{_NET}.{index // 250}.{index % 250 + 2}"
 
 
 def _uptime() -> float:
@@ -124,9 +144,13 @@ class Guest:
     """One booting machine.  ``console`` is its console output so far."""
 
     def __init__(self, workdir: Path, index: int, user_data: str, instance_id: str,
-                 delay: float = 0.0) -> None:
+                 delay: float = 0.0, family: str = "bookworm",
+                 files: dict[str, str] | None = None) -> None:
         self.index = index
-        self.address = f"127.0.1.{index + 2}"
+        self.family = family
+        #: Files of the image's own (path -> text), written before boot: an AMI's settings.
+        self.files = dict(files or {})
+        self.address = _address(index)
         self.port = 22
         self.instance_id = instance_id
         self.dir = workdir / f"guest{index}"
@@ -146,7 +170,7 @@ class Guest:
 
     # -------------------------------------------------------------- lifecycle
     def _prepare(self) -> None:
-        base = base_image()
+        base = base_image(self.family)
         upper, work = self.dir / "upper", self.dir / "work"
         for d in (upper, work, self.root):
             d.mkdir()
@@ -161,6 +185,8 @@ class Guest:
         (seed / "user-data").write_text(self.user_data)
         (self.root / "etc/ssh/sshd_config.d/00-guest-address.conf").write_text(
             f"ListenAddress {self.address}:{self.port}\n")
+        for path, text in self.files.items():
+            (self.root / path.lstrip("/")).write_text(text)
 
     def start(self) -> Guest:
         """Boot now, or after ``delay`` seconds (a machine that comes up late)."""
@@ -271,6 +297,14 @@ class Guest:
 
     def uptime(self) -> float | None:
         return None if self.started_at is None else time.time() - self.started_at
+
+    def offered_host_keys(self) -> list[str]:
+        """Every host key its sshd offers (one key exchange per key type, as ssh-keyscan
+        does), as ``type base64`` strings."""
+        out = subprocess.run(["ssh-keyscan", "-T", "5", "-p", str(self.port), self.address],
+                             capture_output=True, text=True, timeout=60).stdout
+        return sorted(" ".join(line.split()[1:3]) for line in out.splitlines()
+                      if line and not line.startswith("#"))
 
     def listening(self) -> bool:
         with socket.socket() as s:

@@ -93,6 +93,47 @@ def test_machine_that_dies_while_booting_fails_fast_with_reason_and_console(aws,
     assert cluster_instances(aws) == []
 
 
+def test_a_boot_without_the_clients_python_raises_host_python_error_with_the_fix(
+        aws, api_calls):
+    """The boot found no Python at the client's minor (the image lacks it and uv's
+    standalone Python could not be downloaded): the client raises HostPythonError (still a
+    BootFailedError) whose advice is the boot's own line: the image's Pythons and the fix."""
+    from joblib_cloud.errors import HostPythonError
+    from joblib_cloud.providers.aws import userdata
+
+    line = (f"{userdata.NO_PYTHON} 3.11 for the agent: uv's standalone Python 3.11 could not "
+            "be downloaded. This image has Python 3.13: run the client on one of those, pass "
+            "image_id= of an image that has python3.11, or python= with the path of a "
+            "Python 3.11 on it")
+    # After the verdict, cloud-init 25 (Debian 13) prints a traceback as the machine stops.
+    noise = "".join(f"\r\n[   63.{i:03d}] cloud-init[113]:   Line number: {i}" for i in range(30))
+    console = CONSOLE.replace("joblib-cloud: boot failed", line + "\r\n[   61.000] "
+                              "cloud-init[113]: joblib-cloud: boot failed") + noise
+    ended: list[str] = []
+
+    def hook(instance: dict) -> tuple[str, int]:
+        ended.append(instance["InstanceId"])
+        end_instance(instance["InstanceId"], *SELF_SHUTDOWN)
+        return "127.0.0.1", dead_port()
+
+    def answer(operation: str, params: dict, response: Any) -> Any:
+        if operation == "GetConsoleOutput":
+            response["Output"] = console
+        return response
+
+    provisioner.set_address_hook(hook)
+    api_calls.after = answer
+    error = _connect_within(15.0, n=1)
+    assert isinstance(error, HostPythonError) and isinstance(error, BootFailedError), error
+    first = str(error).splitlines()[0]
+    assert first.startswith(f"machine {ended[0]} stopped while booting"), first
+    assert first.endswith("Instance initiated shutdown). " + line.removeprefix(
+        "joblib-cloud: ") + "."), first
+    assert "Fix what the console output shows" not in str(error)
+    assert str(error).endswith("nonexistent-package==9); powering off"), str(error)
+    assert cluster_instances(aws) == []
+
+
 def test_a_machine_that_dies_while_booting_is_dropped_and_the_call_runs_on_the_others(
         aws, loopback_ec2, monkeypatch):
     """One of three machines fails its boot: the call does not fail, its share runs on the

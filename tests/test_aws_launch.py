@@ -200,3 +200,27 @@ def test_client_address_unknown_asks_for_ingress_cidr(aws, api_calls, monkeypatc
     assert api_calls.of("RunInstances") == []
     assert aws.describe_security_groups(
         Filters=ec2api.cluster_filter("test"))["SecurityGroups"] == []
+
+
+@pytest.mark.parametrize("python, prepared", [
+    ("/opt/python3.11/bin/python3", True),
+    ("python3", True),
+    ("env OMP_PROC_BIND=true /opt/joblib-cloud/venv/bin/python", False),
+    (userdata.HOST_PYTHON, False),
+])
+def test_python_on_aws_is_the_interpreter_the_boot_installs_into(aws, python, prepared):
+    """python= naming one interpreter of the image: the boot checks its minor, installs the
+    client's packages into it and makes no venv; a command line or the venv's own
+    interpreter keeps the venv."""
+    handle = launch(n=1, python=python)
+    boot = written_file(stored_user_data(aws, handle.instance_ids[0]),
+                        "/opt/joblib-cloud/boot.sh")
+    makes_venv = f"uv venv --quiet --python \"$PYTHON\" {userdata.VENV}" in boot
+    assert makes_venv is not prepared, boot
+    if prepared:
+        import shlex
+        assert f"GIVEN={shlex.quote(python)}\n" in boot
+        assert 'uv pip install --quiet --python "$PYTHON" --break-system-packages ' in boot
+        assert f"chown -R ec2-user: {userdata.VENV}" not in boot
+    else:
+        assert f"uv pip install --quiet --python {userdata.HOST_PYTHON} " in boot

@@ -14,7 +14,7 @@ import time
 from collections.abc import Callable
 from typing import Any, TypeVar
 
-from ...errors import JoblibCloudError
+from ...errors import HostPythonError, JoblibCloudError
 
 log = logging.getLogger("joblib_cloud")
 
@@ -66,6 +66,11 @@ class CapacityError(AWSError):
 class BootFailedError(AWSError):
     """A machine stopped before it accepted SSH: the message carries its state, the
     reason EC2 gives and the end of its console output (where the boot script writes)."""
+
+
+class PythonBootFailedError(BootFailedError, HostPythonError):
+    """A machine stopped while booting because no Python at the client's minor could be
+    had on it: the boot's console line that names the fix leads the message."""
 
 
 def error_code(exc: BaseException) -> str:

@@ -233,7 +233,7 @@ class _Launcher:
                 max_lifetime=config.max_lifetime, boot_timeout=config.boot_timeout,
                 shutdown_command=config.shutdown_command,
                 packages=config.packages, requirements_path=config.requirements,
-                image=config.image))
+                image=config.image, python=config.python))
             instance, used_spot = self._run_one(params, spot, launches)
             spot = spot and used_spot
             iid = instance["InstanceId"]

@@ -20,7 +20,7 @@ from typing import Any
 
 from ...client.hosts import HostSpec
 from . import ec2api, teardown, userdata
-from .ec2api import BootFailedError, call
+from .ec2api import BootFailedError, PythonBootFailedError, call
 
 log = logging.getLogger("joblib_cloud")
 
@@ -168,8 +168,8 @@ def _describe_ids(ec2: Any, ids: list[str]) -> list[dict[str, Any]]:
                             [{"Name": "instance-id", "Values": ids}])
 
 
-def console_tail(ec2: Any, instance_id: str, lines: int = CONSOLE_LINES) -> str:
-    """The last ``lines`` of the machine's console output (where the boot script writes)."""
+def console_lines(ec2: Any, instance_id: str) -> tuple[list[str], str]:
+    """The machine's console output as :func:`boot_lines`, or ``([], why there is none)``."""
     try:
         try:
             response = ec2.get_console_output(InstanceId=instance_id, Latest=True)
@@ -178,9 +178,9 @@ def console_tail(ec2: Any, instance_id: str, lines: int = CONSOLE_LINES) -> str:
                 raise
             response = ec2.get_console_output(InstanceId=instance_id)  # not on Xen types
     except Exception as exc:  # noqa: BLE001 - the error is still worth showing without it
-        return f"(console output unavailable: {ec2api.error_code(exc) or exc})"
-    tail = boot_lines(response.get("Output") or "")[-lines:]
-    return "\n".join(tail) if tail else "(no console output yet)"
+        return [], f"(console output unavailable: {ec2api.error_code(exc) or exc})"
+    rows = boot_lines(response.get("Output") or "")
+    return rows, "" if rows else "(no console output yet)"
 
 
 _ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
@@ -189,12 +189,14 @@ _ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
 def boot_lines(console: str) -> list[str]:
     """The console lines that tell how the boot went: what cloud-init and joblib-cloud
     printed (the boot script, the kill switch), without the rest of the system's start
-    and stop messages; all lines if there are none of those.  (botocore has already
-    decoded EC2's base64.)"""
+    and stop messages; all lines if there are none of those.  They end with the boot
+    script's own verdict when it failed (what a shutting-down cloud-init prints after it
+    is noise).  (botocore has already decoded EC2's base64.)"""
     rows = [_ANSI.sub("", row).rstrip() for row in console.splitlines()]
     rows = [row for row in rows if row.strip()]
     ours = [row for row in rows if "cloud-init[" in row or "joblib-cloud" in row]
-    return ours or rows
+    verdicts = [i for i, row in enumerate(ours) if userdata.BOOT_FAILED in row]
+    return ours[:verdicts[-1] + 1] if verdicts else ours or rows
 
 
 def boot_failure(ec2: Any, instance: dict[str, Any],
@@ -210,9 +212,17 @@ def boot_failure(ec2: Any, instance: dict[str, Any],
                   "requirements= that does not install, or an image_id= without the "
                   "expected user or Python), then run again.")
     also = "".join(f" Also {o['InstanceId']}: {o['State']['Name']}." for o in others or ())
-    return BootFailedError(
+    rows, missing = console_lines(ec2, iid)
+    error: type[BootFailedError] = BootFailedError
+    no_python = [row for row in rows if userdata.NO_PYTHON in row]
+    if no_python:  # the boot said which Pythons the image has and what to pass instead
+        error = PythonBootFailedError
+        advice = no_python[-1][no_python[-1].index(userdata.NO_PYTHON):]
+        advice = advice.removeprefix("joblib-cloud: ") + "."
+    tail = "\n".join(rows[-CONSOLE_LINES:]) or missing
+    return error(
         f"machine {iid} stopped while booting: it is {state} ({why}).{also} {advice}\n"
-        f"Last lines of its console output:\n{console_tail(ec2, iid)}")
+        f"Last lines of its console output:\n{tail}")
 
 
 def _find_by_tokens(ec2: Any, launches: Launches) -> tuple[set[str], list[str]]:

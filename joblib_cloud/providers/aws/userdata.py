@@ -76,28 +76,74 @@ OPENMP=$!
 """
 
 
-def _python_steps(python_minor: str, pins: str, count: int) -> str:
+#: Starts the boot script's last line when it fails (then it powers the machine off).
+BOOT_FAILED = "joblib-cloud: boot failed"
+#: Starts the boot's console line when no interpreter at the client's minor can be had:
+#: the line names the fix, and the client raises it as :class:`~..errors.HostPythonError`.
+NO_PYTHON = "joblib-cloud: no Python"
+#: uv's download of its standalone Python is bounded (connect, silence between reads, one
+#: retry, in all), so a network that cannot reach it or never answers fails the boot
+#: within about a minute, not at boot_timeout.
+STANDALONE_LIMITS = "UV_HTTP_CONNECT_TIMEOUT=10 UV_HTTP_TIMEOUT=20 UV_HTTP_RETRIES=1 timeout 300"
+
+
+def _no_python(python_minor: str) -> str:
+    """Bash function ``no_python WHY LINE``: the line that names the fix, then the failure
+    (the image's Pythons are listed, so the user knows which client minor would do)."""
+    line = (f"{NO_PYTHON} {python_minor} for the agent: $1. This image has Python "
+            f"${{HAVE:-(none)}}: run the client on one of those, pass image_id= of an image "
+            f"that has python{python_minor}, or python= with the path of a Python "
+            f"{python_minor} on it")
+    return f"""no_python() {{
+  HAVE=$(compgen -c python3. | grep -xE 'python3\\.[0-9]+' | sort -uV | sed 's/^python//' \\
+    | paste -sd' ' -) || true
+  echo "{line}"
+  failed "$2" "$1"
+  exit 1
+}}
+"""
+
+
+def _install(python: str, pins: str, count: int, flags: str = "") -> str:
+    """The client's packages into ``python``, while the OpenMP runtime installs."""
+    return f"""echo "joblib-cloud: installing {count} packages"
+{ROOT}/bin/uv pip install --quiet --python {python}{flags} {pins}
+echo "joblib-cloud: packages installed"
+wait $OPENMP || echo "joblib-cloud: no OpenMP runtime (see {ROOT}/openmp.log): LightGBM and \\
+XGBoost will not load"
+"""
+
+
+def _python_steps(python_minor: str, pins: str, count: int, python: str | None = None) -> str:
     """uv, then a venv with the distribution's Python (else uv's standalone one), then
-    the client's packages."""
+    the client's packages.  With ``python=``: that interpreter, which must be at the
+    client's minor, takes the packages itself (the agent runs it; no venv)."""
+    uv = f"""{_OPENMP}python3 {ROOT}/fetch_uv.py {UV_VERSION} {ROOT}/bin
+export UV_NO_CACHE=1 UV_PYTHON_INSTALL_DIR={ROOT}/python
+"""
+    if python:
+        return f"""{_no_python(python_minor)}GIVEN={shlex.quote(python)}
+PYTHON=$(command -v "$GIVEN") || no_python "python=$GIVEN is not on this image" $LINENO
+GOT=$("$PYTHON" -c 'import sys; print("%d.%d" % sys.version_info[:2])')
+[ "$GOT" = {python_minor} ] || no_python "python=$GIVEN is Python $GOT" $LINENO
+{uv}{_install('"$PYTHON"', pins, count, " --break-system-packages")}"""
     return f"""PY=python{python_minor}
-if ! command -v $PY >/dev/null; then  # the distribution's Python, when it has this minor
+{_no_python(python_minor)}# The distribution's Python, if it has this minor:
+if ! command -v $PY >/dev/null; then
   if command -v dnf >/dev/null; then dnf install -y -q $PY || true
   elif command -v apt-get >/dev/null; then
     (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $PY) || true
   fi
 fi
-{_OPENMP}python3 {ROOT}/fetch_uv.py {UV_VERSION} {ROOT}/bin
-export UV_NO_CACHE=1 UV_PYTHON_INSTALL_DIR={ROOT}/python
-if command -v $PY >/dev/null; then PYTHON=$(command -v $PY)
-else PYTHON={python_minor}; echo "joblib-cloud: no $PY package here: uv's standalone Python"
+{uv}if command -v $PY >/dev/null; then PYTHON=$(command -v $PY)
+else
+  echo "joblib-cloud: no $PY package here: uv's standalone Python"
+  {STANDALONE_LIMITS} {ROOT}/bin/uv python install {python_minor} ||
+    no_python "uv's standalone Python {python_minor} could not be downloaded" $LINENO
+  PYTHON={python_minor}
 fi
 {ROOT}/bin/uv venv --quiet --python "$PYTHON" {VENV}
-echo "joblib-cloud: installing {count} packages"
-{ROOT}/bin/uv pip install --quiet --python {HOST_PYTHON} {pins}
-echo "joblib-cloud: packages installed"
-wait $OPENMP || echo "joblib-cloud: no OpenMP runtime (see {ROOT}/openmp.log): LightGBM and \
-XGBoost will not load"
-"""
+{_install(HOST_PYTHON, pins, count)}"""
 
 
 def _docker_steps(user: str, image: str) -> str:
@@ -115,8 +161,19 @@ echo joblib-cloud: image {shlex.quote(image)} pulled
 """
 
 
+def interpreter_to_prepare(python: str | None) -> str | None:
+    """``python=`` as the boot takes it: an interpreter of the image (one word, a path or a
+    command name) that gets the client's packages instead of a venv; None (make the venv)
+    without it, for the venv's own interpreter, or for a command line such as
+    ``env OMP_PROC_BIND=true /opt/joblib-cloud/venv/bin/python``."""
+    if not python or len(shlex.split(python)) != 1 or python.startswith(f"{VENV}/"):
+        return None
+    return python
+
+
 def boot_script(user: str, python_minor: str, requirements: list[str],
-                requirements_file: bool, image: str | None = None) -> str:
+                requirements_file: bool, image: str | None = None,
+                python: str | None = None) -> str:
     """Bash run by cloud-init (as root) once the watchdog is up."""
     user = shlex.quote(user)  # validated by config too
     pins = " ".join(shlex.quote(r) for r in requirements)
@@ -124,15 +181,15 @@ def boot_script(user: str, python_minor: str, requirements: list[str],
         pins += f" -r {ROOT}/requirements.txt"
     # The agent (as ``user``) installs into the venv what tasks miss there (sync_packages).
     setup = (_docker_steps(user, image) if image
-             else _python_steps(python_minor, pins, len(requirements))
-             + f"chown -R {user}: {VENV}\n")
+             else _python_steps(python_minor, pins, len(requirements), python)
+             + ("" if python else f"chown -R {user}: {VENV}\n"))
     what = "Docker and the image" if image else f"uv, Python {python_minor}, the packages"
     return f"""#!/bin/bash
 # joblib-cloud boot: {what}, then SSH access.
 set -euo pipefail
 exec > >(tee -a {BOOT_LOG}) 2>&1
 failed() {{
-  echo "joblib-cloud: boot failed (line $1: $2); powering off"
+  echo "{BOOT_FAILED} (line $1: $2); powering off"
   systemctl poweroff || poweroff -f
 }}
 trap 'failed $LINENO "$BASH_COMMAND"' ERR
@@ -178,10 +235,12 @@ def build(*, user: str, host_private_key: str, host_public_key: str, client_publ
           idle_timeout: float, max_lifetime: float, shutdown_command: str,
           boot_timeout: float = 1200.0, packages: tuple[str, ...] = (),
           requirements_path: str | None = None, image: str | None = None,
-          python_minor: str | None = None) -> str:
+          python_minor: str | None = None, python: str | None = None) -> str:
     """The user-data for one host (each host gets its own SSH host key).  ``python_minor``
-    defaults to the client's own."""
+    defaults to the client's own; ``python``: what the agent runs (``python=``): an
+    interpreter of the image gets the client's packages instead of a venv."""
     python_minor = python_minor or ".".join(platform.python_version_tuple()[:2])
+    python = None if image else interpreter_to_prepare(python)
     files: list[dict[str, Any]] = [
         # sshd offers only the key the client expects (the image may generate others);
         # the cluster's key also signs run -n N jobs' short-lived keys (siblings.py).
@@ -197,7 +256,7 @@ def build(*, user: str, host_private_key: str, host_public_key: str, client_publ
                                   shutdown_command)},
         {"path": f"{ROOT}/boot.sh", "permissions": "0755",
          "content": boot_script(user, python_minor, client_requirements(packages),
-                                requirements_path is not None, image)},
+                                requirements_path is not None, image, python)},
         {"path": CLIENT_KEY_PATH, "permissions": "0644", "content": client_public_key + "\n"},
     ]
     if requirements_path is not None:
