@@ -177,3 +177,25 @@ def test_run_executes_the_jobs_python_in_the_image(engine, docker_fleet, tmp_pat
     assert workspace.is_relative_to(home / "jobs")
     assert Path(seen["agent"]).is_relative_to(home)  # the client's code, shipped
     assert (workspace / "made-in-image.txt").read_text() == MARKER_VALUE
+
+
+def total(x: np.ndarray, i: int) -> float:
+    return float(x.sum()) + i
+
+
+def test_two_clusters_on_one_host_keep_their_own_cached_arguments(engine, docker_fleet):
+    """Each agent's cache directory is named by its process id, and an agent removes the
+    directories of agents that are gone: ids must be the VM's, not each container's."""
+    x = np.random.default_rng(11).random(4 * MB // 8)
+    expected = [float(x.sum()) + i for i in range(6)]
+    one = docker_fleet.hosts[:1]
+    first = _kwargs(docker_fleet, engine, hosts=one, cluster="docker-first")
+    second = _kwargs(docker_fleet, engine, hosts=one, cluster="docker-second")
+    with parallel_backend("cloud", **first):
+        assert Parallel(batch_size=1)(delayed(total)(x, i) for i in range(6)) == expected
+    with parallel_backend("cloud", **second):
+        assert Parallel()(delayed(abs)(-i) for i in range(6)) == list(range(6))
+    registry.get_cluster(resolve_config(**second)).close()
+    with parallel_backend("cloud", **first):  # x is still cached on the host: by reference
+        assert Parallel(batch_size=1)(delayed(total)(x, i) for i in range(6)) == expected
+    registry.get_cluster(resolve_config(**first)).close()

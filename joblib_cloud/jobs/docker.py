@@ -9,9 +9,14 @@ the bootstrap code changes.  The container shares with the VM:
   activity file the on-VM kill switch watches;
 - the network and IPC namespaces (``--network host``, ``--ipc host``): tasks reach what
   the VM reaches, and tasks' shared memory is not capped by Docker's 64 MB ``/dev/shm``;
+- the process id namespace (``--pid host``): an agent's cache directory is named by its
+  process id, and an agent removes the directories of agents no longer running, so two
+  agents on one VM (two clusters) must see each other's ids as the VM does; in their own
+  namespaces both would be the same small number and share, then delete, one cache;
 - the user id (``--user``), so files it writes stay the VM user's to clean up.
 
-``--init`` reaps and forwards signals, ``--rm`` leaves nothing behind, and ``-i`` without
+Not PID 1 of a namespace, the agent gets signals (forwarded by ``docker run``) as on the
+VM, so no ``--init`` is needed.  ``--rm`` leaves nothing behind, and ``-i`` without
 ``-t`` keeps stdin/stdout a clean byte stream for the protocol.
 """
 
@@ -40,9 +45,9 @@ def check_image(image: str) -> str:
 def docker_run_args(image: str, python: str = "python3", *, mount_cwd: bool = False,
                     docker: str = "docker") -> list[str]:
     """The ``docker run`` words (shell-quoted, ``$H`` = the host's joblib-cloud home)."""
-    words = [docker, "run", "--rm", "-i", "--init", "--network", "host", "--ipc", "host",
-             "--user", '"$(id -u):$(id -g)"', "-v", '"$H:$H"', "-e", f'"{HOME_ENV}=$H"',
-             "-e", "HOME=/tmp"]
+    words = [docker, "run", "--rm", "-i", "--network", "host", "--ipc", "host",
+             "--pid", "host", "--user", '"$(id -u):$(id -g)"', "-v", '"$H:$H"',
+             "-e", f'"{HOME_ENV}=$H"', "-e", "HOME=/tmp"]
     if mount_cwd:  # a job: its workspace is the working directory inside too
         words += ["-v", '"$PWD:$PWD"', "-w", '"$PWD"']
         for name in JOB_ENV:  # "-e NAME" passes the VM's value through
