@@ -10,14 +10,17 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 import textwrap
 from pathlib import Path
 
 import numpy as np
 import pytest
 from dockerengine import MARKER_MODULE, MARKER_VALUE, VENV, Engine, tools_missing
+from helpers import wait_until
 from joblib import Parallel, delayed, parallel_backend
 from sklearn.datasets import make_classification
 from sklearn.linear_model import LogisticRegression
@@ -199,3 +202,61 @@ def test_two_clusters_on_one_host_keep_their_own_cached_arguments(engine, docker
     with parallel_backend("cloud", **first):  # x is still cached on the host: by reference
         assert Parallel(batch_size=1)(delayed(total)(x, i) for i in range(6)) == expected
     registry.get_cluster(resolve_config(**first)).close()
+
+
+SPREAD_JOB = """
+import json, os, sys, time
+from joblib import Parallel, delayed, parallel_backend
+import joblib_cloud  # noqa: F401  (registers the backend)
+
+def where(i):
+    import joblib_cloud_image_marker  # the image's packages on every machine
+    time.sleep(1)  # one worker per host, two tasks at once: both hosts work
+    return os.environ["JOBLIB_CLOUD_HOME"], sys.prefix
+
+with parallel_backend("cloud"):
+    seen = Parallel(n_jobs=2, batch_size=1)(delayed(where)(i) for i in range(4))
+print(json.dumps({"homes": sorted({h for h, _ in seen}),
+                  "prefixes": sorted({p for _, p in seen}),
+                  "provider": os.environ["JOBLIB_CLOUD_PROVIDER"]}))
+"""
+
+
+@pytest.fixture
+def ssh_agent(docker_fleet):
+    """An ssh-agent of this test's own, holding the fleet's client key."""
+    directory = tempfile.mkdtemp(prefix="jca-", dir="/tmp")  # socket paths are short
+    sock = os.path.join(directory, "agent.sock")
+    proc = subprocess.Popen(["ssh-agent", "-D", "-a", sock], stdout=subprocess.DEVNULL)
+    try:
+        wait_until(lambda: os.path.exists(sock), 10, "the ssh-agent's socket")
+        subprocess.run(["ssh-add", "-q", str(docker_fleet.client_key)], check=True,
+                       env={**os.environ, "SSH_AUTH_SOCK": sock})
+        yield sock
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+def test_run_n2_spreads_the_jobs_tasks_over_both_hosts_in_the_image(
+        engine, docker_fleet, ssh_agent, tmp_path):
+    project = tmp_path / "project"
+    project.mkdir()
+    (project / "spread.py").write_text(textwrap.dedent(SPREAD_JOB))
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith("JOBLIB_CLOUD_") and k != "SSH_AUTH_SOCK"}
+    env.update({"JOBLIB_CLOUD_HOME": str(tmp_path / "client-home"),
+                "JOBLIB_CLOUD_PROVIDER": "ssh",
+                "JOBLIB_CLOUD_HOSTS": ",".join(h.spec for h in docker_fleet.hosts),
+                "JOBLIB_CLOUD_SSH_KEY": str(docker_fleet.client_key),
+                "JOBLIB_CLOUD_KNOWN_HOSTS": str(docker_fleet.known_hosts),
+                "JOBLIB_CLOUD_WORKERS_PER_HOST": "1",
+                "JOBLIB_CLOUD_IMAGE": engine.image, "SSH_AUTH_SOCK": ssh_agent})
+    done = subprocess.run([sys.executable, "-m", "joblib_cloud", "run", "-n", "2", "--",
+                           "python", "spread.py"], cwd=project, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    info = json.loads(done.stdout.strip().splitlines()[-1])
+    assert info["homes"] == sorted(str(h.home) for h in docker_fleet.hosts)
+    assert info["prefixes"] == [VENV] and info["provider"] == "ssh"
