@@ -18,6 +18,7 @@ import textwrap
 from pathlib import Path
 
 import numpy as np
+import psutil
 import pytest
 from dockerengine import MARKER_MODULE, MARKER_VALUE, VENV, Engine, tools_missing
 from helpers import wait_until
@@ -260,3 +261,53 @@ def test_run_n2_spreads_the_jobs_tasks_over_both_hosts_in_the_image(
     info = json.loads(done.stdout.strip().splitlines()[-1])
     assert info["homes"] == sorted(str(h.home) for h in docker_fleet.hosts)
     assert info["prefixes"] == [VENV] and info["provider"] == "ssh"
+
+
+HOLDING_CLIENT = """
+import json, os, sys, time
+from joblib import Parallel, delayed, parallel_backend
+import joblib_cloud  # noqa: F401
+
+def hold(i):
+    held = os.path.join(os.environ["JOBLIB_CLOUD_HOME"], "held")
+    os.makedirs(held, exist_ok=True)
+    open(os.path.join(held, str(os.getpid())), "w").close()  # the VM's process id
+    time.sleep(300)
+
+with parallel_backend("cloud", **json.loads(sys.argv[1])):
+    Parallel(batch_size=1)(delayed(hold)(i) for i in range(8))
+"""
+
+
+def test_a_killed_client_leaves_no_container_and_no_task_running(engine, docker_fleet,
+                                                                  tmp_path):
+    script = tmp_path / "client.py"
+    script.write_text(textwrap.dedent(HOLDING_CLIENT))
+    kwargs = _kwargs(docker_fleet, engine, cluster="docker-killed")
+    proc = subprocess.Popen([sys.executable, str(script), json.dumps(kwargs)],
+                            cwd=tmp_path, stdin=subprocess.DEVNULL,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    helds = [h.home / "held" for h in docker_fleet.hosts]
+    try:
+        wait_until(lambda: sum(len(list(d.glob("*"))) for d in helds if d.exists()) >= 4,
+                   120, "tasks running in containers on both hosts")
+        pids = [int(p.name) for d in helds for p in d.iterdir()]
+        assert all(psutil.pid_exists(pid) for pid in pids)
+        assert len(engine.docker("ps", "-q").stdout.split()) == 2  # one agent per host
+        proc.kill()
+        proc.wait(timeout=10)
+        wait_until(lambda: not any(_alive(pid) for pid in pids), 60,
+                   "the tasks to stop after the client was killed")
+        wait_until(lambda: not engine.docker("ps", "-q").stdout.split(), 60,
+                   "the agents' containers to go")
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
