@@ -32,6 +32,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import pytest
 from guests import CACHE, _ca_bundle
 from sshfleet import _free_port
 
@@ -228,3 +229,17 @@ class Engine:
             self._lock = None
         with contextlib.suppress(OSError):
             shutil.rmtree(self.dir)
+
+
+@pytest.fixture(name="engine", scope="module")
+def engine_fixture():
+    """A started ``Engine`` (the image in its registry), stopped after the module."""
+    reason = tools_missing()
+    if reason:
+        pytest.fail(f"a Docker engine cannot run here: {reason}")
+    engine = Engine()
+    try:
+        engine.start()
+        yield engine
+    finally:
+        engine.stop()

@@ -45,6 +45,8 @@ class GuestEC2:
         self.guests: dict[str, Guest] = {}
         #: Seconds each next launched guest waits before it boots (a slow machine).
         self.boot_delays: list[float] = []
+        #: Whether the guests launched next can run Docker containers (guests.Guest).
+        self.docker = False
         self._lock = threading.Lock()
 
     # ------------------------------------------------------------ the double
@@ -71,7 +73,7 @@ class GuestEC2:
         with self._lock:
             delay = self.boot_delays.pop(0) if self.boot_delays else 0.0
             guest = Guest(self.workdir, next(_addresses), base64.b64decode(user_data).decode(),
-                          instance_id, delay=delay)
+                          instance_id, delay=delay, docker=self.docker)
             self.guests[instance_id] = guest
         guest.on_exit(self._powered_off)
         guest.start()

@@ -20,7 +20,13 @@ from pathlib import Path
 import numpy as np
 import psutil
 import pytest
-from dockerengine import MARKER_MODULE, MARKER_VALUE, VENV, Engine, tools_missing
+from dockerengine import (
+    MARKER_MODULE,
+    MARKER_VALUE,
+    VENV,
+    Engine,
+    engine_fixture,  # noqa: F401  (fixture)
+)
 from helpers import wait_until
 from joblib import Parallel, delayed, parallel_backend
 from sklearn.datasets import make_classification
@@ -35,19 +41,6 @@ from joblib_cloud.config import resolve_config
 pytestmark = pytest.mark.slow  # the engine's first start builds the image (minutes)
 
 MB = 2**20
-
-
-@pytest.fixture(scope="module")
-def engine():
-    reason = tools_missing()
-    if reason:
-        pytest.fail(f"a Docker engine cannot run here: {reason}")
-    engine = Engine()
-    try:
-        engine.start()
-        yield engine
-    finally:
-        engine.stop()
 
 
 @pytest.fixture(scope="module")
