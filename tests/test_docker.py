@@ -37,6 +37,7 @@ from sshfleet import SSHFleet
 from joblib_cloud import DistributedPool
 from joblib_cloud.client import registry
 from joblib_cloud.config import resolve_config
+from joblib_cloud.errors import HostConnectError
 
 pytestmark = pytest.mark.slow  # the engine's first start builds the image (minutes)
 
@@ -304,3 +305,25 @@ def _alive(pid: int) -> bool:
         return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
     except psutil.NoSuchProcess:
         return False
+
+
+@pytest.mark.parametrize("problem", ["an image the registry lacks", "no such python in it"])
+def test_an_agent_that_cannot_start_in_the_image_says_why_and_what_to_check(
+        engine, docker_fleet, problem):
+    if problem == "an image the registry lacks":
+        settings = _kwargs(docker_fleet, engine, cluster="docker-missing")
+        settings["image"] = engine.image.rsplit("/", 1)[0] + "/missing:1"
+        docker_says = "manifest unknown"
+    else:
+        settings = _kwargs(docker_fleet, engine, cluster="docker-nopython")
+        settings["python"] = "python9"
+        docker_says = 'exec: "python9": executable file not found'
+    try:
+        with pytest.raises(HostConnectError) as info, parallel_backend("cloud", **settings):
+            Parallel()(delayed(abs)(i) for i in range(2))
+    finally:
+        registry.close_all()
+    message = str(info.value)
+    assert f"did not start in image={settings['image']!r}" in message
+    assert docker_says in message  # Docker's own words
+    assert "Docker usable by the SSH user" in message and "inside the image" in message

@@ -148,9 +148,17 @@ class HostSession:
         except (EOFError, OSError) as exc:
             time.sleep(0.3)  # let the stderr pump collect the reason
             detail = self._stderr_tail.decode(errors="replace").strip() or str(exc)
+            python = config.python or "python3"
+            if config.image:
+                raise HostConnectError(
+                    f"the joblib-cloud agent on {self.name} did not start in image="
+                    f"{config.image!r} with python={python!r}: {detail}. The host needs "
+                    "Docker usable by the SSH user and able to pull the image; the image "
+                    "needs Python with joblib and cloudpickle (python= names the "
+                    "interpreter inside the image).") from None
             raise HostConnectError(
                 f"the joblib-cloud agent on {self.name} did not start with python="
-                f"{config.python or 'python3'!r}: {detail}. It needs Python with joblib "
+                f"{python!r}: {detail}. It needs Python with joblib "
                 "and cloudpickle installed (set python= to the right interpreter).") from None
         if kind != Kind.HELLO or hello.get("protocol") != PROTOCOL_VERSION:
             raise HostConnectError(f"host {self.name} speaks another protocol: {hello!r}")
