@@ -327,3 +327,46 @@ def test_an_agent_that_cannot_start_in_the_image_says_why_and_what_to_check(
     assert f"did not start in image={settings['image']!r}" in message
     assert docker_says in message  # Docker's own words
     assert "Docker usable by the SSH user" in message and "inside the image" in message
+
+
+LONG_JOB = """
+import os, subprocess, time
+child = subprocess.Popen(["sleep", "300"])
+with open("pids.txt", "w") as fh:
+    fh.write(f"{os.getpid()} {child.pid}")  # the VM's process ids
+time.sleep(300)
+"""
+
+
+def test_cancel_stops_a_detached_job_and_its_container(engine, docker_fleet, tmp_path):
+    project = tmp_path / "project"
+    project.mkdir()
+    (project / "long_job.py").write_text(textwrap.dedent(LONG_JOB))
+    settings = _kwargs(docker_fleet, engine)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("JOBLIB_CLOUD_")}
+    env.update({"JOBLIB_CLOUD_HOME": str(tmp_path / "client-home"),
+                "JOBLIB_CLOUD_PROVIDER": "ssh",
+                "JOBLIB_CLOUD_HOSTS": settings["hosts"][0],
+                "JOBLIB_CLOUD_SSH_KEY": settings["ssh_key"],
+                "JOBLIB_CLOUD_KNOWN_HOSTS": settings["known_hosts"],
+                "JOBLIB_CLOUD_IMAGE": engine.image})
+
+    def cli(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "joblib_cloud", *args], cwd=project,
+                              env=env, capture_output=True, text=True, timeout=120)
+
+    started = cli("run", "--detach", "--", "python", "long_job.py")
+    assert started.returncode == 0, started.stderr
+    job_id = started.stdout.strip()
+    pids_file = docker_fleet.hosts[0].home / "jobs" / job_id / "workspace" / "pids.txt"
+    wait_until(lambda: pids_file.exists() and len(pids_file.read_text().split()) == 2, 60,
+               "the job to start in its container")
+    pids = [int(p) for p in pids_file.read_text().split()]
+    assert all(_alive(pid) for pid in pids)
+    assert len(engine.docker("ps", "-q").stdout.split()) == 1
+    cancelled = cli("cancel", job_id)
+    assert cancelled.returncode == 0 and "cancelled" in cancelled.stdout, cancelled
+    wait_until(lambda: not any(_alive(pid) for pid in pids), 30,
+               "the job's processes to stop")
+    wait_until(lambda: not engine.docker("ps", "-q").stdout.split(), 30,
+               "the job's container to go")
