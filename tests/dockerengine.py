@@ -39,7 +39,8 @@ from sshfleet import _free_port
 DOCKERD = shutil.which("dockerd") or "/usr/sbin/dockerd"
 REGISTRY = shutil.which("docker-registry") or "/usr/bin/docker-registry"
 DEBIAN_PACKAGES = ("python3", "python3-venv", "ca-certificates")
-PIP_PACKAGES = ("joblib", "cloudpickle", "numpy", "scipy", "scikit-learn", "paramiko")
+PIP_PACKAGES = ("joblib", "cloudpickle", "numpy", "scipy", "scikit-learn", "pandas",
+                "paramiko")
 VENV = "/opt/venv"
 #: A module only the image has: importing it inside a task proves the image's packages.
 MARKER_MODULE = "joblib_cloud_image_marker"
@@ -131,7 +132,8 @@ class Engine:
         self.socket = self.dir / "docker.sock"
         self.host = f"unix://{self.socket}"
         self.data_root = CACHE / "docker-data"
-        self.registry_root = CACHE / "docker-registry"  # a re-push then sends nothing
+        # Kept per recipe: a re-push then sends nothing.
+        self.registry_root = CACHE / f"docker-registry-{recipe_key()}"
         self.dockerd: subprocess.Popen | None = None
         self.registry: subprocess.Popen | None = None
         self.registry_port = 0
@@ -164,6 +166,7 @@ class Engine:
         tarball = image_tarball()
         self._start_dockerd()
         self._start_registry()
+        self._remove_other_recipes()
         if not self.has_image(self.local_image):
             self.docker("import", "--change", f"ENV PATH={IMAGE_PATH}", str(tarball),
                         self.local_image)
@@ -172,6 +175,20 @@ class Engine:
         self.docker("push", self.image)
         self.docker("rmi", self.image)  # untag only: hosts pull it from the registry
         return self
+
+    def _remove_other_recipes(self) -> None:
+        """The images, tarballs and registries of older recipes (they are 0.5 GB each)."""
+        for path in [*CACHE.glob("docker-image-*.tar"), *CACHE.glob("docker-registry-*")]:
+            if recipe_key() in path.name:
+                continue
+            if path.is_dir():
+                shutil.rmtree(path)
+            else:
+                path.unlink()
+        tags = self.docker("images", REPOSITORY, "--format", "{{.Repository}}:{{.Tag}}")
+        stale = [ref for ref in tags.stdout.split() if ref != self.local_image]
+        if stale:
+            self.docker("rmi", *stale)
 
     def _start_dockerd(self) -> None:
         log = open(self.dir / "dockerd.log", "wb")
