@@ -18,7 +18,6 @@ Both daemons are stopped by PID.
 
 from __future__ import annotations
 
-import contextlib
 import fcntl
 import hashlib
 import importlib.metadata
@@ -244,8 +243,14 @@ class Engine:
         if self._lock is not None:
             self._lock.close()  # type: ignore[attr-defined]
             self._lock = None
-        with contextlib.suppress(OSError):
-            shutil.rmtree(self.dir)
+        for mount in reversed(self._mounts()):  # dockerd leaves exec/netns/default mounted
+            subprocess.run(["umount", "-l", mount], check=False)
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+    def _mounts(self) -> list[str]:
+        with open("/proc/self/mountinfo") as info:
+            points = [line.split()[4] for line in info]
+        return [p for p in points if p.startswith(f"{self.dir}/")]
 
 
 @pytest.fixture(name="engine", scope="module")
