@@ -51,6 +51,8 @@ class GuestEC2:
         self.images: dict[str, str] = {}
         #: Files (path -> text) every next guest's image holds (e.g. /etc/uv/uv.toml).
         self.image_files: dict[str, str] = {}
+        #: Whether the guests launched next can run Docker containers (guests.Guest).
+        self.docker = False
         self._lock = threading.Lock()
 
     # ------------------------------------------------------------ the double
@@ -91,7 +93,8 @@ class GuestEC2:
         with self._lock:
             delay = self.boot_delays.pop(0) if self.boot_delays else 0.0
             guest = Guest(self.workdir, next(_addresses), base64.b64decode(user_data).decode(),
-                          instance_id, delay=delay, family=family, files=self.image_files)
+                          instance_id, delay=delay, family=family, files=self.image_files,
+                          docker=self.docker)
             self.guests[instance_id] = guest
         guest.on_exit(self._powered_off)
         guest.start()

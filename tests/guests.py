@@ -136,6 +136,39 @@ def _address(index: int) -> str:
     return f"127.{_NET}.{index // 250}.{index % 250 + 2}"
 
 
+#: Where a Docker guest sees this machine's cgroup v1 controllers (bind-mounted, writable).
+HOST_CGROUP = "/run/host-cgroup"
+#: A unit of the Docker guest's image: nspawn mounts the cgroup v1 controllers read-only,
+#: where runc must create each container's cgroups; a VM's kernel has them writable.
+_CGROUP_UNIT = f"""[Unit]
+Description=Writable cgroup controllers, as a VM has them
+DefaultDependencies=no
+Before=sysinit.target containerd.service docker.service
+ConditionPathIsDirectory={HOST_CGROUP}
+
+[Service]
+Type=oneshot
+RemainAfterExit=yes
+ExecStart=/usr/local/sbin/host-cgroup
+
+[Install]
+WantedBy=sysinit.target
+"""
+_CGROUP_SCRIPT = f"""#!/bin/sh
+for c in {HOST_CGROUP}/*; do mount --bind "$c" "/sys/fs/cgroup/${{c##*/}}"; done
+"""
+#: The guest shares this machine's network namespace: its Docker must not add a bridge
+#: or firewall rules to it (containers run with ``--network host`` anyway).
+_DOCKER_DAEMON = {"iptables": False, "ip6tables": False, "bridge": "none"}
+
+
+def _cgroup_controllers() -> list[str]:
+    root = Path("/sys/fs/cgroup")
+    return sorted(p.name for p in root.iterdir()
+                  if p.name not in ("systemd", "unified") and not p.is_symlink()
+                  and (p / "cgroup.procs").exists())
+
+
 def _uptime() -> float:
     return float(Path("/proc/uptime").read_text().split()[0])
 
@@ -145,11 +178,13 @@ class Guest:
 
     def __init__(self, workdir: Path, index: int, user_data: str, instance_id: str,
                  delay: float = 0.0, family: str = "bookworm",
-                 files: dict[str, str] | None = None) -> None:
+                 files: dict[str, str] | None = None, docker: bool = False) -> None:
+        """``docker``: a machine where Docker can run containers (``_docker_nspawn``)."""
         self.index = index
         self.family = family
         #: Files of the image's own (path -> text), written before boot: an AMI's settings.
         self.files = dict(files or {})
+        self.docker = docker
         self.address = _address(index)
         self.port = 22
         self.instance_id = instance_id
@@ -187,6 +222,30 @@ class Guest:
             f"ListenAddress {self.address}:{self.port}\n")
         for path, text in self.files.items():
             (self.root / path.lstrip("/")).write_text(text)
+        if self.docker:
+            (self.root / "etc/docker").mkdir(parents=True, exist_ok=True)
+            (self.root / "etc/docker/daemon.json").write_text(json.dumps(_DOCKER_DAEMON))
+            unit = self.root / "etc/systemd/system/host-cgroup.service"
+            unit.write_text(_CGROUP_UNIT)
+            script = self.root / "usr/local/sbin/host-cgroup"
+            script.write_text(_CGROUP_SCRIPT)
+            script.chmod(0o755)
+            wants = self.root / "etc/systemd/system/sysinit.target.wants"
+            wants.mkdir(parents=True, exist_ok=True)
+            (wants / unit.name).symlink_to(f"/etc/systemd/system/{unit.name}")
+            (self.dir / "docker").mkdir()
+
+    def _docker_nspawn(self) -> list[str]:
+        """What Docker needs of nspawn: every capability, the bpf and keyring system
+        calls, this machine's cgroup controllers (mounted over nspawn's read-only ones by
+        ``_CGROUP_UNIT``), and ``/var/lib/docker`` on a plain directory (overlay2 does not
+        stack on the guest's overlay root)."""
+        if not self.docker:
+            return []
+        return ["--capability=all", "--system-call-filter=@keyring bpf",
+                f"--bind={self.dir / 'docker'}:/var/lib/docker",
+                *[f"--bind=/sys/fs/cgroup/{c}:{HOST_CGROUP}/{c}"
+                  for c in _cgroup_controllers()]]
 
     def start(self) -> Guest:
         """Boot now, or after ``delay`` seconds (a machine that comes up late)."""
@@ -211,7 +270,8 @@ class Guest:
                 ["unshare", "--time", "--fork", "--kill-child",
                  f"--boottime=-{offset}", f"--monotonic=-{offset}",
                  "systemd-nspawn", "--quiet", "-b", "-D", str(self.root), "--register=no",
-                 "--keep-unit", "-M", f"guest{self.index}", "--console=read-only"],
+                 "--keep-unit", "-M", f"guest{self.index}", "--console=read-only",
+                 *self._docker_nspawn()],
                 stdin=subprocess.DEVNULL, stdout=console, stderr=subprocess.STDOUT,
                 start_new_session=True)
             console.close()

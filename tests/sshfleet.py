@@ -37,10 +37,12 @@ def _free_port(address: str) -> int:
 
 class SSHHost:
     def __init__(self, root: Path, index: int, client_pub: str,
-                 host_key: tuple[str, str] | None = None, user_ca: str | None = None) -> None:
+                 host_key: tuple[str, str] | None = None, user_ca: str | None = None,
+                 env: dict[str, str] | None = None) -> None:
         """``host_key``: a given (OpenSSH private key, public line) pair instead of a
         fresh one, e.g. the key an EC2 user-data document carries; ``user_ca``: a public
-        key whose user certificates sshd accepts (``TrustedUserCAKeys``)."""
+        key whose user certificates sshd accepts (``TrustedUserCAKeys``).  ``env``: more
+        variables every login gets (sshd ``SetEnv``), e.g. ``DOCKER_HOST``."""
         self.index = index
         self.address = f"127.0.0.{index + 2}"
         self.dir = root / f"host{index}"
@@ -62,6 +64,7 @@ class SSHHost:
         self.user = getpass.getuser()
         self.proc: subprocess.Popen | None = None
         self.port = 0
+        self.env = {"JOBLIB_CLOUD_HOME": str(self.home), **(env or {})}
 
     @property
     def spec(self) -> str:
@@ -82,7 +85,7 @@ PermitRootLogin prohibit-password
 UsePAM no
 StrictModes no
 Subsystem sftp internal-sftp
-SetEnv JOBLIB_CLOUD_HOME={self.home}
+SetEnv {" ".join(f"{k}={v}" for k, v in self.env.items())}
 LogLevel VERBOSE
 MaxStartups 100:30:200
 MaxSessions 100
@@ -158,13 +161,13 @@ MaxSessions 100
 
 
 class SSHFleet:
-    def __init__(self, root: Path, n: int = 3) -> None:
+    def __init__(self, root: Path, n: int = 3, env: dict[str, str] | None = None) -> None:
         self.root = root
         root.mkdir(parents=True, exist_ok=True)
         self.client_key = root / "client_key"
         client_pub = _keygen(self.client_key)
         Path("/run/sshd").mkdir(exist_ok=True)  # sshd's privilege-separation directory
-        self.hosts = [SSHHost(root, i, client_pub) for i in range(n)]
+        self.hosts = [SSHHost(root, i, client_pub, env=env) for i in range(n)]
         self.known_hosts = root / "known_hosts"
 
     def start(self) -> SSHFleet:

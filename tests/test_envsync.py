@@ -136,7 +136,7 @@ with open(os.environ["FAKE_DOCKER_LOG"], "a") as fh:
 assert args[0] == "run", args
 env, cwd, i = dict(os.environ), None, 1
 while args[i].startswith("-"):
-    if args[i] in ("--network", "--ipc", "--user", "-v", "-e", "-w"):
+    if args[i] in ("--network", "--ipc", "--pid", "--user", "-v", "-e", "-w"):
         opt, value = args[i], args[i + 1]
         i += 2
         if opt == "-e" and "=" in value:
@@ -177,7 +177,7 @@ def test_docker_command_line():
 
     command = docker_python("ghcr.io/me/model:1.2", "/opt/py/bin/python3")
     assert command.startswith("sh -c ") and command.endswith(" joblib-cloud-docker")
-    assert ("docker run --rm -i --init --network host --ipc host" in command)
+    assert "docker run --rm -i --network host --ipc host --pid host" in command
     assert "ghcr.io/me/model:1.2 /opt/py/bin/python3 \"$@\"" in command
     assert '-v "$H:$H"' in command and "-w" not in command
     assert '-w "$PWD"' in docker_python("img", mount_cwd=True)
@@ -214,7 +214,7 @@ def test_agent_starts_inside_the_image(fake_docker):
     assert image == "python:3.11-slim"
     assert home == fake_docker["env"]["JOBLIB_CLOUD_HOME"]
     args = json.loads(fake_docker["log"].read_text().splitlines()[0])
-    assert args[:4] == ["run", "--rm", "-i", "--init"]
+    assert args[:3] == ["run", "--rm", "-i"]
     assert f"{os.getuid()}:{os.getgid()}" in args
     assert args[-3:-1] == ["-u", "-c"]  # the bootstrap reached python intact
 

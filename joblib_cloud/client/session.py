@@ -153,15 +153,23 @@ class HostSession:
             time.sleep(0.3)  # let the stderr pump collect the reason
             detail = self._stderr_tail.decode(errors="replace").strip() or str(exc)
             missing = re.search(r"No module named '([^'.]+)", detail)
+            python = config.python or "python3"
             advice = ("It needs Python with joblib and cloudpickle installed (set python= "
                       "to the right interpreter).")
             if missing and missing.group(1) not in ("joblib", "cloudpickle"):
                 advice = (f"The agent needs only joblib and cloudpickle, so needing "
                           f"{missing.group(1)!r} there is a joblib-cloud bug: please report it "
                           "with this message.")
+            elif config.image:
+                raise HostConnectError(
+                    f"the joblib-cloud agent on {self.name} did not start in image="
+                    f"{config.image!r} with python={python!r}: {detail}. The host needs "
+                    "Docker usable by the SSH user and able to pull the image; the image "
+                    "needs Python with joblib and cloudpickle (python= names the "
+                    "interpreter inside the image).") from None
             raise HostConnectError(
                 f"the joblib-cloud agent on {self.name} did not start with python="
-                f"{config.python or 'python3'!r}: {detail}. {advice}") from None
+                f"{python!r}: {detail}. {advice}") from None
         if kind != Kind.HELLO or hello.get("protocol") != PROTOCOL_VERSION:
             raise HostConnectError(f"host {self.name} speaks another protocol: {hello!r}")
         self.hello = hello
