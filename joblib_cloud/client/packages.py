@@ -174,13 +174,18 @@ class HostPackages:
         self.session.resends.append(job)
         self.session.wake.notify()
 
-    def _refuse(self, job: Batch, meta: ResultMeta, data: bytes | memoryview,
-                why: str) -> None:
+    def _release(self, job: Batch) -> None:
+        """``job`` leaves this host's in-flight table: its slot goes to the next batch."""
         session = self.session
         with session.cluster.lock:
             session.inflight.pop(job.id, None)
             if session.cluster.pending:
                 session.wake.notify()
+
+    def _refuse(self, job: Batch, meta: ResultMeta, data: bytes | memoryview,
+                why: str) -> None:
+        session = self.session
+        self._release(job)
         missing = meta["missing_module"]
         error = ModuleNotFoundError(
             f"{job.label} needs module {missing!r}, which host {session.name} cannot import; "
@@ -196,10 +201,7 @@ class HostPackages:
     def _fail(self, job: Batch, install: PackageInstall, meta: ResultMeta,
               data: bytes | memoryview) -> None:
         session = self.session
-        with session.cluster.lock:
-            session.inflight.pop(job.id, None)
-            if session.cluster.pending:
-                session.wake.notify()
+        self._release(job)
         missing = meta["missing_module"]
         if install.ok:
             what = (f"{install.what()} was installed there, yet {job.label} still cannot "
