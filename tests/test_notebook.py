@@ -1,0 +1,113 @@
+"""The notebook is home: a real Jupyter kernel runs cells on a loopback fleet whose third
+host comes up while the first call works.  The cell gets one display that updates in place
+(recorded as ``update_display_data``) and ends as the call's summary, and the tasks'
+output, each line prefixed by its host.  The notebook is then rendered to HTML and
+photographed in headless Chromium; the picture stays in the test's temporary directory."""
+
+from __future__ import annotations
+
+import re
+import threading
+import time
+
+import pytest
+from helpers import wait_until
+
+kernel = pytest.importorskip("kernel")  # needs nbclient, nbconvert, ipykernel (test extra)
+
+SETUP = """\
+import time
+from joblib import Parallel, delayed, parallel_backend
+import joblib_cloud
+
+settings = {settings!r}
+
+def work(i):
+    time.sleep(0.5)
+    print(f"task {{i}} done")
+    return i * i
+"""
+
+FIRST_CALL = """\
+with parallel_backend("cloud", **settings):
+    squares = Parallel(n_jobs=-1, batch_size=1)(delayed(work)(i) for i in range(40))
+assert squares == [i * i for i in range(40)]
+"""
+
+SECOND_CALL = """\
+with parallel_backend("cloud", **settings):
+    total = sum(Parallel(n_jobs=-1, batch_size=1)(delayed(work)(i) for i in range(12)))
+total
+"""
+
+
+def _html(output) -> str:
+    return output.get("data", {}).get("text/html", "")
+
+
+@pytest.mark.slow
+def test_a_cell_shows_the_fleet_coming_up_the_work_and_the_cost(fresh_fleet, tmp_path,
+                                                                 monkeypatch):
+    late = fresh_fleet.hosts[2]
+    late.kill()
+    settings = fresh_fleet.kwargs(workers_per_host=2, connect_timeout=90, cluster="notebook")
+    kernel.kernel_environment(monkeypatch, tmp_path)
+
+    def bring_up_late_host() -> None:  # once the others work, as a slow VM would
+        wait_until(lambda: any(h.accepted_logins() for h in fresh_fleet.hosts[:2]), 120,
+                   "a first login")
+        time.sleep(1.5)
+        late.start(wait=False)
+
+    starter = threading.Thread(target=bring_up_late_host, daemon=True)
+    starter.start()
+    nb, client = kernel.run([SETUP.format(settings=settings), FIRST_CALL, SECOND_CALL],
+                            tmp_path)
+    starter.join()
+
+    first = nb.cells[1]
+    displays = [o for o in first.outputs if o.output_type == "display_data"]
+    assert len(displays) == 1, first.outputs
+    summary = displays[0]
+    assert "joblib-cloud-summary" in _html(summary)
+    text = summary["data"]["text/plain"]
+    assert re.fullmatch(r"joblib-cloud: 40 tasks in [\d.]+s on [23] of 3 hosts", text), text
+
+    updates = [content for index, content in client.updates if index == 1]
+    ids = {u["transient"]["display_id"] for u in updates}
+    assert len(ids) == 1 and len(updates) >= 3, updates
+    live = [u["data"]["text/html"] for u in updates if "joblib-cloud-live" in
+            u["data"]["text/html"]]
+    late_name = f"{late.user}@{late.address}:{late.port}"
+    late_rows = [re.search(re.escape(late_name) + r"</code></td><td[^>]*>([a-z ]+)", h)
+                 for h in live]
+    late_states = [m.group(1) for m in late_rows if m]
+    assert "connecting" in late_states, late_states       # shown while it booted...
+    assert late_states[-1] in ("starting agent", "ready"), late_states  # ...and joining
+    progress = [int(m.group(1)) for h in live
+                if (m := re.search(r"<b>(\d+)</b> of 40 tasks done", h))]
+    assert progress and progress == sorted(progress) and progress[-1] > 0, progress
+    assert "joblib-cloud-summary" in updates[-1]["data"]["text/html"]
+
+    printed = "".join(o.get("text", "") for o in first.outputs
+                      if o.output_type == "stream" and o.name == "stdout")
+    lines = [line for line in printed.splitlines() if line.endswith(" done")]
+    assert sorted(int(line.split("task ")[1].split()[0]) for line in lines) == list(range(40))
+    prefixes = {line.split("] ")[0] + "]" for line in lines}
+    assert prefixes <= {f"[{h.user}@{h.address}:{h.port}]" for h in fresh_fleet.hosts}
+    assert len(prefixes) >= 2, prefixes
+    noise = "".join(o.get("text", "") for c in nb.cells for o in c.outputs
+                    if o.output_type == "stream" and o.name == "stderr")
+    assert "Traceback" not in noise and "Error reading SSH" not in noise, noise
+
+    second = nb.cells[2]
+    (again,) = [o for o in second.outputs if o.output_type == "display_data"]
+    assert re.fullmatch(r"joblib-cloud: 12 tasks in [\d.]+s on \d of 3 hosts",
+                        again["data"]["text/plain"])
+    (result,) = [o for o in second.outputs if o.output_type == "execute_result"]
+    assert result["data"]["text/plain"] == str(sum(i * i for i in range(12)))
+
+    page = kernel.to_html(nb, tmp_path / "notebook.html")
+    png = kernel.photograph(page, tmp_path / "notebook.png", tmp_path / "chromium")
+    assert png.stat().st_size > 20_000
+    print(f"notebook picture: {png}")
