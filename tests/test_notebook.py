@@ -56,7 +56,7 @@ def test_a_cell_shows_the_fleet_coming_up_the_work_and_the_cost(fresh_fleet, tmp
     def bring_up_late_host() -> None:  # once the others work, as a slow VM would
         wait_until(lambda: any(h.accepted_logins() for h in fresh_fleet.hosts[:2]), 120,
                    "a first login")
-        time.sleep(1.5)
+        time.sleep(3)
         late.start(wait=False)
 
     starter = threading.Thread(target=bring_up_late_host, daemon=True)
@@ -110,4 +110,18 @@ def test_a_cell_shows_the_fleet_coming_up_the_work_and_the_cost(fresh_fleet, tmp
     page = kernel.to_html(nb, tmp_path / "notebook.html")
     png = kernel.photograph(page, tmp_path / "notebook.png", tmp_path / "chromium")
     assert png.stat().st_size > 20_000
-    print(f"notebook picture: {png}")
+    # and the cell as it looked mid-call: the late host still on its way, tasks running
+    moments = [(h, bool(state and state.group(1) != "ready"), done)
+               for h, state, done in zip(live, late_rows, _done(live), strict=True)]
+    moment = next((h for h, joining, done in moments if joining and done),
+                  next(h for h, _, done in moments if done))
+    summary["data"] = {"text/html": moment, "text/plain": "(live)"}
+    del second.outputs[:]
+    page = kernel.to_html(nb, tmp_path / "notebook-live.html")
+    live_png = kernel.photograph(page, tmp_path / "notebook-live.png", tmp_path / "chromium",
+                                 size="1100,700")
+    print(f"notebook pictures: {png} {live_png}")
+
+
+def _done(pages: list[str]) -> list[int]:
+    return [int(m.group(1)) if (m := re.search(r"<b>(\d+)</b> of", h)) else 0 for h in pages]

@@ -60,15 +60,16 @@ def board_html(board: Board) -> str:
              f"<div style='font-weight:600'>joblib-cloud {_e(board.title)}</div>"]
     if board.price:
         parts.append(f"<div>{_e(board.price)}</div>")
-    if board.stage:
+    ready = [r for r in rows if r.state == "ready"]
+    ready_line = f"{len(ready)} of {len(rows)} hosts ready"
+    if board.stage and not board.stage.startswith(ready_line):  # the table says it
         parts.append(f"<div style='color:#656d76'>{_e(board.stage)}</div>")
     if board.parallel is not None:
         of = f" of {total}" if total is not None else ""
         parts.append(f"<div style='margin:4px 0'>{_bar(done, total)}"
                      f"<b>{done}</b>{of} tasks done</div>")
     if rows:
-        ready = [r for r in rows if r.state == "ready"]
-        parts.append(f"<div>{len(ready)} of {len(rows)} hosts ready, "
+        parts.append(f"<div>{ready_line}, "
                      f"{sum(r.workers for r in ready)} workers</div>")
         head = "".join(f"<th style='{_CELL}'>{h}</th>"
                        for h in ("host", "state", "workers", "tasks done"))
