@@ -18,6 +18,11 @@ HOST_STATES = ("waiting", "booting", "connecting", "starting agent", "installing
                "failed", "lost")
 
 
+def usd(amount: float) -> str:
+    """Dollars, with the cents that matter for small amounts too."""
+    return f"${amount:.2f}" if amount >= 0.1 else f"${amount:.4f}"
+
+
 @dataclass
 class HostRow:
     name: str
@@ -40,7 +45,7 @@ class Summary:
     per_host: dict[str, int] = field(default_factory=dict)
 
     def text(self) -> str:
-        cost = "" if self.cost is None else f", ${self.cost:.2f}"
+        cost = "" if self.cost is None else f", {usd(self.cost)}"
         return (f"joblib-cloud: {self.tasks} tasks in {self.seconds:.1f}s on "
                 f"{self.hosts_used} of {self.hosts} hosts{cost}")
 
@@ -129,7 +134,7 @@ class Board:
             parts.append(f"{done}/{total if total is not None else '?'} tasks")
         spent = self.money()
         if spent is not None:
-            parts.append(f"${spent:.2f} so far")
+            parts.append(f"{usd(spent)} so far")
         return "; ".join(p for p in parts if p)
 
     def summary(self) -> Summary:

@@ -14,7 +14,7 @@ import threading
 import time
 from typing import Any
 
-from .board import Board, HostRow, Summary
+from .board import Board, HostRow, Summary, usd
 
 #: Shortest time between two updates of the display.
 INTERVAL = 0.25
@@ -78,14 +78,14 @@ def board_html(board: Board) -> str:
     footer = [f"{time.monotonic() - board.opened:.0f}s"]
     spent = board.money()
     if spent is not None:
-        footer.insert(0, f"${spent:.2f} so far")
+        footer.insert(0, f"{usd(spent)} so far")
     parts.append(f"<div style='color:#656d76'>{' · '.join(footer)}</div></div>")
     return "".join(parts)
 
 
 def summary_html(summary: Summary, board: Board) -> str:
     """What a finished call leaves in the cell."""
-    cost = "" if summary.cost is None else f" · <b>${summary.cost:.2f}</b>"
+    cost = "" if summary.cost is None else f" · <b>{usd(summary.cost)}</b>"
     per_host = " · ".join(f"<code>{_e(name)}</code> {count}"
                           for name, count in summary.per_host.items())
     price = f"<div style='color:#656d76'>{_e(board.price)}</div>" if board.price else ""
