@@ -22,7 +22,7 @@ INTERVAL = 0.25
 TICK = 1.0
 
 _STATE_COLOURS = {"ready": "#2e7d32", "failed": "#c62828", "lost": "#c62828"}
-_BOX = ("font-family: -apple-system, 'Segoe UI', Helvetica, Arial, sans-serif; "
+BOX = ("font-family: -apple-system, 'Segoe UI', Helvetica, Arial, sans-serif; "
         "font-size: 13px; line-height: 1.45; border: 1px solid #d0d7de; border-radius: 6px; "
         "padding: 8px 12px; max-width: 760px; background: #fafbfc; color: #1f2328")
 _CELL = "padding: 2px 10px 2px 0; text-align: left; border: none"
@@ -56,7 +56,7 @@ def board_html(board: Board) -> str:
     """The live view: price, stage, tasks of the call, one row per host, money."""
     rows = board.rows()
     done, total = board.tasks()
-    parts = [f'<div class="joblib-cloud-live" style="{_BOX}">',
+    parts = [f'<div class="joblib-cloud-live" style="{BOX}">',
              f"<div style='font-weight:600'>joblib-cloud {_e(board.title)}</div>"]
     if board.price:
         parts.append(f"<div>{_e(board.price)}</div>")
@@ -89,7 +89,7 @@ def summary_html(summary: Summary, board: Board) -> str:
     per_host = " · ".join(f"<code>{_e(name)}</code> {count}"
                           for name, count in summary.per_host.items())
     price = f"<div style='color:#656d76'>{_e(board.price)}</div>" if board.price else ""
-    return (f'<div class="joblib-cloud-summary" style="{_BOX}">'
+    return (f'<div class="joblib-cloud-summary" style="{BOX}">'
             f"<div><span style='color:#2e7d32'>&#10003;</span> joblib-cloud "
             f"{_e(board.title)}: <b>{summary.tasks}</b> tasks in "
             f"<b>{summary.seconds:.1f}s</b> on <b>{summary.hosts_used}</b> of "
