@@ -40,6 +40,8 @@ with parallel_backend("cloud", **settings):
 total
 """
 
+HANDLE = "joblib_cloud.status(**settings)"
+
 
 def _html(output) -> str:
     return output.get("data", {}).get("text/html", "")
@@ -61,7 +63,8 @@ def test_a_cell_shows_the_fleet_coming_up_the_work_and_the_cost(fresh_fleet, tmp
 
     starter = threading.Thread(target=bring_up_late_host, daemon=True)
     starter.start()
-    nb, client = kernel.run([SETUP.format(settings=settings), FIRST_CALL, SECOND_CALL],
+    nb, client = kernel.run([SETUP.format(settings=settings), FIRST_CALL, SECOND_CALL,
+                             HANDLE],
                             tmp_path)
     starter.join()
 
@@ -84,9 +87,9 @@ def test_a_cell_shows_the_fleet_coming_up_the_work_and_the_cost(fresh_fleet, tmp
     late_states = [m.group(1) for m in late_rows if m]
     assert "connecting" in late_states, late_states       # shown while it booted...
     assert late_states[-1] in ("starting agent", "ready"), late_states  # ...and joining
-    progress = [int(m.group(1)) for h in live
-                if (m := re.search(r"<b>(\d+)</b> of 40 tasks done", h))]
-    assert progress and progress == sorted(progress) and progress[-1] > 0, progress
+    progress = _done(live)  # the total shows once joblib has read the whole generator
+    assert progress == sorted(progress) and progress[-1] > 0, progress
+    assert any(re.search(r"<b>\d+</b> of 40 tasks done", h) for h in live)
     assert "joblib-cloud-summary" in updates[-1]["data"]["text/html"]
 
     printed = "".join(o.get("text", "") for o in first.outputs
@@ -107,16 +110,22 @@ def test_a_cell_shows_the_fleet_coming_up_the_work_and_the_cost(fresh_fleet, tmp
     (result,) = [o for o in second.outputs if o.output_type == "execute_result"]
     assert result["data"]["text/plain"] == str(sum(i * i for i in range(12)))
 
+    (view,) = nb.cells[3].outputs
+    assert "joblib-cloud-status" in _html(view)
+    assert _html(view).count(">connected<") == 3
+    assert "6 workers on 3 hosts, 0 batches running, 0 queued" in _html(view)
+
     page = kernel.to_html(nb, tmp_path / "notebook.html")
-    png = kernel.photograph(page, tmp_path / "notebook.png", tmp_path / "chromium")
+    png = kernel.photograph(page, tmp_path / "notebook.png", tmp_path / "chromium",
+                            size="1100,1900")
     assert png.stat().st_size > 20_000
     # and the cell as it looked mid-call: the late host still on its way, tasks running
     moments = [(h, bool(state and state.group(1) != "ready"), done)
                for h, state, done in zip(live, late_rows, _done(live), strict=True)]
-    moment = next((h for h, joining, done in moments if joining and done),
-                  next(h for h, _, done in moments if done))
+    moment = ([h for h, joining, done in moments if joining and done]
+              or [h for h, _, done in moments if done])[-1]
     summary["data"] = {"text/html": moment, "text/plain": "(live)"}
-    del second.outputs[:]
+    del second.outputs[:], nb.cells[3].outputs[:]
     page = kernel.to_html(nb, tmp_path / "notebook-live.html")
     live_png = kernel.photograph(page, tmp_path / "notebook-live.png", tmp_path / "chromium",
                                  size="1100,700")
@@ -124,4 +133,5 @@ def test_a_cell_shows_the_fleet_coming_up_the_work_and_the_cost(fresh_fleet, tmp
 
 
 def _done(pages: list[str]) -> list[int]:
-    return [int(m.group(1)) if (m := re.search(r"<b>(\d+)</b> of", h)) else 0 for h in pages]
+    return [int(m.group(1)) if (m := re.search(r"<b>(\d+)</b>( of \d+)? tasks done", h)) else 0
+            for h in pages]
