@@ -79,3 +79,21 @@ def test_an_aws_call_shows_its_price_its_spend_and_its_cost(aws, loopback_ec2, m
 
     assert photograph(page, tmp_path / "aws-display.png", tmp_path / "chromium",
                       size="900,600").stat().st_size > 10_000
+
+
+def test_in_ci_only_the_price_line_shows_once(aws, loopback_ec2, capfd):
+    """stderr is no terminal here and no kernel runs: the launch says what it costs, once,
+    and nothing else (no stage lines, no summary)."""
+    settings = {"provider": "aws", "n": 2, "instance": "C2", "cluster": "quiet",
+                "region": REGION, "ingress_cidr": CIDR, "user": getpass.getuser(),
+                "python": sys.executable, "workers_per_host": 1}
+    try:
+        for _ in range(2):  # the second call reuses the machines: no launch, no line
+            with parallel_backend("cloud", **settings):
+                assert Parallel(n_jobs=-1)(delayed(_square)(i) for i in range(6)) == \
+                    [i * i for i in range(6)]
+    finally:
+        registry.close_all()
+    lines = [line for line in capfd.readouterr().err.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("joblib-cloud: launching 2 x C2"), lines
+    assert "/h" in lines[0]
