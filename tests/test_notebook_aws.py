@@ -9,33 +9,16 @@ import getpass
 import re
 import sys
 
-import IPython.display
 from awsmock import (  # noqa: F401  (fixtures)
     CIDR,
     REGION,
     aws_fixture,
     loopback_ec2_fixture,
 )
+from displays import Shown
 from joblib import Parallel, delayed, parallel_backend
 
-from joblib_cloud.client import progress, registry
-
-
-class Shown:
-    """``IPython.display.display(..., display_id=True)`` and its handle's ``update``."""
-
-    def __init__(self) -> None:
-        self.bundles: list[dict[str, str]] = []
-
-    def display(self, bundle: dict[str, str], raw: bool = False,
-                display_id: bool = False) -> Shown:
-        assert raw and display_id
-        self.bundles.append(bundle)
-        return self
-
-    def update(self, bundle: dict[str, str], raw: bool = False) -> None:
-        assert raw
-        self.bundles.append(bundle)
+from joblib_cloud.client import registry
 
 
 def _square(i):
@@ -44,9 +27,7 @@ def _square(i):
 
 def test_an_aws_call_shows_its_price_its_spend_and_its_cost(aws, loopback_ec2, monkeypatch,
                                                             tmp_path):
-    shown = Shown()
-    monkeypatch.setattr(progress, "in_notebook", lambda: True)
-    monkeypatch.setattr(IPython.display, "display", shown.display)
+    shown = Shown().install(monkeypatch)
     settings = {"provider": "aws", "n": 2, "instance": "C2", "cluster": "money",
                 "region": REGION, "ingress_cidr": CIDR, "user": getpass.getuser(),
                 "python": sys.executable, "workers_per_host": 2}

@@ -43,10 +43,18 @@ class Summary:
     hosts: int
     cost: float | None
     per_host: dict[str, int] = field(default_factory=dict)
+    #: The call stopped early (a task raised, a timeout, Ctrl-C): ``tasks`` is how far
+    #: it got.
+    stopped: bool = False
+
+    @property
+    def what(self) -> str:
+        return (f"stopped after {self.tasks} tasks" if self.stopped
+                else f"{self.tasks} tasks")
 
     def text(self) -> str:
         cost = "" if self.cost is None else f", {usd(self.cost)}"
-        return (f"joblib-cloud: {self.tasks} tasks in {self.seconds:.1f}s on "
+        return (f"joblib-cloud: {self.what} in {self.seconds:.1f}s on "
                 f"{self.hosts_used} of {self.hosts} hosts{cost}")
 
 
@@ -145,4 +153,5 @@ class Board:
                        hosts_used=sum(1 for r in rows if r.done),
                        hosts=sum(1 for r in rows if r.state == "ready") or len(rows),
                        cost=None if spent is None else spent - (before or 0.0),
-                       per_host={r.name: r.done for r in rows})
+                       per_host={r.name: r.done for r in rows},
+                       stopped=bool(getattr(self.parallel, "_aborting", False)))

@@ -89,9 +89,13 @@ def summary_html(summary: Summary, board: Board) -> str:
     per_host = " · ".join(f"<code>{_e(name)}</code> {count}"
                           for name, count in summary.per_host.items())
     price = f"<div style='color:#656d76'>{_e(board.price)}</div>" if board.price else ""
+    mark = ("<span style='color:#c62828'>&#10007;</span>" if summary.stopped
+            else "<span style='color:#2e7d32'>&#10003;</span>")
+    what = (f"stopped after <b>{summary.tasks}</b> tasks" if summary.stopped
+            else f"<b>{summary.tasks}</b> tasks")
     return (f'<div class="joblib-cloud-summary" style="{BOX}">'
-            f"<div><span style='color:#2e7d32'>&#10003;</span> joblib-cloud "
-            f"{_e(board.title)}: <b>{summary.tasks}</b> tasks in "
+            f"<div>{mark} joblib-cloud "
+            f"{_e(board.title)}: {what} in "
             f"<b>{summary.seconds:.1f}s</b> on <b>{summary.hosts_used}</b> of "
             f"{summary.hosts} hosts{cost}</div>{price}"
             f"<div style='color:#656d76'>tasks per host: {per_host or 'none'}</div></div>")
