@@ -39,6 +39,7 @@ class Summary:
 
     seconds: float
     tasks: int
+    #: Hosts that ran some of its tasks, of the fleet's hosts (joining or gone included).
     hosts_used: int
     hosts: int
     cost: float | None
@@ -151,7 +152,7 @@ class Board:
         spent, before = self.money(), self.spent_at_open
         return Summary(seconds=time.monotonic() - self.opened, tasks=done,
                        hosts_used=sum(1 for r in rows if r.done),
-                       hosts=sum(1 for r in rows if r.state == "ready") or len(rows),
+                       hosts=len(rows),
                        cost=None if spent is None else spent - (before or 0.0),
                        per_host={r.name: r.done for r in rows},
                        stopped=bool(getattr(self.parallel, "_aborting", False)))
