@@ -70,7 +70,9 @@ class CloudCluster:
         """The idle and lifetime rules, the last stop they allow, and the budget."""
         config = self.config
         lines = [f"each machine stops after {config.idle_timeout:.0f}s without work and "
-                 f"{config.max_lifetime / 3600:g}h after it launched at the latest"]
+                 f"{config.max_lifetime / 3600:g}h after it launched at the latest"
+                 if config.provider == "aws" else
+                 "its agents stop when this program leaves (the machines are yours)"]
         launched = [datetime.fromisoformat(r["launched"]) for r in rows
                     if r.get("launched") and r["state"] in ("pending", "running")]
         if launched:
