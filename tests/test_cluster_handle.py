@@ -39,7 +39,7 @@ def test_local_cluster_shows_its_hosts_scales_and_goes_down():
         assert "local-0" in html and "connected" in html
         assert "1 workers on 1 hosts" in html
         assert handle.scale(n=2) is handle
-        assert [h.name for h in handle.connected().alive_hosts] == ["local-0", "local-1"]
+        assert sorted(h.name for h in handle.connected().alive_hosts) == ["local-0", "local-1"]
         with parallel_backend("cloud", **{**settings, "n": 2}):
             pids = set(Parallel(n_jobs=-1, batch_size=1)(delayed(_pid)(i) for i in range(40)))
         assert len(pids) == 2  # one worker on each of the two hosts
