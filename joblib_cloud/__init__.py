@@ -35,7 +35,7 @@ from .backend import CloudBackend
 
 # Hosts import this package too (the agent and every worker process), and they need only
 # joblib and cloudpickle: the client side (paramiko, boto3) loads on first use.
-_LAZY = {"DistributedPool": "pool"}
+_LAZY = {"DistributedPool": "pool", "status": "handle", "CloudCluster": "handle"}
 
 
 def __getattr__(name: str) -> Any:
@@ -55,6 +55,7 @@ __all__ = [
     "AbortedError",
     "BudgetExceededError",
     "CloudBackend",
+    "CloudCluster",
     "ClusterLostError",
     "DistributedPool",
     "EnvironmentMismatchError",
@@ -66,4 +67,5 @@ __all__ = [
     "ResultTooLargeError",
     "TaskPicklingError",
     "TerminatedWorkerError",
+    "status",
 ]

@@ -78,14 +78,25 @@ class CloudBackend(AutoBatchingMixin, ParallelBackendBase):
         from .wire.serialization import register_local_modules
 
         register_local_modules()
-        self.cluster.new_call()
+        cluster = self.cluster
+        cluster.new_call()
+        if cluster.progress is not None:
+            cluster.progress.start_call(getattr(self, "parallel", None))
+
+    def stop_call(self) -> None:
+        cluster = self._cluster
+        if cluster is not None:
+            cluster.flush_output()
+            if cluster.progress is not None:
+                cluster.progress.stop_call()
 
     def submit(self, func: Any, callback: Any = None) -> Future:
         from .client.batch import describe_batch, submit
 
         future = submit(self.cluster, func, describe_batch(func), owner=self,
                         threads=self.inner_max_num_threads,
-                        sync_packages=self.config.sync_packages)
+                        sync_packages=self.config.sync_packages,
+                        size=len(func) if hasattr(func, "__len__") else 1)
         if callback is not None:
             future.add_done_callback(callback)
         return future

@@ -41,6 +41,8 @@ class Batch:
     aborted: bool = False
     #: A module it misses on a host may be installed there, and then it runs again.
     sync_packages: bool = False
+    #: Tasks in it (joblib's batch size), for the progress display.
+    size: int = 1
 
 
 def resolve(job: Batch, result: Any = None, exc: BaseException | None = None) -> None:
@@ -121,7 +123,8 @@ def _callable_name(func: Any) -> str:
 
 
 def submit(cluster: Cluster, obj: Any, label: str, owner: object,
-           threads: int | None = None, sync_packages: bool = False) -> Future:
+           threads: int | None = None, sync_packages: bool = False, size: int = 1
+           ) -> Future:
     """Pickle ``obj`` (a joblib batch, a pool's chunk) and queue it on ``cluster``; a
     pickling error becomes the future's outcome, naming what could not be sent."""
     from ..wire.serialization import dumps_batch
@@ -136,4 +139,4 @@ def submit(cluster: Cluster, obj: Any, label: str, owner: object,
         future.set_exception(error)
         return future
     return cluster.submit(Batch(payload, frozenset(refs), label, owner=owner, threads=threads,
-                                sync_packages=sync_packages))
+                                sync_packages=sync_packages, size=size))

@@ -67,8 +67,10 @@ class Cluster:
         #: The workers a host will have, before it says so (the fleet's target capacity).
         self.workers_per_host = workers_per_host
         self.changed = threading.Condition(self.lock)  # a host joined or gave up
-        #: Progress lines while the fleet comes up (dropped once it has).
+        #: What the user sees of this cluster: the launch, then each call's progress.
         self.progress: Progress | None = None
+        #: Say "first results" once, while a fleet of several hosts comes up.
+        self.announce_first_result = False
         self._monitoring = False
         #: The hosts' boot installed packages= (aws): the client need not.
         self.boot_installs_packages = False
@@ -109,6 +111,8 @@ class Cluster:
         with self.lock:
             self.joining -= 1
             self.failures[name] = error
+            if self.progress is not None:
+                self.progress.host(name, "failed", detail=type(error).__name__)
             self.changed.notify_all()
             self.wake_all()  # with none left to come, hosts may queue a batch ahead
             stranded = self._strand_if_hopeless()
@@ -117,7 +121,7 @@ class Cluster:
         self._fail(stranded)
 
     def first_result(self) -> None:
-        progress, self.progress = self.progress, None
+        progress, self.announce_first_result = self.progress, False
         if progress is not None:
             progress.update(f"first results; {len(self.alive_hosts)} of "
                             f"{len(self.alive_hosts) + self.joining + len(self.failures)} "
@@ -269,6 +273,11 @@ class Cluster:
         for job in dropped:
             resolve(job, exc=AbortedError(f"{job.label} was cancelled"))
 
+    def flush_output(self) -> None:
+        """The end of a call: what tasks printed without a final newline is shown."""
+        for host in list(self.hosts):
+            host.flush_output()
+
     def live_refs(self) -> set[str]:
         with self.lock:
             jobs = list(self.pending) + [j for h in self.hosts for j in h.inflight.values()]
@@ -293,6 +302,8 @@ class Cluster:
                 return
             host.alive = False
             host.lost_reason = reason
+            if self.progress is not None:
+                self.progress.host(host.name, "lost", detail=reason[:60])
             jobs = sorted(host.inflight.values(), key=lambda j: j.id)
             host.inflight.clear()
             survivors = self.alive_hosts

@@ -90,12 +90,19 @@ def connect(config: CloudConfig, progress: Progress | None = None) -> Cluster:
     up, and one that never does is dropped with a warning (``Cluster.give_up_on``).  Only
     when no host comes up does this fail, with every host's reason, after undoing what
     the provider made for it."""
-    progress = progress or Progress(config.verbose)
-    fleet = provisioner.provider(config.provider).ensure(config, progress)
+    progress = progress or Progress(config.verbose,
+                                    title=f"cluster {config.cluster!r} ({config.provider})")
+    try:
+        fleet = provisioner.provider(config.provider).ensure(config, progress)
+    except BaseException:
+        progress.abandon()
+        raise
+    progress.board.spent = fleet.spent
     config = config.replace(python=config.python or fleet.python,
                             connect_timeout=fleet.connect_timeout or config.connect_timeout)
     cluster = Cluster(config, fleet.workers_per_host)
-    cluster.progress = progress if len(fleet.hosts) > 1 else None
+    cluster.progress = progress
+    cluster.announce_first_result = len(fleet.hosts) > 1
     cluster.boot_installs_packages = fleet.boot_installs_packages
     store = fleet.object_store()
     if store is not None:
@@ -112,6 +119,7 @@ def connect(config: CloudConfig, progress: Progress | None = None) -> Cluster:
     except BaseException:
         cluster.close()
         fleet.abort()  # never leave a VM we just launched
+        progress.abandon()
         raise
     fleet.watch(cluster, config)
     return cluster
@@ -121,15 +129,18 @@ def _join(cluster: Cluster, fleet: Fleet, target: HostTarget, config: CloudConfi
           progress: Progress, total: int, install: bool) -> None:
     """Connect one host (with ``install``, install packages= and requirements= there
     before any batch) and hand it to the cluster, or tell the cluster it never came."""
+    progress.host(target.name, "booting" if target.check is not None else "connecting")
     try:
         session = _opener(cluster, target)(config)
         try:
+            progress.host(target.name, "starting agent")
             session.handshake(config)
             if cluster.staging is not None and session.connection is not None:
                 # the agent just went over this connection: the kernel knows how fast
                 cluster.staging.link.estimated(
                     delivery_rate(session.connection.transport.sock))
             if install:
+                progress.host(target.name, "installing")
                 session.packages.install_configured(config)
             fleet.ready(target)
         except BaseException:
@@ -146,6 +157,7 @@ def _join(cluster: Cluster, fleet: Fleet, target: HostTarget, config: CloudConfi
                             "`joblib-cloud down` removes it", target.name, error)
         return
     cluster.join(session)
+    progress.host(target.name, "ready", session.workers)
     ready = len(cluster.alive_hosts)
     spent = fleet.spent()
     message = (f"{ready} of {total} hosts ready, {cluster.n_workers} workers"

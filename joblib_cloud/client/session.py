@@ -359,8 +359,10 @@ class HostSession:
                 self.wake.notify()
         if job is None:
             return
-        if cluster.progress is not None:  # the fleet is still coming up: say it works
-            cluster.first_result()
+        if cluster.progress is not None:
+            cluster.progress.task_done(self.name, job.size)
+            if cluster.announce_first_result:  # the fleet is still coming up: say it works
+                cluster.first_result()
         status = Status(meta["status"])
         if status is Status.CANCELLED:  # only batches this client aborted, by id
             resolve(job, exc=AbortedError(f"{job.label} was cancelled"))
@@ -375,6 +377,12 @@ class HostSession:
                     f"unpickled here: {type(exc).__name__}: {exc}"))
         else:
             resolve(job, exc=result_error(status, meta, data, self.name, job.label))
+
+    def flush_output(self) -> None:
+        """What tasks printed without a final newline: shown as a line of its own."""
+        for stream, rest in list(self._line_buffers.items()):
+            if rest:
+                self._print(stream, b"\n")
 
     def _print(self, stream: str, data: bytes) -> None:
         text = self._line_buffers.get(stream, b"") + data

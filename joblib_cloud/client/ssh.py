@@ -46,6 +46,20 @@ PREFERRED_CIPHERS = ("aes128-gcm@openssh.com", "aes256-gcm@openssh.com", "aes128
 #: Longest single connection attempt when a check runs between attempts.
 CHECKED_ATTEMPT_TIMEOUT = 10.0
 
+#: Where a transport logs until it is connected.  paramiko's transport thread logs each
+#: failed attempt at ERROR with a traceback ("Error reading SSH protocol banner" while a
+#: VM boots behind a NAT or a proxy): retries are part of waiting, so those records are
+#: debug records here.  The error that ends the wait is raised, with the last reason.
+CONNECTING_LOG = "joblib_cloud.ssh.connecting"
+
+
+def _as_debug(record: logging.LogRecord) -> bool:
+    record.levelno, record.levelname = logging.DEBUG, "DEBUG"
+    return logging.getLogger(CONNECTING_LOG).isEnabledFor(logging.DEBUG)
+
+
+logging.getLogger(CONNECTING_LOG).addFilter(_as_debug)
+
 
 def fingerprint(key: paramiko.PKey) -> str:
     digest = hashlib.sha256(key.asbytes()).digest()
@@ -137,6 +151,7 @@ class SSHConnection:
                                        default_max_packet_size=MAX_PACKET_SIZE)
         with _count_lock:
             connections_opened += 1
+        transport.set_log_channel(CONNECTING_LOG)
         try:
             options = transport.get_security_options()
             options.ciphers = tuple(c for c in PREFERRED_CIPHERS if c in options.ciphers) + \
@@ -147,6 +162,7 @@ class SSHConnection:
             self._authenticate(transport)
             transport.set_keepalive(15)
             sock.settimeout(None)
+            transport.set_log_channel("paramiko.transport")  # from now on, failures matter
             return transport
         except BaseException:
             transport.close()

@@ -17,6 +17,7 @@ import warnings
 from datetime import datetime, timezone
 from typing import Any
 
+from ...client.board import usd
 from ...config import CloudConfig
 from ...errors import BudgetExceededError
 from . import prices, teardown
@@ -74,11 +75,6 @@ def spend(usd_per_hour: float, launched: dict[str, datetime]) -> float:
     now = datetime.now(timezone.utc)
     return sum(usd_per_hour * max((now - t).total_seconds(), 0) / 3600
                for t in launched.values())
-
-
-def usd(amount: float) -> str:
-    """Dollars, with the cents that matter for small amounts too."""
-    return f"${amount:.2f}" if amount >= 0.1 else f"${amount:.4f}"
 
 
 class Watch:

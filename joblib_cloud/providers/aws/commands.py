@@ -59,18 +59,29 @@ def status(config: CloudConfig, args: argparse.Namespace, out: Out) -> int:
         out("no joblib-cloud machines" + (f" in cluster {cluster!r}" if cluster else "")
             + f" in {', '.join(where) if len(where) < 4 else 'any region'}")
         return 0
-    columns = ["cluster", "region", "instance", "state", "type", "market", "age", "address",
-               "usd_per_hour", "usd_so_far"] + (["idle"] if getattr(args, "idle", False)
-                                                 else [])
+    columns = STATUS_COLUMNS + (["idle"] if getattr(args, "idle", False) else [])
     out(table([columns] + [[row[c] for c in columns] for row in rows]))
+    out(status_footer(rows))
+    return 0
+
+
+#: The columns of ``status``, in the CLI's table and in the notebook's view of a cluster.
+STATUS_COLUMNS = ["cluster", "region", "instance", "state", "type", "market", "age", "address",
+                  "usd_per_hour", "usd_so_far"]
+
+
+def status_footer(rows: list[dict[str, str]]) -> str:
+    """What the machines of ``rows`` cost: per hour now, and spent so far."""
     billed = [float(r["usd_per_hour"].rstrip("*")) for r in rows
               if r["state"] in ("pending", "running") and r["usd_per_hour"] != "?"]
     note = ("; * = estimate (built-in us-east-1 list price: the Price List API could not be "
             "asked)" if any(r["usd_per_hour"].endswith("*") for r in rows) else "")
-    spent = sum(float(r["usd_so_far"]) for r in rows if r["usd_so_far"] != "?")
-    out(f"{len(rows)} machines; ${sum(billed):.2f}/h on-demand for the running ones, at "
-        f"the region's prices; ${spent:.2f} spent on them so far{note}")
-    return 0
+    return (f"{len(rows)} machines; ${sum(billed):.2f}/h on-demand for the running ones, at "
+            f"the region's prices; ${spent_on(rows):.2f} spent on them so far{note}")
+
+
+def spent_on(rows: list[dict[str, str]]) -> float:
+    return sum(float(r["usd_so_far"]) for r in rows if r["usd_so_far"] != "?")
 
 
 def down(config: CloudConfig, args: argparse.Namespace, out: Out) -> int:

@@ -162,7 +162,7 @@ def announcement(sess: Any, ec2: Any, config: CloudConfig,
 
 def _announce(sess: Any, ec2: Any, config: CloudConfig, itype: instance_types.InstanceType,
               count: int, progress: Progress) -> None:
-    progress.done(
+    progress.announce(
         f"launching {announcement(sess, ec2, config, itype, count)}. "
         f"They stop after {config.idle_timeout:.0f}s idle and {config.max_lifetime / 3600:g}h "
         f"at most; `joblib-cloud down --cluster {config.cluster}` removes them now.")
@@ -243,6 +243,7 @@ class _Launcher:
             sshkeys.save_host_key(self.sess.region_name, config.cluster, iid, host_public)
             ledger.record(instance, config.cluster, self.sess.region_name,
                           "spot" if used_spot else "on-demand", self._price(used_spot))
+            self.progress.host(iid, "launching")
             self.progress.update(f"launched {index + 1}/{count} machines ({iid})")
 
     def _price(self, spot: bool) -> float | None:
@@ -328,6 +329,8 @@ def _wait_running(ec2: Any, ids: list[str], timeout: float, progress: Progress,
             raise boot_failure(ec2, dead[0], others=dead[1:])
         running = [found[i] for i in ids if i in found
                    and found[i]["State"]["Name"] == "running"]
+        for instance in running:
+            progress.host(instance["InstanceId"], "booting")
         if len(running) == len(ids):
             return running, []
         if time.monotonic() > deadline:

@@ -208,6 +208,7 @@ def status_rows(sess: Any, region: str, cluster: str | None,
             "usd_per_hour": "?" if price.usd_per_hour is None else
             f"{price.usd_per_hour:.3f}{'*' if price.estimate else ''}",
             "usd_so_far": _so_far(price.usd_per_hour, inst.get("LaunchTime")),
+            "launched": inst["LaunchTime"].isoformat() if inst.get("LaunchTime") else "",
         })
         if idle is not None:
             seconds = idle(inst)
