@@ -23,6 +23,8 @@ from .config import CloudConfig, resolve_config
 MACHINE_COLUMNS = ["instance", "state", "type", "market", "age", "usd_per_hour",
                    "usd_so_far"]
 WORK_COLUMNS = ["workers", "running"]
+#: What a person reads above a column (the rows keep the CLI's field names).
+HEADINGS = {"usd_per_hour": "$/h", "usd_so_far": "spent"}
 
 
 def status(**settings: Any) -> CloudCluster:
@@ -106,7 +108,8 @@ class CloudCluster:
 
         rows = self.machines()
         columns = MACHINE_COLUMNS + WORK_COLUMNS
-        body = (table([columns] + [[r[c] for c in columns] for r in rows]) if rows
+        body = (table([[HEADINGS.get(c, c) for c in columns]]
+                      + [[r[c] for c in columns] for r in rows]) if rows
                 else "no machines")
         return "\n".join([self._title(), body, *self.clocks(rows)])
 
@@ -117,7 +120,8 @@ class CloudCluster:
         rows = self.machines()
         columns = MACHINE_COLUMNS + WORK_COLUMNS
         cell = "padding:2px 10px 2px 0;text-align:left;border:none"
-        head = "".join(f"<th style='{cell}'>{html.escape(c)}</th>" for c in columns)
+        head = "".join(f"<th style='{cell}'>{html.escape(HEADINGS.get(c, c))}</th>"
+                       for c in columns)
         body = "".join("<tr>" + "".join(f"<td style='{cell}'>{html.escape(r[c])}</td>"
                                         for c in columns) + "</tr>" for r in rows)
         table = (f"<table style='border-collapse:collapse;margin:4px 0'><tr>{head}</tr>"
