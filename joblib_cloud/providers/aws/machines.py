@@ -82,8 +82,8 @@ class ClusterHandle:
     connect_timeout: float = 1200.0
     #: vCPUs of the instance type: the workers a host will have.
     vcpus: int | None = None
-    #: With budget=: one machine's price, and when each machine was launched.
-    usd_per_hour: float | None = None
+    #: Each machine's USD/h (at the market it launched on), and when it was launched.
+    usd_per_hour: dict[str, float] = dataclasses.field(default_factory=dict)
     launch_times: dict[str, Any] = dataclasses.field(default_factory=dict)
     session: Any = None
     ec2: Any = None
