@@ -210,3 +210,31 @@ def test_an_idle_agent_exits_and_the_next_call_connects_again(host, caplog):
     assert len(again) == 1 and "idle-exit" in again[0], again
     assert not [r for r in caplog.records if "lost" in r.getMessage()]
     registry.get_cluster(resolve_config(**kwargs)).close()
+
+
+def test_a_job_s_output_upload_counts_as_work(tmp_path, monkeypatch):
+    """A detached job's outputs go to S3 after its command ended: the machine's kill
+    switch must see work until they are saved, not only while the command ran."""
+    from joblib_cloud.host import jobhost
+
+    home = tmp_path / "home"
+    (home / "jobs" / "abc").mkdir(parents=True)
+    monkeypatch.setenv("JOBLIB_CLOUD_HOME", str(home))
+    monkeypatch.setattr(jobhost, "ACTIVITY_INTERVAL", 0.05)
+    activity = home / "activity"
+    seen: list[float] = []
+
+    class SlowUpload:  # stands in for jobstore's S3 upload: it takes a while
+        @staticmethod
+        def on_end(directory: str, spec: dict) -> list[str]:
+            end = time.monotonic() + 1.0
+            while time.monotonic() < end:
+                seen.append(activity.stat().st_mtime if activity.exists() else 0.0)
+                time.sleep(0.05)
+            return ["saved"]
+
+    monkeypatch.setitem(sys.modules, "jobstore", SlowUpload)
+    assert jobhost.finish(str(home / "jobs" / "abc"), {}) == ["saved"]
+    # Touched all along the upload, up to its end: not only once at its start.
+    assert len(set(seen)) >= 5, seen
+    assert time.time() - seen[-1] < 0.5, seen
