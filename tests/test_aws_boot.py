@@ -219,8 +219,9 @@ def test_a_boot_that_hangs_is_reported_as_a_boot_with_its_console_and_stopped(
 
     from joblib_cloud.providers.aws import machines, sshkeys
 
-    monkeypatch.setattr(machines, "CONSOLE_POLL", 0.2)
-    monkeypatch.setattr(machines, "BOOT_STALL", 2.0 if how == "no progress" else 3600)
+    monkeypatch.setattr(machines, "CONSOLE_POLL", 0.2, raising=False)
+    monkeypatch.setattr(machines, "BOOT_STALL", 2.0 if how == "no progress" else 3600,
+                        raising=False)
     someone_else = sshkeys.generate_ed25519()[1]
     hook = sshd_per_instance(aws, lambda index, _client_pub, **kw: SSHHost(
         tmp_path, 70 + index, someone_else, **kw))

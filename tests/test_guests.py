@@ -360,3 +360,30 @@ def test_a_budget_stops_the_machine_itself_with_a_client_attached(guest_ec2):
     lived = guest.exited_at - guest.started_at
     assert seconds - 15 <= lived <= seconds + 60, lived
     assert f"sleep {int(seconds)};" in guest.user_data  # its own kill switch had the cap
+
+
+def test_an_idle_client_does_not_keep_the_machine_and_the_next_call_works(guest_ec2, caplog):
+    """A notebook that ran one call and stays open: the machine powers itself off within
+    idle_timeout + a minute of the last work, the client notices, and its next call
+    launches again with one line saying so."""
+    settings = _settings("idleclient", n=1, idle_timeout=30)
+    try:
+        with parallel_backend("cloud", **settings):
+            assert Parallel()(delayed(_square)(i) for i in range(6)) == [i * i for i in range(6)]
+            worked = time.monotonic()
+            (first,) = guest_ec2.guests.values()
+            first.wait(lambda: first.powered_off, 30 + 60 + 30,
+                       "the idle power-off with the client still open")
+            assert time.monotonic() - worked <= 30 + 60
+            wait_until(lambda: not cluster_instances(guest_ec2_client(), "idleclient",
+                                                     states=("pending", "running")),
+                       30, "terminated")
+            with caplog.at_level("WARNING", logger="joblib_cloud"):
+                assert Parallel()(delayed(_square)(i) for i in range(6)) == [
+                    i * i for i in range(6)]
+    finally:
+        registry.close_all()
+    again = [r.getMessage() for r in caplog.records if "connecting again" in r.getMessage()]
+    assert len(again) == 1 and "without work" in again[0], again
+    assert len(guest_ec2.guests) == 2  # a fresh machine took the second call
+    assert "idle for" in first.console(), first.console()[-2000:]
