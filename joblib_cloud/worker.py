@@ -107,9 +107,12 @@ class Agent:
     # ------------------------------------------------------------------ sending
     def send(self, kind: Kind, meta: dict[str, Any] | None = None,
              data: bytes | memoryview = b"") -> None:
+        if kind != Kind.PING:  # a result, output, an answer: work until now
+            self.last_work = time.monotonic()
         self._write(encode(kind, meta, data))
 
     def send_raw(self, frame: RawFrame) -> None:
+        self.last_work = time.monotonic()  # a worker's result, as it came
         self._write([frame[1]])
 
     def _write(self, parts: list[bytes | memoryview]) -> None:
