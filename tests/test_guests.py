@@ -6,6 +6,7 @@ ours.  Everything a task needs comes from the boot script, as on a fresh EC2 ins
 
 from __future__ import annotations
 
+import re
 import socket
 import subprocess
 import threading
@@ -360,7 +361,7 @@ def test_a_budget_stops_the_machine_itself_with_a_client_attached(guest_ec2):
     lived = guest.exited_at - guest.started_at
     assert seconds - 15 <= lived <= seconds + 60, lived
     # Its own kill switch had the cap: the deadline its share buys, from its launch.
-    deadline = int(guest.user_data.split("--deadline ")[1].split()[0])
+    deadline = int(re.search(r"--deadline (\d+)", guest.user_data).group(1))
     assert guest.started_at - 15 <= deadline - seconds <= guest.started_at, deadline
 
 
