@@ -48,7 +48,7 @@ class CloudBackend(AutoBatchingMixin, ParallelBackendBase):
     @property
     def cluster(self) -> Cluster:
         """Connected on first use, then reused by every call with the same settings."""
-        if self._cluster is None or not self._cluster.usable:
+        if self._cluster is None or not self._cluster.reusable:
             from .client.registry import get_cluster
 
             self._cluster = get_cluster(self.config)

@@ -125,7 +125,10 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("cluster", "default", str, "cluster name: reuse key and tag value"),
     Setting("region", None, _to_opt_str, "EC2 region (then AWS_REGION, AWS_DEFAULT_REGION)"),
     Setting("spot", False, _to_bool, "spot instances, falling back to on-demand"),
-    Setting("idle_timeout", 600.0, _to_float, "seconds a host stays up with no work, no client"),
+    Setting("idle_timeout", 600.0, _to_float,
+            "seconds a host stays up with no work, a client attached or not"),
+    Setting("no_client_timeout", 120.0, _to_float,
+            "seconds a host stays up with no work once its last client left"),
     Setting("max_lifetime", 12 * 3600.0, _to_float, "seconds after which a VM always stops"),
     Setting("budget", None, lambda v: None if v is None else _to_float(v),
             "dollar cap for an aws cluster, held by the machines themselves"),
@@ -222,6 +225,7 @@ class CloudConfig:
     region: str | None
     spot: bool
     idle_timeout: float
+    no_client_timeout: float
     max_lifetime: float
     budget: float | None
     boot_timeout: float
@@ -310,8 +314,8 @@ def _validate(values: dict[str, Any], origins: dict[str, str]) -> None:
         fail("workers_per_host", "must be at least 1 (or unset for one per CPU)")
     if values["connect_timeout"] is None and values["provider"] != "aws":
         values["connect_timeout"] = DEFAULT_CONNECT_TIMEOUT
-    for name in ("idle_timeout", "max_lifetime", "boot_timeout", "connect_timeout",
-                 "heartbeat_timeout"):
+    for name in ("idle_timeout", "no_client_timeout", "max_lifetime", "boot_timeout",
+                 "connect_timeout", "heartbeat_timeout"):
         if values[name] is not None and values[name] <= 0:
             fail(name, "must be a positive number of seconds")
     if values["budget"] is not None and values["budget"] <= 0:

@@ -184,7 +184,7 @@ class DistributedPool:
 
     def _submit(self, task: Callable[[], Any], label: str) -> Future:
         cluster = self._cluster
-        if not cluster.usable:
+        if not cluster.reusable:
             self._cluster = cluster = get_cluster(self.config)
         future = submit(cluster, task, label, owner=self,
                         sync_packages=self.config.sync_packages)

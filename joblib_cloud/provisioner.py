@@ -50,8 +50,9 @@ class HostTarget:
     known_hosts: str | None = None
     #: A booting VM refuses logins until its boot script is done: keep trying.
     retry_auth: bool = False
-    #: Runs while SSH is retried; raises when the machine died (no use waiting).
-    check: Callable[[], None] | None = None
+    #: Runs while SSH is retried, with (logins refused so far: the machine is still
+    #: booting; the wait ran out); raises when the machine died or its boot is stuck.
+    check: Callable[[bool, bool], None] | None = None
     #: What a connect timeout tells the user to check.
     timeout_advice: str | None = None
 

@@ -35,6 +35,7 @@ from .wire.protocol import (
     FetchedMeta,
     FrameReader,
     HelloMeta,
+    IdleMeta,
     InstalledMeta,
     Kind,
     RawFrame,
@@ -48,6 +49,8 @@ from .wire.protocol import (
 
 #: The variables joblib itself caps for nested threads (BLAS, OpenMP, numexpr...).
 THREAD_VARS = tuple(ParallelBackendBase.MAX_NUM_THREADS_VARS)
+#: Frames that are work: they restart the idle clock.
+WORK = frozenset({Kind.BATCH, Kind.PUT, Kind.FETCH, Kind.INSTALL})
 REPORTED_PACKAGES = ("joblib", "cloudpickle", "numpy", "scipy", "scikit-learn",
                      "pandas")
 
@@ -94,14 +97,22 @@ class Agent:
         self.cache_dir = self.home / "cache" / str(os.getpid())
         self.uploads: dict[str, Any] = {}
         self.heartbeat_timeout = 30.0
+        #: Seconds without work after which the agent says so (IDLE) and exits.
+        self.idle_timeout = float("inf")
+        self.last_work = time.monotonic()
+        self.work_touched = 0.0  # when ``last_work`` was last written to the activity file
+        self.fetches = 0  # downloads asked for and not yet answered
         self.done = False
 
     # ------------------------------------------------------------------ sending
     def send(self, kind: Kind, meta: dict[str, Any] | None = None,
              data: bytes | memoryview = b"") -> None:
+        if kind != Kind.PING:  # a result, output, an answer: work until now
+            self.last_work = time.monotonic()
         self._write(encode(kind, meta, data))
 
     def send_raw(self, frame: RawFrame) -> None:
+        self.last_work = time.monotonic()  # a worker's result, as it came
         self._write([frame[1]])
 
     def _write(self, parts: list[bytes | memoryview]) -> None:
@@ -138,11 +149,14 @@ class Agent:
     def _handle_frames(self) -> None:
         while (frame := self.frames.pop()) is not None:
             kind = frame[0]
+            if kind in WORK:
+                self.last_work = time.monotonic()
             if kind == Kind.BATCH:
                 self.pool.submit(frame_meta(frame)["id"], frame)
             elif kind == Kind.PUT:
                 self.put(frame_meta(frame), frame_data(frame))
             elif kind == Kind.FETCH:
+                self.fetches += 1
                 self.fetcher.request(frame_meta(frame))  # type: ignore[arg-type]
             elif kind == Kind.EVICT:
                 self.evict(frame_meta(frame)["digests"])
@@ -182,6 +196,8 @@ class Agent:
         self.send(Kind.INSTALLED, answer)  # type: ignore[arg-type]
 
     def _fetched(self, answer: FetchedMeta) -> None:
+        self.fetches -= 1
+        self.last_work = time.monotonic()
         self.send(Kind.FETCHED, answer)  # type: ignore[arg-type]
 
     # ------------------------------------------------------------------ cache
@@ -207,12 +223,32 @@ class Agent:
                 pass
 
     # ------------------------------------------------------------------ loop
-    def _heartbeat(self, activity: Path) -> None:
-        silent = time.monotonic() - self.last_recv
+    @property
+    def busy(self) -> bool:
+        """Work in flight: batches, an install, a download, an upload."""
+        pool, installer = self.pool, self.installer
+        return bool((pool is not None and (pool.running or pool.queue))
+                    or installer.running is not None or installer.queue
+                    or self.fetches or self.uploads)
+
+    def _heartbeat(self) -> None:
+        now = time.monotonic()
+        silent = now - self.last_recv
         if silent > self.heartbeat_timeout:
             raise TimeoutError(f"no word from the client for {silent:.0f}s")
+        if self.busy:
+            self.last_work = now
+        idle = now - self.last_work
+        if idle >= self.idle_timeout:  # an attached client alone is no reason to stay
+            stop: IdleMeta = {"seconds": idle}
+            self.send(Kind.IDLE, stop)  # type: ignore[arg-type]
+            self.done = True
+            return
         self.send(Kind.PING)
-        activity.touch(mode=0o600)
+        (self.home / contract.ATTACHED_FILE).touch(mode=0o600)
+        if self.last_work > self.work_touched:  # the kill switch's clock: work only
+            (self.home / contract.ACTIVITY_FILE).touch(mode=0o600)
+            self.work_touched = now
         self.installer.check_deadline()
 
     def run(self) -> None:
@@ -233,6 +269,7 @@ class Agent:
         self.cores_per_worker = max(cores // self.workers, 1)
         self.max_result_size = int(config["max_result_size"])
         self.heartbeat_timeout = float(config["heartbeat_timeout"])
+        self.idle_timeout = float(config.get("idle_timeout") or "inf")
         selector = self.selector
         for fd, stream in self.outputs:
             selector.register(fd, selectors.EVENT_READ,
@@ -240,8 +277,9 @@ class Agent:
         self._start_pool()
         ready: ReadyMeta = {"workers": self.workers, "cores_per_worker": self.cores_per_worker}
         self.send(Kind.READY, ready)
-        activity = self.home / contract.ACTIVITY_FILE
-        activity.touch(mode=0o600)
+        for name in (contract.ACTIVITY_FILE, contract.ATTACHED_FILE):  # a client came
+            (self.home / name).touch(mode=0o600)
+        self.last_work = self.work_touched = time.monotonic()
         selector.register(self.in_fd, selectors.EVENT_READ, self._on_client)
         self._handle_frames()  # any that came with CONFIG
         interval = max(self.heartbeat_timeout / 5, 0.2)
@@ -252,7 +290,7 @@ class Agent:
                 if self.done:
                     return
             if time.monotonic() >= next_beat:
-                self._heartbeat(activity)
+                self._heartbeat()
                 next_beat = time.monotonic() + interval
 
     def shutdown(self) -> None:

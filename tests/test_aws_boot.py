@@ -23,6 +23,7 @@ from awsmock import (  # noqa: F401  (fixtures)
     end_instance,
     launch,
     loopback_ec2_fixture,
+    sshd_per_instance,
 )
 
 from joblib_cloud import provisioner
@@ -178,7 +179,7 @@ def test_console_output_without_latest_on_types_that_lack_it(aws, api_calls):
     end_instance(iid, *SELF_SHUTDOWN)
     api_calls.inject = lambda op, params, n: _unsupported(op) if params.get("Latest") else None
     with pytest.raises(BootFailedError, match=r"(?s)Instance initiated shutdown.*Linux version"):
-        handle.boot_check(handle.specs[0])()
+        handle.boot_check(handle.specs[0])(False, False)
     assert [c.params.get("Latest") for c in api_calls.of("GetConsoleOutput")] == [True, None]
 
 
@@ -242,3 +243,49 @@ def test_metadata_endpoint_is_off_once_the_hosts_have_booted(aws, api_calls, loo
         assert len(api_calls.of("ModifyInstanceMetadataOptions")) == 2
     finally:
         registry.close_all()
+
+
+#: A boot whose package install never ends (a stuck mirror, a held apt lock).
+STUCK = "\r\n".join([f"[  {i}.000] cloud-init[113]: step {i}" for i in range(5)]
+                    + ["[    6.000] cloud-init[113]: joblib-cloud: installing 7 packages"])
+
+
+@pytest.mark.parametrize("how", ["no progress", "out of time"])
+def test_a_boot_that_hangs_is_reported_as_a_boot_with_its_console_and_stopped(
+        aws, api_calls, tmp_path, monkeypatch, how):
+    """The machine's sshd is up but refuses our key (the boot never got to authorise it):
+    the error says it is still booting, with the console's last lines, not network advice;
+    with no progress on the console it comes before boot_timeout; the machine is gone."""
+    from sshfleet import SSHHost
+
+    from joblib_cloud.providers.aws import machines, sshkeys
+
+    monkeypatch.setattr(machines, "CONSOLE_POLL", 0.2, raising=False)
+    monkeypatch.setattr(machines, "BOOT_STALL", 2.0 if how == "no progress" else 3600,
+                        raising=False)
+    someone_else = sshkeys.generate_ed25519()[1]
+    hook = sshd_per_instance(aws, lambda index, _client_pub, **kw: SSHHost(
+        tmp_path, 70 + index, someone_else, **kw))
+    provisioner.set_address_hook(hook)
+
+    def console(operation: str, params: dict, response: Any) -> Any:
+        if operation == "GetConsoleOutput":
+            response["Output"] = STUCK
+        return response
+
+    api_calls.after = console
+    wait = {} if how == "no progress" else {"connect_timeout": 3}
+    try:
+        error = _connect_within(60.0, n=1, user=getpass.getuser(), python=sys.executable,
+                                **wait)
+    finally:
+        for host in hook.hosts.values():
+            host.kill()
+    assert isinstance(error, BootFailedError), error
+    message = str(error)
+    assert ("stuck booting: its console shows no progress" if how == "no progress"
+            else "still booting when the wait ran out") in message
+    assert "joblib-cloud: installing 7 packages" in message
+    assert "not a network problem" in message and "ingress_cidr" not in message
+    assert list(hook.hosts)[0] in message  # which machine
+    assert cluster_instances(aws, states=("pending", "running")) == []

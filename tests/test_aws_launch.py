@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import stat
+import time
 
 import paramiko
 import pytest
@@ -102,12 +103,13 @@ def test_user_data_carries_host_key_client_key_watchdog_and_client_versions(aws)
         import platform
         assert "python" + ".".join(platform.python_version_tuple()[:2]) in boot
         unit = written_file(doc, "/etc/systemd/system/joblib-cloud-watchdog.service")
-        assert "--idle-timeout 321 " in unit and "--max-lifetime 7200 " in unit
+        assert "--idle-timeout 321 " in unit and "--no-client-timeout 120 " in unit
+        deadline = int(unit.split("--deadline ")[1].split()[0])
+        assert time.time() + 7200 - 120 < deadline <= time.time() + 7200
         assert f"--ready-file {userdata.READY_FILE} " in unit
         assert written_file(doc, "/opt/joblib-cloud/watchdog.py") == (
             __import__("pathlib").Path(watchdog.__file__).read_text())
-        assert doc["bootcmd"] == [userdata.hard_stop_command(7200)]
-        assert "sleep 7200;" in doc["bootcmd"][0][-1]
+        assert doc["bootcmd"] == [userdata.hard_stop_command(deadline)]
         assert "AWS_SECRET" not in str(doc) and "testing" not in str(doc)  # no credentials
     assert len(host_keys) == 2  # each host its own key
     assert all(s.user == "ec2-user" and s.port == 22 for s in handle.specs)

@@ -6,6 +6,7 @@ ours.  Everything a task needs comes from the boot script, as on a fresh EC2 ins
 
 from __future__ import annotations
 
+import re
 import socket
 import subprocess
 import threading
@@ -361,4 +362,35 @@ def test_a_budget_stops_the_machine_itself_with_a_client_attached(guest_ec2):
     guest.wait(lambda: guest.powered_off, 90, "power-off at the budget")
     lived = guest.exited_at - guest.started_at
     assert seconds - 15 <= lived <= seconds + 60, lived
-    assert f"sleep {int(seconds)};" in guest.user_data  # its own kill switch had the cap
+    # Its own kill switch had the cap: the deadline its share buys, from its launch.
+    deadline = int(re.search(r"--deadline (\d+)", guest.user_data).group(1))
+    assert guest.started_at - 15 <= deadline - seconds <= guest.started_at, deadline
+
+
+def test_an_idle_client_does_not_keep_the_machine_and_the_next_call_works(guest_ec2, caplog):
+    """A notebook that ran one call and stays open: the machine powers itself off within
+    idle_timeout + a minute of the last work, the client notices, and its next call
+    launches again with one line saying so."""
+    settings = _settings("idleclient", n=1, idle_timeout=30)
+    try:
+        with parallel_backend("cloud", **settings):
+            assert Parallel()(delayed(_square)(i) for i in range(6)) == [i * i for i in range(6)]
+            worked = time.time()
+            (first,) = guest_ec2.guests.values()
+            first.wait(lambda: first.powered_off, 30 + 60 + 30,
+                       "the idle power-off with the client still open")
+            stopped = first.exited_at - worked
+            print(f"the guest powered off {stopped:.1f}s after the last work")
+            assert 30 - 1 <= stopped <= 30 + 60, stopped
+            wait_until(lambda: not cluster_instances(guest_ec2_client(), "idleclient",
+                                                     states=("pending", "running")),
+                       30, "terminated")
+            with caplog.at_level("WARNING", logger="joblib_cloud"):
+                assert Parallel()(delayed(_square)(i) for i in range(6)) == [
+                    i * i for i in range(6)]
+    finally:
+        registry.close_all()
+    again = [r.getMessage() for r in caplog.records if "connecting again" in r.getMessage()]
+    assert len(again) == 1 and "without work" in again[0], again
+    assert len(guest_ec2.guests) == 2  # a fresh machine took the second call
+    assert "idle for" in first.console(), first.console()[-2000:]

@@ -44,6 +44,9 @@ log = logging.getLogger("joblib_cloud")
 
 #: A batch whose host was lost is re-run at most this many times.
 MAX_TRIES = 3
+#: A cluster idle this close to ``idle_timeout`` is not given new work: its agents may be
+#: stopping at that very moment (their clock starts no earlier than the client's).
+IDLE_MARGIN = 5.0
 
 
 class Cluster:
@@ -76,6 +79,9 @@ class Cluster:
         self.boot_installs_packages = False
         #: Large arguments staged once for all hosts, where the provider has a store.
         self.staging: Staging | None = None
+        #: When work last went out or came back; why the hosts stopped for lack of it.
+        self.last_work = time.monotonic()
+        self.stopped_idle = ""
 
     # -- lifecycle ---------------------------------------------------------------
     def attach(self, hosts: list[HostSession]) -> None:
@@ -97,6 +103,7 @@ class Cluster:
                 host.close()
                 return
             host.joined_at = time.time()
+            self.last_work = time.monotonic()  # its agent's idle clock starts now
             self.hosts.append(host)
             self.wake_all()
             self.changed.notify_all()
@@ -216,10 +223,28 @@ class Cluster:
     def alive_hosts(self) -> list[HostSession]:
         return [h for h in self.hosts if h.alive]
 
+    def expired(self) -> str:
+        """Why this cluster must not take new work although it may look alive: its hosts
+        stopped, or are about to stop, after ``idle_timeout`` without work ("" if not)."""
+        if self.stopped_idle:
+            return self.stopped_idle
+        idle = time.monotonic() - self.last_work
+        with self.lock:
+            busy = bool(self.pending) or any(h.inflight for h in self.hosts)
+        margin = min(IDLE_MARGIN, self.config.idle_timeout / 4)
+        if not busy and self.alive_hosts and idle >= self.config.idle_timeout - margin:
+            return f"had no work for {idle:.0f}s (idle_timeout={self.config.idle_timeout:g})"
+        return ""
+
     @property
     def usable(self) -> bool:
         """Open, with a host here or on its way."""
         return not self.closed and bool(self.alive_hosts or self.joining)
+
+    @property
+    def reusable(self) -> bool:
+        """Usable, and not stopped or stopping for lack of work (see :meth:`expired`)."""
+        return self.usable and not self.expired()
 
     @property
     def n_workers(self) -> int:
@@ -235,6 +260,7 @@ class Cluster:
 
     # -- work ----------------------------------------------------------------------
     def submit(self, job: Batch) -> Future:
+        self.last_work = time.monotonic()
         with self.lock:
             if not self.alive_hosts and not self.joining:
                 resolve(job, exc=self._lost_error())
@@ -318,7 +344,7 @@ class Cluster:
                 self.pending.appendleft(job)
             failed.extend(self._strand_if_hopeless())
             self.wake_all()
-        if not self.closed:
+        if not self.closed and (jobs or not self.stopped_idle):
             log.warning("host %s lost: %s; %d batch(es) re-queued on %d remaining host(s)",
                         host.name, reason, len(retry), len(survivors))
         host.close()

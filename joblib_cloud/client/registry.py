@@ -4,8 +4,9 @@ Whatever the provider, it ends the same way: an agent stream per host, handed to
 :class:`Cluster`.
 Clusters are kept in a registry keyed by what defines the fleet, so consecutive ``with
 parallel_backend('cloud')`` blocks and GridSearchCV's several ``Parallel`` calls reuse the
-same connections and agents.  Lifetime: until the interpreter exits (``atexit``); the VMs
-themselves stop on their own idle timer or with ``joblib-cloud down``.
+same connections and agents.  Lifetime: until the interpreter exits (``atexit``), or until
+the hosts stop after ``idle_timeout`` without work (the agents exit, the VMs power off):
+then the next call connects again, launching what no longer runs, and says so.
 """
 
 from __future__ import annotations
@@ -61,7 +62,11 @@ def get_cluster(config: CloudConfig) -> Cluster:
     with lock:
         with _registry_lock:
             cluster = _registry.get(key)
-        if cluster is not None and cluster.usable:
+        stopped = cluster.expired() if cluster is not None else ""
+        if stopped:
+            log.warning("cluster %r %s: connecting again", config.cluster, stopped)
+            cluster.close()
+        elif cluster is not None and cluster.usable:
             if cluster.staging is not None:
                 cluster.staging.mode = config.staging
             if _installs_configured(config, cluster.boot_installs_packages):

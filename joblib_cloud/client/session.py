@@ -177,7 +177,8 @@ class HostSession:
         self.cpu_count = int(hello["cpu_count"])
         settings: ConfigMeta = {"workers": config.workers_per_host,
                                 "max_result_size": config.max_result_size,
-                                "heartbeat_timeout": config.heartbeat_timeout}
+                                "heartbeat_timeout": config.heartbeat_timeout,
+                                "idle_timeout": config.idle_timeout}
         self._send(Kind.CONFIG, settings)
         kind, ready, _ = self._reader.read()
         if kind != Kind.READY:
@@ -348,11 +349,19 @@ class HostSession:
             self.packages.on_installed(frame_meta(frame))  # type: ignore[arg-type]
         elif kind == Kind.FETCHED:
             self.uploads.on_fetched(frame_meta(frame))  # type: ignore[arg-type]
+        elif kind == Kind.IDLE:  # the agent exits: the cluster stopped for lack of work
+            seconds = frame_meta(frame)["seconds"]
+            self.cluster.stopped_idle = (f"stopped after {seconds:.0f}s without work "
+                                         f"(idle_timeout={self.cluster.config.idle_timeout:g})")
+            threading.Thread(target=self.cluster.host_lost,
+                             args=(self, self.cluster.stopped_idle), daemon=True,
+                             name=f"joblib-cloud-idle-{self.name}").start()
 
     def _on_result(self, meta: ResultMeta, data: bytes | memoryview) -> None:
         if "missing_module" in meta and self.packages.take_over(meta, data):
             return
         cluster = self.cluster
+        cluster.last_work = time.monotonic()
         with cluster.lock:
             job = self.inflight.pop(meta["id"], None)
             if cluster.pending:  # the freed slot is this host's to fill

@@ -93,11 +93,13 @@ class SSHConnection:
 
     def __init__(self, spec: HostSpec, *, key_path: str | None, known_hosts: str | None,
                  connect_timeout: float, retry_auth: bool = False,
-                 check: Callable[[], None] | None = None,
+                 check: Callable[[bool, bool], None] | None = None,
                  timeout_advice: str | None = None) -> None:
-        """``check`` runs between connection attempts and raises to stop waiting (a VM
-        that stopped booting); ``timeout_advice`` replaces the generic advice given when
-        ``connect_timeout`` runs out."""
+        """``check(booting, out_of_time)`` runs between connection attempts and when
+        ``connect_timeout`` runs out, and raises to stop waiting (a VM that stopped
+        booting, or whose boot is stuck); ``booting``: the host refused our key, which a
+        VM does until its boot authorised it.  ``timeout_advice`` replaces the generic
+        advice given when ``connect_timeout`` runs out."""
         self.spec = spec
         self.key_path = key_path
         self.known_hosts = known_hosts or str(Path.home() / ".ssh" / "known_hosts")
@@ -106,7 +108,7 @@ class SSHConnection:
 
     # -- connection -------------------------------------------------------------
     def _connect_with_retry(self, cap: float, retry_auth: bool,
-                            check: Callable[[], None] | None = None,
+                            check: Callable[[bool, bool], None] | None = None,
                             timeout_advice: str | None = None) -> paramiko.Transport:
         start = time.monotonic()
         delay, attempts, last = 0.25, 0, None
@@ -131,14 +133,17 @@ class SSHConnection:
             except (OSError, EOFError, paramiko.SSHException) as exc:
                 last = exc
             elapsed = time.monotonic() - start
+            booting = isinstance(last, paramiko.AuthenticationException)
             if elapsed >= cap:
+                if check is not None:
+                    check(booting, True)
                 raise HostConnectError(
                     f"host {self.spec.name} unreachable after {elapsed:.1f}s "
                     f"({attempts} attempts); last error: {type(last).__name__}: {last}. "
                     + (timeout_advice or f"Check that it is up and that port {self.spec.port} "
                        "is reachable, or raise connect_timeout.")) from None
             if check is not None:
-                check()
+                check(booting, False)
             log.debug("ssh %s not ready (%s); retrying in %.1fs", self.spec.name, last, delay)
             time.sleep(min(delay, cap - elapsed))
             delay = min(delay * 1.6, 5.0)

@@ -28,13 +28,16 @@ cannot disagree with the process it describes::
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
+from collections.abc import Iterator
 
 ERROR_EXIT = 254  # the helper itself failed (not the job)
 #: Copies of ``wire/contract.py`` (this script runs without the package).
@@ -177,12 +180,34 @@ def op_start(job_id: str, python: str, command: str, options_json: str = "{}") -
 def touch_activity() -> None:
     """What the on-VM watchdog reads (its mtime) to tell a busy machine from an idle one."""
     path = os.path.join(os.path.dirname(jobs_root()), ACTIVITY_FILE)
-    try:
-        with open(path, "a"):
-            pass
+    with contextlib.suppress(OSError), open(path, "a"):
         os.utime(path)
-    except OSError:
-        pass
+
+
+@contextlib.contextmanager
+def keeping_active() -> Iterator[None]:
+    """The machine is busy in this block: a thread touches the activity file."""
+    stop = threading.Event()
+
+    def touch() -> None:
+        while not stop.is_set():
+            touch_activity()
+            stop.wait(ACTIVITY_INTERVAL)
+
+    toucher = threading.Thread(target=touch)
+    toucher.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        toucher.join()
+
+
+def finish(directory: str, spec: dict) -> list[str]:
+    """After the command, before it counts as ended, still busy: problems, as messages."""
+    with keeping_active():
+        problems = [p for p in [in_job(directory, "end") if spec.get("probe") else None] if p]
+        return problems + store().on_end(directory, spec)
 
 
 def link_agent(directory: str) -> None:
@@ -260,8 +285,7 @@ def supervise(directory: str) -> None:
         with open(os.path.join(directory, "stderr.log"), "a") as err:
             err.write(f"joblib-cloud: could not start the command: {exc}\n")
         code = 127
-    problems = [p for p in [in_job(directory, "end") if spec.get("probe") else None] if p]
-    problems += store().on_end(directory, spec)  # aws: before the machine may stop
+    problems = finish(directory, spec)  # aws: outputs saved before the machine may stop
     if problems:
         with open(os.path.join(directory, "stderr.log"), "a") as err:
             err.write("".join(f"joblib-cloud: {p}\n" for p in problems))

@@ -14,9 +14,12 @@ import os
 HOME_ENV = "JOBLIB_CLOUD_HOME"
 #: The state directory when ``HOME_ENV`` is unset.
 HOME_DEFAULT = "~/.joblib-cloud"
-#: In the state directory: touched by agents and jobs; its mtime is the kill switch's
-#: "a client was here, or work ran".
+#: In the state directory: touched by agents and jobs while they work; its mtime is the
+#: kill switch's "work ran" (a client merely attached does not touch it).
 ACTIVITY_FILE = "activity"
+#: In the state directory: touched by agents while a client is attached; its mtime is
+#: the kill switch's "a client was here" (its no_client_timeout counts from then).
+ATTACHED_FILE = "attached"
 #: The module the agent runs: the kill switch finds agent processes by it.
 AGENT_MODULE = "joblib_cloud.worker"
 #: Code shipped before a byte stream (the agent's zip, a job's files) is preceded by its

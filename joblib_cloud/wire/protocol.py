@@ -41,6 +41,7 @@ class Kind(enum.IntEnum):
     INSTALLED = 14  # agent -> client: InstalledMeta, how one INSTALL ended
     FETCH = 15  # client -> agent: FetchMeta (download a cached object from a URL)
     FETCHED = 16  # agent -> client: FetchedMeta, how one FETCH ended
+    IDLE = 17  # agent -> client: IdleMeta, then the agent exits (no work for idle_timeout)
 
 
 class Status(str, enum.Enum):
@@ -66,6 +67,11 @@ class ConfigMeta(TypedDict):
     workers: int | None
     max_result_size: int
     heartbeat_timeout: float
+    idle_timeout: float  # the agent exits after this long without work
+
+
+class IdleMeta(TypedDict):
+    seconds: float  # how long the agent had no work
 
 
 class ReadyMeta(TypedDict):

@@ -43,14 +43,14 @@ class AWSFleet(Fleet):
         self.handle.drop(host.spec.label)
 
     def spent(self) -> float | None:
-        if self.handle.usd_per_hour is None:
+        if not self.handle.usd_per_hour:
             return None
         from .budget import spend
 
         return spend(self.handle.usd_per_hour, self.handle.launch_times)
 
     def watch(self, cluster: Cluster, config: CloudConfig) -> None:
-        if config.budget is not None and self.handle.usd_per_hour is not None:
+        if config.budget is not None and self.handle.usd_per_hour:
             from .budget import Watch
 
             Watch(cluster, self.handle.ec2, config.budget, self.handle.usd_per_hour,

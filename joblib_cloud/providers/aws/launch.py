@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import time
 import uuid
+from collections.abc import Callable
 from typing import Any
 
 from ... import provisioner
@@ -74,18 +75,24 @@ def ensure_cluster(config: CloudConfig, progress: Progress) -> ClusterHandle:
     launches = Launches()
     fresh = not existing
     try:
-        launcher = None
-        usd_per_hour = budget.launch_price(sess, ec2, config.spot, itype)  # for spend
+        launcher, dollars = None, None
+        rates = _existing_prices(sess, ec2, itype, existing)  # each machine's own, for spend
         if config.budget is not None:  # each machine's kill switch holds its share
             usd_per_hour = budget.hourly_price(sess, ec2, config, itype)
-            config = config.replace(max_lifetime=budget.lifetime(config, itype, usd_per_hour))
+            dollars = budget.share(config, itype, usd_per_hour, budget.spend(
+                rates, {i["InstanceId"]: i["LaunchTime"] for i in existing}))
+        else:
+            usd_per_hour = budget.launch_price(sess, ec2, config.spot, itype)
         if missing:
             _announce(sess, ec2, config, itype, missing, progress)
             launcher = _Launcher(sess, ec2, config, itype, user, client_pub, cidr, progress,
-                                 {config.spot: usd_per_hour})
+                                 {config.spot: usd_per_hour}, dollars)
             launcher.launch(missing, config.spot, launches)
+            rates.update(launcher.rates)
         ids = [i["InstanceId"] for i in existing[:config.n]] + launches.ids
         instances = _wait_replacing_spot(ec2, ids, launcher, launches, config, progress)
+        if launcher is not None:
+            rates.update(launcher.rates)  # spot machines taken back were replaced
         specs = _specs(region, config.cluster, instances, user)
     except BaseException as exc:
         if fresh or launches:
@@ -100,7 +107,9 @@ def ensure_cluster(config: CloudConfig, progress: Progress) -> ClusterHandle:
     return ClusterHandle(
         config.cluster, region, specs, str(key_path), str(known),
         [i["InstanceId"] for i in instances], launches.ids, fresh=fresh,
-        connect_timeout=timeout, vcpus=itype.vcpus, usd_per_hour=usd_per_hour,
+        connect_timeout=timeout, vcpus=itype.vcpus,
+        usd_per_hour={i["InstanceId"]: rates[i["InstanceId"]] for i in instances
+                      if i["InstanceId"] in rates},
         launch_times={i["InstanceId"]: i["LaunchTime"] for i in instances}, session=sess,
         ec2=ec2,
         launches=launches, cidr=cidr,
@@ -123,6 +132,22 @@ def _existing(ec2: Any, cluster: str, itype: instance_types.InstanceType, progre
     if found:
         progress.update(f"re-attaching to {len(found)} running machines of cluster {cluster!r}")
     return found
+
+
+def _existing_prices(sess: Any, ec2: Any, itype: instance_types.InstanceType,
+                     existing: list[dict[str, Any]]) -> dict[str, float]:
+    """The USD/h of each running machine: as recorded at its launch, else its market's
+    price now."""
+    recorded = ledger.read()
+    rates: dict[str, float] = {}
+    for inst in existing:
+        price = (recorded.get(inst["InstanceId"]) or {}).get("usd_per_hour")
+        if price is None:
+            price = budget.launch_price(sess, ec2, inst.get("InstanceLifecycle") == "spot",
+                                        itype)
+        if price is not None:
+            rates[inst["InstanceId"]] = float(price)
+    return rates
 
 
 def _specs(region: str, cluster: str, instances: list[dict[str, Any]], user: str
@@ -164,8 +189,10 @@ def _announce(sess: Any, ec2: Any, config: CloudConfig, itype: instance_types.In
               count: int, progress: Progress) -> None:
     progress.announce(
         f"launching {announcement(sess, ec2, config, itype, count)}. "
-        f"They stop after {config.idle_timeout:.0f}s idle and {config.max_lifetime / 3600:g}h "
-        f"at most; `joblib-cloud down --cluster {config.cluster}` removes them now.")
+        f"They stop after {config.idle_timeout:.0f}s without work "
+        f"({config.no_client_timeout:.0f}s once no client is attached) and "
+        f"{config.max_lifetime / 3600:g}h at most; `joblib-cloud down --cluster "
+        f"{config.cluster}` removes them now.")
 
 
 def _image(sess: Any, ec2: Any, config: CloudConfig, itype: instance_types.InstanceType
@@ -201,14 +228,19 @@ class _Launcher:
     def __init__(self, sess: Any, ec2: Any, config: CloudConfig,
                  itype: instance_types.InstanceType, user: str, client_pub: str,
                  cidr: str | None, progress: Progress,
-                 known_prices: dict[bool, float | None]) -> None:
-        """``known_prices``: the price per market (spot or not) already looked up."""
+                 known_prices: dict[bool, float | None], dollars: float | None = None
+                 ) -> None:
+        """``known_prices``: the price per market (spot or not) already looked up;
+        ``dollars``: with a budget, what each machine may spend."""
         image_id, root_device, snapshot_gib = _image(sess, ec2, config, itype)
         self.network: Network = network.find_network(ec2, config, sess.region_name, cidr)
         self.public_ip = provisioner.wants_public_address()
         self.sess, self.ec2, self.config, self.itype = sess, ec2, config, itype
         self.user, self.client_pub, self.progress = user, client_pub, progress
         self._prices = dict(known_prices)
+        self.dollars = dollars
+        #: USD/h of each machine launched, at the market it was launched on.
+        self.rates: dict[str, float] = {}
         self.base = {
             "ImageId": image_id, "InstanceType": itype.name, "MinCount": 1, "MaxCount": 1,
             "InstanceInitiatedShutdownBehavior": "terminate",
@@ -227,13 +259,18 @@ class _Launcher:
         config = self.config
         for index in range(count):
             host_private, host_public = sshkeys.generate_ed25519()
-            params = dict(self.base, UserData=userdata.build(
-                user=self.user, host_private_key=host_private, host_public_key=host_public,
-                client_public_key=self.client_pub, idle_timeout=config.idle_timeout,
-                max_lifetime=config.max_lifetime, boot_timeout=config.boot_timeout,
-                shutdown_command=config.shutdown_command,
-                packages=config.packages, requirements_path=config.requirements,
-                image=config.image, python=config.python))
+
+            def params(use_spot: bool, private: str = host_private,
+                       public: str = host_public) -> dict[str, Any]:
+                return dict(self.base, UserData=userdata.build(
+                    user=self.user, host_private_key=private, host_public_key=public,
+                    client_public_key=self.client_pub, idle_timeout=config.idle_timeout,
+                    no_client_timeout=config.no_client_timeout,
+                    max_lifetime=self.lifetime(use_spot), boot_timeout=config.boot_timeout,
+                    shutdown_command=config.shutdown_command,
+                    packages=config.packages, requirements_path=config.requirements,
+                    image=config.image, python=config.python))
+
             instance, used_spot = self._run_one(params, spot, launches)
             spot = spot and used_spot
             iid = instance["InstanceId"]
@@ -241,8 +278,11 @@ class _Launcher:
             if used_spot:
                 launches.spot_ids.append(iid)
             sshkeys.save_host_key(self.sess.region_name, config.cluster, iid, host_public)
+            price = self._price(used_spot)
+            if price is not None:
+                self.rates[iid] = price
             ledger.record(instance, config.cluster, self.sess.region_name,
-                          "spot" if used_spot else "on-demand", self._price(used_spot))
+                          "spot" if used_spot else "on-demand", price)
             self.progress.host(iid, "launching")
             self.progress.update(f"launched {index + 1}/{count} machines ({iid})")
 
@@ -251,15 +291,28 @@ class _Launcher:
             self._prices[spot] = budget.launch_price(self.sess, self.ec2, spot, self.itype)
         return self._prices[spot]
 
-    def _run_one(self, params: dict[str, Any], spot: bool, launches: Launches
-                 ) -> tuple[dict[str, Any], bool]:
+    def lifetime(self, spot: bool) -> float:
+        """``max_lifetime``, or with a budget what each machine's share buys at the price
+        of the market it launches on."""
+        if self.dollars is None:
+            return self.config.max_lifetime
+        price = self._price(spot)
+        if price is None:
+            raise AWSError(f"budget= needs the {'spot' if spot else 'on-demand'} price of "
+                           f"{self.itype.name}, and none is known: unset budget=")
+        return budget.lifetime(self.config, self.dollars, price)
+
+    def _run_one(self, params: Callable[[bool], dict[str, Any]], spot: bool,
+                 launches: Launches) -> tuple[dict[str, Any], bool]:
         """One instance: spot then on-demand if asked, each zone in turn on capacity
-        errors.  Returns it and whether it is a spot instance."""
+        errors.  Returns it and whether it is a spot instance.  ``params``: the launch's
+        for a market (the user-data holds the lifetime its price buys)."""
         type_name = self.itype.name
         last: CapacityError | None = None
         for use_spot in ([True, False] if spot else [False]):
+            market = params(use_spot)
             for subnet in self.network.subnets:
-                attempt = dict(params, **network.interface_params(self.network, subnet,
+                attempt = dict(market, **network.interface_params(self.network, subnet,
                                                                      self.public_ip))
                 if use_spot:
                     attempt["InstanceMarketOptions"] = {

@@ -47,6 +47,10 @@ CONSISTENCY_TIMEOUT = 30.0
 
 #: Lines of a failed machine's console output shown in the error.
 CONSOLE_LINES = 25
+#: A booting machine whose console shows nothing new for this long is stuck: stopped
+#: then rather than billed until ``boot_timeout``.  Its console is read this often.
+BOOT_STALL = 300.0
+CONSOLE_POLL = 30.0
 
 
 @dataclasses.dataclass
@@ -82,8 +86,8 @@ class ClusterHandle:
     connect_timeout: float = 1200.0
     #: vCPUs of the instance type: the workers a host will have.
     vcpus: int | None = None
-    #: With budget=: one machine's price, and when each machine was launched.
-    usd_per_hour: float | None = None
+    #: Each machine's USD/h (at the market it launched on), and when it was launched.
+    usd_per_hour: dict[str, float] = dataclasses.field(default_factory=dict)
     launch_times: dict[str, Any] = dataclasses.field(default_factory=dict)
     session: Any = None
     ec2: Any = None
@@ -95,6 +99,9 @@ class ClusterHandle:
     metadata_open: list[str] = dataclasses.field(default_factory=list)
     _seen: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict, repr=False)
     _seen_at: float = dataclasses.field(default=float("-inf"), repr=False)
+    #: Per booting machine: its console's last lines, when they last changed, when looked.
+    _consoles: dict[str, tuple[str, float, float]] = dataclasses.field(default_factory=dict,
+                                                                      repr=False)
     _lock: threading.Lock = dataclasses.field(default_factory=threading.Lock, repr=False)
 
     def abort(self) -> None:
@@ -103,11 +110,45 @@ class ClusterHandle:
             launches = self.launches if self.launches else Launches(ids=self.launched_ids)
             _cleanup(self.session, self.region, self.cluster, launches, self.fresh)
 
-    def boot_check(self, spec: HostSpec) -> Callable[[], None]:
+    def boot_check(self, spec: HostSpec) -> Callable[[bool, bool], None]:
         """For the SSH wait on ``spec``: raises :class:`BootFailedError` once its machine
-        has left pending/running, instead of retrying a dead address until the timeout."""
+        has left pending/running, instead of retrying a dead address until the timeout;
+        and while it refuses logins (booting), once its console shows no progress for
+        ``BOOT_STALL`` or the wait runs out, with the console's last lines."""
         instance_id = spec.label
-        return lambda: self._check_alive(instance_id)
+
+        def check(booting: bool, out_of_time: bool) -> None:
+            self._check_alive(instance_id)
+            if booting:
+                self._check_progress(instance_id, out_of_time)
+
+        return check
+
+    def _check_progress(self, instance_id: str, out_of_time: bool) -> None:
+        now = time.monotonic()
+        tail, changed, looked = self._consoles.get(instance_id, ("", now, float("-inf")))
+        if out_of_time or now - looked >= CONSOLE_POLL:
+            try:
+                seen = "\n".join(console_lines(self.ec2, instance_id))
+            except Exception as exc:  # noqa: BLE001 - no console: no judgement on progress
+                log.debug("no console output of %s: %s", instance_id, exc)
+                seen = ""
+            if seen and seen != tail:
+                tail, changed = seen, now
+            self._consoles[instance_id] = (tail, changed, now)
+        stalled = now - changed
+        if not (out_of_time or (tail and stalled >= BOOT_STALL)):
+            return
+        what = (f"still booting when the wait ran out (boot_timeout, or connect_timeout; "
+                f"now {self.connect_timeout:.0f}s)" if out_of_time else
+                f"stuck booting: its console shows no progress for {stalled:.0f}s")
+        raise BootFailedError(
+            f"machine {instance_id} is {what}. It refuses SSH logins because its boot has "
+            "not authorised our key yet (not a network problem); it is stopped. A package "
+            "install that never ends points to the package index or a mirror (a held apt "
+            "lock, an unreachable index): run again, or check packages=, requirements= and "
+            "image_id=.\nLast lines of its console output:\n"
+            + (tail or console_tail(self.ec2, instance_id)))
 
     def _check_alive(self, instance_id: str) -> None:
         with self._lock:  # one DescribeInstances per interval for all hosts
@@ -168,19 +209,25 @@ def _describe_ids(ec2: Any, ids: list[str]) -> list[dict[str, Any]]:
                             [{"Name": "instance-id", "Values": ids}])
 
 
-def console_lines(ec2: Any, instance_id: str) -> tuple[list[str], str]:
-    """The machine's console output as :func:`boot_lines`, or ``([], why there is none)``."""
+def console_lines(ec2: Any, instance_id: str, lines: int = CONSOLE_LINES) -> list[str]:
+    """The last ``lines`` of the machine's console output (where the boot script writes);
+    raises when EC2 does not give it."""
     try:
-        try:
-            response = ec2.get_console_output(InstanceId=instance_id, Latest=True)
-        except Exception as exc:
-            if not ec2api.error_code(exc).startswith(("Unsupported", "InvalidParameter")):
-                raise
-            response = ec2.get_console_output(InstanceId=instance_id)  # not on Xen types
+        response = ec2.get_console_output(InstanceId=instance_id, Latest=True)
+    except Exception as exc:
+        if not ec2api.error_code(exc).startswith(("Unsupported", "InvalidParameter")):
+            raise
+        response = ec2.get_console_output(InstanceId=instance_id)  # not on Xen types
+    return boot_lines(response.get("Output") or "")[-lines:]
+
+
+def console_tail(ec2: Any, instance_id: str, lines: int = CONSOLE_LINES) -> str:
+    """:func:`console_lines` as text, or why there is none."""
+    try:
+        tail = console_lines(ec2, instance_id, lines)
     except Exception as exc:  # noqa: BLE001 - the error is still worth showing without it
-        return [], f"(console output unavailable: {ec2api.error_code(exc) or exc})"
-    rows = boot_lines(response.get("Output") or "")
-    return rows, "" if rows else "(no console output yet)"
+        return f"(console output unavailable: {ec2api.error_code(exc) or exc})"
+    return "\n".join(tail) if tail else "(no console output yet)"
 
 
 _ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
@@ -212,14 +259,13 @@ def boot_failure(ec2: Any, instance: dict[str, Any],
                   "requirements= that does not install, or an image_id= without the "
                   "expected user or Python), then run again.")
     also = "".join(f" Also {o['InstanceId']}: {o['State']['Name']}." for o in others or ())
-    rows, missing = console_lines(ec2, iid)
+    tail = console_tail(ec2, iid)
     error: type[BootFailedError] = BootFailedError
-    no_python = [row for row in rows if userdata.NO_PYTHON in row]
+    no_python = [row for row in tail.splitlines() if userdata.NO_PYTHON in row]
     if no_python:  # the boot said which Pythons the image has and what to pass instead
         error = PythonBootFailedError
         advice = no_python[-1][no_python[-1].index(userdata.NO_PYTHON):]
         advice = advice.removeprefix("joblib-cloud: ") + "."
-    tail = "\n".join(rows[-CONSOLE_LINES:]) or missing
     return error(
         f"machine {iid} stopped while booting: it is {state} ({why}).{also} {advice}\n"
         f"Last lines of its console output:\n{tail}")

@@ -4,11 +4,14 @@ Order matters for safety and for the client's wait:
 
 1. cloud-init installs *our* pre-generated SSH host key before sshd starts, so the very
    first connection is verified against a key the client already knows.
-2. The hard lifetime stop is armed in ``bootcmd``, the first thing cloud-init runs, and
-   needs nothing but ``sleep`` and ``systemctl`` (``shutdown -h +N`` needs D-Bus, which is
-   not up yet at that point).  Then the watchdog service starts, before anything can fail:
+2. The hard lifetime stop is armed in ``bootcmd``, the first thing cloud-init runs on
+   every boot, and needs nothing but ``date``, ``sleep`` and ``systemctl`` (``shutdown -h
+   +N`` needs D-Bus, which is not up yet at that point).  It sleeps until a deadline
+   written here at launch, so a reboot (EC2 auto-recovery, a task's ``sudo reboot``) does
+   not restart the lifetime.  Then the watchdog service starts, before anything can fail:
    it stops a boot that takes longer than ``boot_timeout``, and once the boot is done, a
-   machine idle for ``idle_timeout``.
+   machine without work for ``idle_timeout`` (``no_client_timeout`` once its last client
+   left), and at the same deadline.
 3. The boot script fetches uv (a wheel from the package index, digest checked), makes a
    virtual environment with the distribution's Python at the client's minor version (uv's
    standalone Python where the distribution has none) and installs the client's package
@@ -27,6 +30,7 @@ import importlib.metadata
 import json
 import platform
 import shlex
+import time
 from pathlib import Path
 from typing import Any
 
@@ -58,11 +62,16 @@ def client_requirements(extra: tuple[str, ...] = ()) -> list[str]:
     return pins + list(extra)
 
 
-def hard_stop_command(max_lifetime: float) -> list[str]:
-    """``bootcmd`` entry: power off after ``max_lifetime`` whatever happens, from a
-    process of its own (cloud-init goes on at once)."""
-    seconds = max(int(max_lifetime), 60)
-    return ["sh", "-c", f"setsid sh -c 'sleep {seconds}; systemctl poweroff || poweroff -f' "
+#: A machine whose deadline passed while it was down still gets this long after a boot.
+MIN_LEFT = 60
+
+
+def hard_stop_command(deadline: float) -> list[str]:
+    """``bootcmd`` entry: power off at ``deadline`` (seconds since the epoch) whatever
+    happens, from a process of its own (cloud-init goes on at once)."""
+    wait = (f"left=$(({int(deadline)} - $(date +%s))); [ $left -gt {MIN_LEFT} ] || "
+            f"left={MIN_LEFT}; sleep $left")
+    return ["sh", "-c", f"setsid sh -c '{wait}; systemctl poweroff || poweroff -f' "
                         "</dev/null >/dev/null 2>&1 &"]
 
 
@@ -208,13 +217,15 @@ def _systemd_arg(arg: str) -> str:
     return shlex.quote(arg).replace("%", "%%").replace("$", "$$")
 
 
-def watchdog_unit(user: str, idle_timeout: float, max_lifetime: float, boot_timeout: float,
-                  shutdown_command: str) -> str:
-    poll = max(1.0, min(15.0, idle_timeout / 4))
+def watchdog_unit(user: str, idle_timeout: float, deadline: float, boot_timeout: float,
+                  shutdown_command: str, no_client_timeout: float | None = None) -> str:
+    no_client = idle_timeout if no_client_timeout is None else no_client_timeout
+    poll = max(1.0, min(15.0, min(idle_timeout, no_client) / 4))
     command = " ".join(_systemd_arg(a) for a in [
         "/usr/bin/python3", f"{ROOT}/watchdog.py", "--since-boot", "--user", user,
         "--ready-file", READY_FILE, "--boot-timeout", f"{boot_timeout:g}",
-        "--idle-timeout", f"{idle_timeout:g}", "--max-lifetime", f"{max_lifetime:g}",
+        "--idle-timeout", f"{idle_timeout:g}", "--no-client-timeout", f"{no_client:g}",
+        "--deadline", f"{int(deadline)}",
         "--shutdown-command", shutdown_command.removeprefix("sudo "), "--poll", f"{poll:g}"])
     return f"""[Unit]
 Description=joblib-cloud kill switch (boot deadline, idle timeout, maximum lifetime)
@@ -235,10 +246,13 @@ def build(*, user: str, host_private_key: str, host_public_key: str, client_publ
           idle_timeout: float, max_lifetime: float, shutdown_command: str,
           boot_timeout: float = 1200.0, packages: tuple[str, ...] = (),
           requirements_path: str | None = None, image: str | None = None,
-          python_minor: str | None = None, python: str | None = None) -> str:
-    """The user-data for one host (each host gets its own SSH host key).  ``python_minor``
-    defaults to the client's own; ``python``: what the agent runs (``python=``): an
-    interpreter of the image gets the client's packages instead of a venv."""
+          python_minor: str | None = None, python: str | None = None,
+          no_client_timeout: float | None = None) -> str:
+    """The user-data for one host (each host gets its own SSH host key), which stops at
+    the latest ``max_lifetime`` from now.  ``python_minor`` defaults to the client's own;
+    ``python``: what the agent runs (``python=``): an interpreter of the image gets the
+    client's packages instead of a venv."""
+    deadline = time.time() + max_lifetime
     python_minor = python_minor or ".".join(platform.python_version_tuple()[:2])
     python = None if image else interpreter_to_prepare(python)
     files: list[dict[str, Any]] = [
@@ -252,8 +266,8 @@ def build(*, user: str, host_private_key: str, host_public_key: str, client_publ
         {"path": f"{ROOT}/fetch_uv.py", "permissions": "0755",
          "content": Path(fetch_uv.__file__).read_text()},
         {"path": "/etc/systemd/system/joblib-cloud-watchdog.service", "permissions": "0644",
-         "content": watchdog_unit(user, idle_timeout, max_lifetime, boot_timeout,
-                                  shutdown_command)},
+         "content": watchdog_unit(user, idle_timeout, deadline, boot_timeout,
+                                  shutdown_command, no_client_timeout)},
         {"path": f"{ROOT}/boot.sh", "permissions": "0755",
          "content": boot_script(user, python_minor, client_requirements(packages),
                                 requirements_path is not None, image, python)},
@@ -268,7 +282,7 @@ def build(*, user: str, host_private_key: str, host_public_key: str, client_publ
         "ssh_deletekeys": True,
         "ssh_keys": {"ed25519_private": host_private_key, "ed25519_public": host_public_key},
         "disable_root": True,
-        "bootcmd": [hard_stop_command(max_lifetime)],
+        "bootcmd": [hard_stop_command(deadline)],
         "write_files": files,
         "runcmd": [["systemctl", "daemon-reload"],
                    ["systemctl", "enable", "--now", "joblib-cloud-watchdog.service"],
