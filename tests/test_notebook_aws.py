@@ -19,6 +19,7 @@ from displays import Shown
 from joblib import Parallel, delayed, parallel_backend
 
 from joblib_cloud.client import registry
+from joblib_cloud.client.progress import Progress
 
 
 def _square(i):
@@ -28,6 +29,14 @@ def _square(i):
 def test_an_aws_call_shows_its_price_its_spend_and_its_cost(aws, loopback_ec2, monkeypatch,
                                                             tmp_path):
     shown = Shown().install(monkeypatch)
+    states: list[tuple[str, str]] = []  # every state each host was reported in
+    real_host = Progress.host
+
+    def host(self, name, state, *args, **kwargs):
+        states.append((name, state))
+        return real_host(self, name, state, *args, **kwargs)
+
+    monkeypatch.setattr(Progress, "host", host)
     settings = {"provider": "aws", "n": 2, "instance": "C2", "cluster": "money",
                 "region": REGION, "ingress_cidr": CIDR, "user": getpass.getuser(),
                 "python": sys.executable, "workers_per_host": 2}
@@ -44,7 +53,10 @@ def test_an_aws_call_shows_its_price_its_spend_and_its_cost(aws, loopback_ec2, m
         return any(re.search(re.escape(iid) + r"</code></td><td[^>]*>" + state, p)
                    for p in pages)
 
-    assert len(ids) == 2 and all(seen(i, "booting") and seen(i, "ready") for i in ids)
+    # Each host is reported booting, then ready; the display (refreshed a few times a
+    # second, so a short state may pass between two pictures) ends showing each ready.
+    assert len(ids) == 2 and all((i, "booting") in states and seen(i, "ready") for i in ids)
+    assert all(states.index((i, "booting")) < states.index((i, "ready")) for i in ids)
     spent = [float(m.group(1)) for p in pages if (m := re.search(r"\$(0\.\d{4}) so far", p))]
     assert spent == sorted(spent) and spent[-1] > 0, spent  # 2 x $0.17/h, for seconds
     summary = shown.bundles[-1]
