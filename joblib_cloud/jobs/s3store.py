@@ -22,12 +22,13 @@ from __future__ import annotations
 
 import io
 import tarfile
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import Any
 
 from ..config import CloudConfig
 from ..providers.aws import ec2api
 from ..providers.aws.bucket import Bucket
+from ..wire.archive import UnsafeArchiveError, safe_path
 from .outputs import DEFAULT_MAX_OUTPUT, unpack
 from .workspace import human
 
@@ -48,20 +49,13 @@ def outputs_key(job_id: str) -> str:
 
 
 def local_path(root: Path, rel: str) -> Path:
-    """``root / rel`` for a name that came from the bucket or a machine: refused unless
-    every part is a plain name (no ``..``, ``.``, empty part or absolute path), so the
-    result is inside ``root``."""
-    parts = rel.split("/")
-    if not rel or any(p in ("", ".", "..") or "\\" in p for p in parts) or \
-            PurePosixPath(rel).is_absolute():
-        raise ValueError(f"refusing {rel!r} from the shared directory: it is not a plain "
-                         f"relative path, so it could be written outside {root}. Remove it "
-                         "with `joblib-cloud shared rm`.")
-    target = root.joinpath(*parts)
-    if not target.resolve().is_relative_to(root.resolve()):
-        raise ValueError(f"refusing {rel!r}: it leads outside {root} (through a symbolic "
-                         "link there)")
-    return target
+    """``root / rel`` for a name that came from the bucket or a machine, by the rule every
+    such name follows (``wire/archive.py``): relative, no ``..`` or empty part, and
+    inside ``root`` once resolved through the links already there."""
+    try:
+        return Path(safe_path(str(root), rel, what="from the shared directory"))
+    except UnsafeArchiveError as exc:
+        raise ValueError(f"{exc}. Remove it with `joblib-cloud shared rm`.") from None
 
 
 def region_of(config: CloudConfig) -> str:

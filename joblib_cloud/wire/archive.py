@@ -33,12 +33,12 @@ def safe_path(root: str, name: str, what: str = "archive member") -> str:
         parts.pop()
     if not name or name.startswith(("/", "\\")) or (len(name) > 1 and name[1] == ":") \
             or any(part in ("", "..") for part in parts if part != "."):
-        raise UnsafeArchiveError(f"refusing {what} {name!r}: only relative names inside "
-                                 "the target directory are allowed")
+        raise UnsafeArchiveError(f"refusing {name!r} ({what}): only relative names inside "
+                                 f"{root} are allowed")
     real_root = os.path.realpath(root)
     target = os.path.realpath(os.path.join(real_root, *parts))
     if target != real_root and not target.startswith(real_root + os.sep):
-        raise UnsafeArchiveError(f"refusing {what} {name!r}: it leads outside {root} "
+        raise UnsafeArchiveError(f"refusing {name!r} ({what}): it leads outside {root} "
                                  "(through a link)")
     return target
 
@@ -61,7 +61,7 @@ def extract(tar: tarfile.TarFile, root: str) -> list[str]:
         source = tar.extractfile(member)
         assert source is not None  # a regular file always has contents
         if os.path.lexists(target) and not os.path.isfile(target):
-            raise UnsafeArchiveError(f"refusing archive member {member.name!r}: "
+            raise UnsafeArchiveError(f"refusing {member.name!r} (archive member): "
                                      f"{target} exists and is not a regular file")
         mode = 0o600 | (member.mode & 0o755)
         flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_NOFOLLOW", 0)
