@@ -95,3 +95,11 @@ def test_safe_path_serves_any_name_from_a_machine_or_bucket(tmp_path):
                                                             "a/b.txt"))
     with pytest.raises(UnsafeArchiveError, match="shared file"):
         safe_path(str(tmp_path), "../.bashrc", what="shared file")
+
+
+def test_an_archive_that_unpacks_past_the_cap_writes_nothing_more(tmp_path):
+    bomb = _tar(_file("a.bin", b"\0" * 1000), _file("b.bin", b"\0" * 2_000_000))
+    assert len(bomb) < 10_000  # compresses to almost nothing
+    with pytest.raises(UnsafeArchiveError, match="more than 100000 bytes"):
+        unpack(bomb, tmp_path / "out", max_bytes=100_000)
+    assert sorted(os.listdir(tmp_path / "out")) == ["a.bin"]

@@ -27,10 +27,11 @@ def default_into(job_id: str) -> Path:
     return Path.cwd() / RUNS_DIR / job_id
 
 
-def unpack(archive: bytes, into: Path) -> list[str]:
-    """Regular files and directories only, nothing outside ``into``: the names."""
+def unpack(archive: bytes, into: Path, max_bytes: int | None = None) -> list[str]:
+    """Regular files and directories only, nothing outside ``into``, at most
+    ``max_bytes`` in all (whatever the machine that sent it says): the names."""
     with tarfile.open(fileobj=io.BytesIO(archive), mode="r:gz") as tar:
-        return sorted(extract(tar, str(into)))
+        return sorted(extract(tar, str(into), max_bytes))
 
 
 def fetch(target: Target, job_id: str, into: Path | None = None, path: str = "",
@@ -42,7 +43,7 @@ def fetch(target: Target, job_id: str, into: Path | None = None, path: str = "",
         raise RuntimeError(f"copying job {job_id}'s outputs from {target.name} failed: "
                            f"{detail.removeprefix('joblib-cloud (on host): ')}")
     into = into or default_into(job_id)
-    names = unpack(result.stdout, into)
+    names = unpack(result.stdout, into, max_bytes)
     return into, names, sum((into / n).stat().st_size for n in names)
 
 

@@ -100,7 +100,7 @@ def fetch_outputs(region: str | None, job_id: str, path: str, into: Path,
                                  max_bytes))
     body = bucket.client.get_object(Bucket=bucket.name, Key=key)["Body"].read(max_bytes + 1)
     archive = _only(body, path.strip("/"), job_id, max_bytes)
-    names = unpack(archive, into)
+    names = unpack(archive, into, max_bytes)
     return into, names, sum((into / n).stat().st_size for n in names)
 
 

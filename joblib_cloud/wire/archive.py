@@ -43,16 +43,23 @@ def safe_path(root: str, name: str, what: str = "archive member") -> str:
     return target
 
 
-def extract(tar: tarfile.TarFile, root: str) -> list[str]:
+def extract(tar: tarfile.TarFile, root: str, max_bytes: int | None = None) -> list[str]:
     """Unpack ``tar`` (a stream or a file) into ``root``: the names of the regular files.
 
-    An unsafe name stops the extraction with :class:`UnsafeArchiveError`; a member that
-    is neither a file nor a directory is left out."""
+    An unsafe name stops the extraction with :class:`UnsafeArchiveError`, and so does a
+    member that would take the files past ``max_bytes`` (a small archive that unpacks to
+    a disk's worth), before it is written; a member that is neither a file nor a
+    directory is left out."""
     os.makedirs(root, exist_ok=True)
     names = []
+    total = 0
     for member in tar:
         if not (member.isfile() or member.isdir()):
             continue
+        total += member.size if member.isfile() else 0
+        if max_bytes is not None and total > max_bytes:
+            raise UnsafeArchiveError(f"refusing {member.name!r} (archive member): the "
+                                     f"files would take more than {max_bytes} bytes")
         target = safe_path(root, member.name)
         if member.isdir():
             os.makedirs(target, exist_ok=True)
