@@ -2,7 +2,8 @@
 Python on this machine, each as a client in a venv of its own, against hosts of its minor
 that hold only joblib and cloudpickle (tests/test_compat.py, tests/pythons.py).
 
-    python3 .ci/matrix.py [--main-junit MAIN.xml] [--write docs/compatibility.md]
+    python3 .ci/matrix.py [--main-junit MAIN.xml] [--out DIR] [--write docs/compatibility.md]
+    python3 .ci/matrix.py --from DIR --write docs/compatibility.md   # a past run's results
 
 The main interpreter's row comes from the main suite's JUnit file (it already ran the
 set); every other interpreter runs it here.  Prints the matrix (Python x provider x host:
@@ -75,7 +76,7 @@ def table(counts: Counts) -> str:
 
 
 def write_doc(path: Path, counts: Counts, seconds: dict[str, float]) -> None:
-    took = ", ".join(f"{label} {s:.0f} s" for label, s in seconds.items())
+    took = ", ".join(f"{label} {s:.0f} s" for label, s in seconds.items()) or "see CI's log"
     path.write_text(f"""# Compatibility, as measured
 
 Written by `python3 .ci/matrix.py --write docs/compatibility.md` after the main suite
@@ -106,15 +107,26 @@ def main() -> int:
     parser.add_argument("--write", type=Path, help="write the matrix here (markdown)")
     parser.add_argument("--only", action="append", help="only interpreters whose "
                         "version starts with this (repeatable)")
+    parser.add_argument("--out", type=Path, help="keep each interpreter's JUnit XML here")
+    parser.add_argument("--from", dest="past", type=Path, help="run nothing: read the "
+                        "JUnit files a past run kept (main.xml and VERSION.xml)")
     args = parser.parse_args()
     counts: Counts = {}
     seconds: dict[str, float] = {}
     own = os.path.realpath(sys.executable)
+    labels = {pythons.describe(p)["version"]: pythons.describe(p)["label"]
+              for p in pythons.interpreters()}
+    if args.past:
+        for junit in sorted(args.past.glob("*.xml")):
+            label = pythons.describe(own)["label"] if junit.stem == "main" else \
+                labels.get(junit.stem, junit.stem)
+            read_junit(junit, label, counts)
     if args.main_junit:
         read_junit(args.main_junit, pythons.describe(own)["label"], counts)
-    out = Path(tempfile.mkdtemp(prefix="joblib-cloud-matrix-"))
+    out = args.out or Path(tempfile.mkdtemp(prefix="joblib-cloud-matrix-"))
+    out.mkdir(parents=True, exist_ok=True)
     failed_runs = []
-    for python in pythons.interpreters():
+    for python in [] if args.past else pythons.interpreters():
         info = pythons.describe(python)
         if os.path.realpath(python) == own or (
                 args.only and not any(info["version"].startswith(o) for o in args.only)):
