@@ -26,6 +26,8 @@ library to write and tests can parse exactly what EC2 stored.
 
 from __future__ import annotations
 
+import base64
+import gzip
 import importlib.metadata
 import json
 import platform
@@ -261,10 +263,8 @@ def build(*, user: str, host_private_key: str, host_public_key: str, client_publ
         {"path": SSHD_CONFIG, "permissions": "0644",
          "content": "HostKey /etc/ssh/ssh_host_ed25519_key\nPasswordAuthentication no\n"
                     f"TrustedUserCAKeys {CLIENT_KEY_PATH}\n"},
-        {"path": f"{ROOT}/watchdog.py", "permissions": "0755",
-         "content": Path(watchdog.__file__).read_text()},
-        {"path": f"{ROOT}/fetch_uv.py", "permissions": "0755",
-         "content": Path(fetch_uv.__file__).read_text()},
+        _packed(f"{ROOT}/watchdog.py", Path(watchdog.__file__).read_text()),
+        _packed(f"{ROOT}/fetch_uv.py", Path(fetch_uv.__file__).read_text()),
         {"path": "/etc/systemd/system/joblib-cloud-watchdog.service", "permissions": "0644",
          "content": watchdog_unit(user, idle_timeout, deadline, boot_timeout,
                                   shutdown_command, no_client_timeout)},
@@ -296,9 +296,22 @@ def build(*, user: str, host_private_key: str, host_public_key: str, client_publ
     return text
 
 
+def _packed(path: str, source: str) -> dict[str, Any]:
+    """A shipped script as cloud-init's ``gz+b64`` file: the scripts are most of the
+    document, and compressed they leave room under EC2's 16 KiB for the boot script and
+    the user's requirements."""
+    data = base64.b64encode(gzip.compress(source.encode(), mtime=0)).decode()
+    return {"path": path, "permissions": "0755", "encoding": "gz+b64", "content": data}
+
+
 def parse(text: str) -> dict[str, Any]:
-    """Inverse of :func:`build` (used by tests and diagnostics)."""
+    """Inverse of :func:`build` (used by tests and diagnostics): packed files' contents
+    as their text."""
     header, _, body = text.partition("\n")
     if header.strip() != "#cloud-config":
         raise ValueError("not a joblib-cloud user-data document")
-    return json.loads(body)
+    document = json.loads(body)
+    for entry in document.get("write_files", ()):
+        if entry.pop("encoding", None) == "gz+b64":
+            entry["content"] = gzip.decompress(base64.b64decode(entry["content"])).decode()
+    return document
