@@ -226,3 +226,20 @@ def test_python_on_aws_is_the_interpreter_the_boot_installs_into(aws, python, pr
         assert f"chown -R ec2-user: {userdata.VENV}" not in boot
     else:
         assert f"uv pip install --quiet --python {userdata.HOST_PYTHON} " in boot
+
+
+@pytest.mark.parametrize("variant", [{}, {"packages": ("xgboost==2.1.0", "tqdm")},
+                                     {"python": "/usr/bin/python3.11"},
+                                     {"image": "python:3.11-slim"}], ids=str)
+def test_every_user_data_variant_leaves_room_under_ec2s_limit(tmp_path, variant):
+    """EC2 takes 16 KiB of user-data: what the provider writes itself (the shipped
+    scripts go compressed) leaves at least 4 KiB for a requirements file."""
+    requirements = tmp_path / "requirements.txt"
+    requirements.write_text("".join(f"package-number-{i:04d}==1.0.0\n" for i in range(152)))
+    assert len(requirements.read_bytes()) >= 4096
+    keys = sshkeys.generate_ed25519()
+    text = userdata.build(user="ec2-user", host_private_key=keys[0], host_public_key=keys[1],
+                          client_public_key=keys[1], idle_timeout=600, max_lifetime=43200,
+                          shutdown_command="sudo shutdown -h now",
+                          requirements_path=str(requirements), **variant)
+    assert len(text.encode()) <= userdata.MAX_USER_DATA
