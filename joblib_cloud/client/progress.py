@@ -38,7 +38,24 @@ def in_notebook() -> bool:
     return getattr(shell, "kernel", None) is not None
 
 
-class LineView:
+class _StreamView:
+    """What a view that writes lines to stderr does with the rest of a call: nothing (no
+    display to open, refresh or close; it is always the current one)."""
+
+    def changed(self) -> None:
+        pass
+
+    def open(self) -> None:
+        pass
+
+    def current(self) -> bool:
+        return True
+
+    def close(self, summary: Summary | None) -> None:
+        pass
+
+
+class LineView(_StreamView):
     """A terminal: one line rewritten in place; a stage's final line stays."""
 
     def __init__(self) -> None:
@@ -54,20 +71,8 @@ class LineView:
             sys.stderr.flush()
             self._width = 0 if final else len(text)
 
-    def changed(self) -> None:
-        pass
 
-    def open(self) -> None:
-        pass
-
-    def current(self) -> bool:
-        return True
-
-    def close(self, summary: Summary | None) -> None:
-        pass
-
-
-class QuietView:
+class QuietView(_StreamView):
     """CI and pipes: the price line once per launch; stages only with ``verbose``."""
 
     def __init__(self, verbose: bool) -> None:
@@ -81,18 +86,6 @@ class QuietView:
         if self.verbose:
             sys.stderr.write(f"joblib-cloud: {text}\n")
             sys.stderr.flush()
-
-    def changed(self) -> None:
-        pass
-
-    def open(self) -> None:
-        pass
-
-    def current(self) -> bool:
-        return True
-
-    def close(self, summary: Summary | None) -> None:
-        pass
 
 
 def pick_view(board: Board, verbose: bool) -> View:
