@@ -8,6 +8,7 @@ from __future__ import annotations
 import getpass
 import re
 import sys
+import time
 
 from awsmock import (  # noqa: F401  (fixtures)
     CIDR,
@@ -23,6 +24,7 @@ from joblib_cloud.client.progress import Progress
 
 
 def _square(i):
+    time.sleep(0.3)  # 20 tasks on 4 workers: the call lasts long enough to cost $0.0001
     return i * i
 
 
