@@ -37,6 +37,8 @@ import subprocess
 import sys
 import threading
 import time
+import types
+from collections.abc import Callable
 from collections.abc import Iterator
 
 ERROR_EXIT = 254  # the helper itself failed (not the job)
@@ -59,11 +61,13 @@ def job_dir(job_id: str) -> str:
     return os.path.join(jobs_root(), job_id)
 
 
-def files():  # noqa: ANN201 - the jobfiles module, shipped beside this script
+def files() -> types.ModuleType:
+    """The jobfiles module, shipped beside this script."""
     return sys.modules["jobfiles"]
 
 
-def store():  # noqa: ANN201 - the jobstore module (aws: S3), shipped beside this script
+def store() -> types.ModuleType:
+    """The jobstore module (aws: S3), shipped beside this script."""
     return sys.modules["jobstore"]
 
 
@@ -336,14 +340,12 @@ def op_logs(job_id: str, follow: str = "0") -> None:
         fail(f"no job {job_id} on this host")
     if follow == "1":
         link_agent(directory)  # a job that reaches its siblings uses this client's agent
-    sources = []
-    for name, fd in (("stdout.log", 1), ("stderr.log", 2)):
-        sources.append([os.path.join(directory, name), fd, 0])
+    offsets = {1: 0, 2: 0}  # what was copied of stdout.log and stderr.log
     while True:
         finished = state(job_id)["state"] != "running"
         moved = False
-        for source in sources:
-            path, fd, offset = source
+        for fd, offset in offsets.items():
+            path = os.path.join(directory, "stdout.log" if fd == 1 else "stderr.log")
             try:
                 with open(path, "rb") as fh:
                     fh.seek(offset)
@@ -352,7 +354,7 @@ def op_logs(job_id: str, follow: str = "0") -> None:
                 continue
             if data:
                 moved = True
-                source[2] += len(data)
+                offsets[fd] += len(data)
                 view = memoryview(data)
                 while view:
                     view = view[os.write(fd, view):]
@@ -396,7 +398,7 @@ def op_outputs(job_id: str, max_bytes: str, path: str = "") -> None:
     files().op_outputs(directory, max_bytes, path)
 
 
-OPS = {"start": op_start, "status": op_status, "logs": op_logs, "cancel": op_cancel,
+OPS: dict[str, Callable[..., None]] = {"start": op_start, "status": op_status, "logs": op_logs, "cancel": op_cancel,
        "outputs": op_outputs}
 
 

@@ -253,9 +253,8 @@ class WorkerPool:
         wanted = set(batch_ids)
         cancelled_ids = [item[0] for item in self.queue if item[0] in wanted]
         self.queue = collections.deque(item for item in self.queue if item[0] not in wanted)
-        victims = [w for bid, w in self.running.items() if bid in wanted]
-        for worker in victims:
-            batch_id = worker.batch[0]
+        victims = [(bid, w) for bid, w in self.running.items() if bid in wanted]
+        for batch_id, worker in victims:
             cancelled_ids.append(batch_id)
             del self.running[batch_id]
             worker.batch = None

@@ -39,14 +39,16 @@ def _warning_category(module: str, qualname: str) -> type:
         obj: Any = importlib.import_module(module)
         for part in qualname.split("."):
             obj = getattr(obj, part)
-        return obj
+        if isinstance(obj, type):
+            return obj
     except (ImportError, AttributeError):
-        key = (module, qualname)
-        if key not in _stand_ins:
-            _stand_ins[key] = type(qualname.rpartition(".")[2], (Warning,), {
-                "__module__": module, "__qualname__": qualname,
-                "__doc__": f"Stands in for {module}.{qualname}, not installed on this host."})
-        return _stand_ins[key]
+        pass
+    key = (module, qualname)
+    if key not in _stand_ins:
+        _stand_ins[key] = type(qualname.rpartition(".")[2], (Warning,), {
+            "__module__": module, "__qualname__": qualname,
+            "__doc__": f"Stands in for {module}.{qualname}, not installed on this host."})
+    return _stand_ins[key]
 
 
 _loaded: collections.OrderedDict[str, Any] = collections.OrderedDict()

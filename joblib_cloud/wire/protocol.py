@@ -209,7 +209,8 @@ class FrameBuffer:
         buf, pos = self._buf, self._pos
         if len(buf) - pos >= HEADER.size:
             _, meta_len, data_len = HEADER.unpack_from(buf, pos)
-            return max(HEADER.size + meta_len + data_len - (len(buf) - pos), 1 << 16)
+            rest: int = HEADER.size + meta_len + data_len - (len(buf) - pos)
+            return max(rest, 1 << 16)
         return 1 << 16
 
     def feed(self, chunk: bytes) -> None:
@@ -231,7 +232,7 @@ class FrameBuffer:
             if self._have < self._need:
                 return None
             joined = self._pieces[0] if len(self._pieces) == 1 else b"".join(self._pieces)
-            raw = memoryview(joined)[: self._need]
+            raw: bytes | memoryview = memoryview(joined)[: self._need]
             self._buf = bytearray(memoryview(joined)[self._need :])
             self._pos = 0
             self._pieces, self._have, self._need = [], 0, 0

@@ -129,7 +129,7 @@ class ObjectStore:
         self._by_digest: dict[str, StoredObject] = {}
         self._by_id: dict[int, tuple[Any, str]] = {}
         # weak references, by id, to mid-sized objects already sent inline in this call
-        self._inline_refs: dict[int, weakref.ref] = {}
+        self._inline_refs: dict[int, weakref.ref[Any]] = {}
 
     def new_call(self) -> None:
         with self._lock:
@@ -310,7 +310,8 @@ def dumps_batch(batch: Any, store: ObjectStore) -> tuple[bytes, set[str]]:
     return buffer.getvalue(), pickler.refs
 
 
-_by_name = getattr(cloudpickle.cloudpickle, "_should_pickle_by_reference", None)
+_by_name: Callable[[Any], bool] | None = getattr(
+    cloudpickle.cloudpickle, "_should_pickle_by_reference", None)
 
 
 class _NotPlain(Exception):
@@ -342,6 +343,8 @@ _named_cache: dict[Any, bool] = {}
 
 def _named(obj: Any) -> bool:
     """cloudpickle's own verdict, remembered until the next call registers modules."""
+    if _by_name is None:  # without it the plain fast path is never taken
+        return False
     try:
         return _named_cache[obj]
     except KeyError:
