@@ -61,13 +61,11 @@ def job_dir(job_id: str) -> str:
     return os.path.join(jobs_root(), job_id)
 
 
-def files() -> types.ModuleType:
-    """The jobfiles module, shipped beside this script."""
+def files() -> types.ModuleType:  # jobfiles, shipped beside this script
     return sys.modules["jobfiles"]
 
 
-def store() -> types.ModuleType:
-    """The jobstore module (aws: S3), shipped beside this script."""
+def store() -> types.ModuleType:  # jobstore (aws: S3), shipped beside this script
     return sys.modules["jobstore"]
 
 
