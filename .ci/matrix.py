@@ -1,6 +1,6 @@
 """The Python matrix: the compatibility set (tests marked ``compat``) under every supported
 Python on this machine, each as a client in a venv of its own, against hosts of its minor
-that hold only joblib and cloudpickle (tests/test_compat.py, tests/pythons.py).
+that hold only joblib and cloudpickle (tests/test_compat.py, tests/support/pythons.py).
 
     python3 .ci/matrix.py [--main-junit MAIN.xml] [--out DIR] [--write docs/compatibility.md]
     python3 .ci/matrix.py --from DIR --write docs/compatibility.md   # a past run's results
@@ -27,7 +27,7 @@ import xml.etree.ElementTree as ET
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO / "tests"))
+sys.path.insert(0, str(REPO / "tests" / "support"))
 import pythons  # noqa: E402
 
 Counts = dict[tuple[str, str, str], collections.Counter]
@@ -91,7 +91,7 @@ Python against that provider and host.
 - **host**: what the machine's Python held.  "venv 3.11.2 (Debian): joblib, cloudpickle"
   is a venv made from Debian's 3.11.2 holding only joblib and cloudpickle at the client's
   versions: what the README asks of a host.  "+ numpy, scipy, scikit-learn" adds what an
-  `aws` boot installs.  A guest is a Debian machine that really boots (tests/guests.py).
+  `aws` boot installs.  A guest is a Debian machine that really boots (tests/support/guests.py).
 - **provider** `none`: the client alone (settings, the command line, archives).
 
 {table(counts)}

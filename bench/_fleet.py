@@ -1,6 +1,6 @@
 """Shared helpers for the benchmarks: a loopback sshd fleet stopped by PID, timing, load.
 
-The fleet is the test suite's (``tests/sshfleet.py``): real OpenSSH servers on 127.0.0.x,
+The fleet is the test suite's (``tests/support/sshfleet.py``): real OpenSSH servers on 127.0.0.x,
 so the numbers include the real SSH encryption and the real agent, not a mock.
 """
 
@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "tests"))
+sys.path.insert(0, str(ROOT / "tests" / "support"))
 sys.path.insert(0, str(ROOT))
 
 from sshfleet import SSHFleet  # noqa: E402

@@ -1,6 +1,6 @@
 """Cold start: seconds from entering ``with parallel_backend('cloud', ...)`` to the first
-result, on guests that really boot the EC2 user-data (tests/guests.py, tests/guest_ec2.py:
-moto for the API, a Debian 12 machine per instance), split into stages:
+result, on guests that really boot the EC2 user-data (tests/support/guests.py,
+tests/support/guest_ec2.py: moto for the API, a Debian 12 machine per instance), split into stages:
 
   launch call    RunInstances returned (the client's launch, one call per machine)
   cloud-init     the guest's cloud-init started (its boot up to there)
@@ -30,7 +30,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "tests"))
+sys.path.insert(0, str(ROOT / "tests" / "support"))
 sys.path.insert(0, str(ROOT))
 os.environ.update({"AWS_EC2_METADATA_DISABLED": "true", "AWS_ACCESS_KEY_ID": "testing",
                    "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"})

@@ -3,7 +3,7 @@ with large arguments staged in S3 (``staging='auto'``) and sent to each host dir
 (``staging='never'``, the previous design), side by side in one run.
 
 The client runs in a network namespace of its own, its uplink shaped with ``tc tbf``
-(``tests/slowlink.py``); on the far side, at full speed, three sshd hosts playing EC2
+(``tests/support/slowlink.py``); on the far side, at full speed, three sshd hosts playing EC2
 machines (moto) and moto's S3 server.  The job: GridSearchCV(Ridge) over ``--candidates``
 alphas x 3 folds on an ``--mb`` MB ``X``.  Needs root (namespaces).
 

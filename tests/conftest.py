@@ -24,9 +24,12 @@ os.environ.update({
     "AWS_SHARED_CREDENTIALS_FILE": os.devnull,
     "JOBLIB_CLOUD_HOME": tempfile.mkdtemp(prefix="joblib-cloud-test-home-"),
 })
-sys.path.insert(0, str(Path(__file__).parent))
+sys.path.insert(0, str(Path(__file__).parent / "support"))  # what tests share
 
 import netguard  # noqa: E402
+
+#: Fixtures more than one test module uses, from tests/support/.
+pytest_plugins = ["runjobs"]
 from sshfleet import SSHFleet  # noqa: E402
 
 import joblib_cloud  # noqa: E402,F401  (registers the backend)

@@ -1,6 +1,6 @@
 """``image=`` on a real Docker engine: loopback sshd hosts whose logins reach a private
 ``dockerd`` (``DOCKER_HOST`` set by sshd, as a VM user's shell would have Docker), the
-image pulled from a registry on loopback (tests/dockerengine.py).
+image pulled from a registry on loopback (tests/support/dockerengine.py).
 
 The image is a Debian 12 root with a venv (``/opt/venv``) holding the client's packages
 and one module the hosts' own Python lacks, so a task that imports it ran in the image.

@@ -1,6 +1,6 @@
 """``image=`` with ``provider='aws'`` on a guest that really boots: the boot script
 installs Docker from Debian's packages, pulls the image from the registry on loopback
-(tests/dockerengine.py), and the agent runs in it.
+(tests/support/dockerengine.py), and the agent runs in it.
 
 The guest is a Docker-capable one (``guests.Guest(docker=True)``): nspawn gives it every
 capability, writable cgroup controllers and a plain ``/var/lib/docker``, as a VM has.

@@ -1,4 +1,4 @@
-"""``provider='aws'`` on guests that really boot the exact user-data (tests/guest_ec2.py).
+"""``provider='aws'`` on guests that really boot the exact user-data (tests/support/guest_ec2.py).
 
 A guest holds only what a Debian 12 cloud image holds: no venv module, no pip, nothing of
 ours.  Everything a task needs comes from the boot script, as on a fresh EC2 instance.

@@ -1,4 +1,4 @@
-"""Which Python a guest's boot gives the agent, on both guest families (tests/guests.py):
+"""Which Python a guest's boot gives the agent, on both guest families (tests/support/guests.py):
 Debian 12 (bookworm: Python 3.11) and Debian 13 (trixie: Python 3.13 only).
 
 A client on 3.13 takes the distribution's Python on Debian 13.  A client on another minor

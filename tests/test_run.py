@@ -15,12 +15,12 @@ import sys
 import tarfile
 import textwrap
 import threading
-import time
 from pathlib import Path
 
 import psutil
 import pytest
 from awsmock import aws_fixture  # noqa: F401  (fixture)
+from runjobs import cli, wait_for
 from s3double import s3_fixture  # noqa: F401  (fixture: moto's S3 on loopback)
 
 from joblib_cloud.jobs.workspace import WorkspaceTooLargeError, list_files, pack, walk_files
@@ -78,42 +78,6 @@ def project(tmp_path) -> Path:
     subprocess.run(["git", "init", "-q", str(root)], check=True)
     subprocess.run(["git", "-C", str(root), "add", "script.py", "pkg/helper.py"], check=True)
     return root
-
-
-@pytest.fixture(params=["local", "ssh"])
-def target(request, fleet, tmp_path) -> dict:
-    """Environment for the CLI, and where the host keeps its job directories."""
-    client_home = tmp_path / "client-home"
-    env = {k: v for k, v in os.environ.items() if not k.startswith("JOBLIB_CLOUD_")}
-    env["JOBLIB_CLOUD_HOME"] = str(client_home)
-    if request.param == "local":
-        env["JOBLIB_CLOUD_PROVIDER"] = "local"
-        host_jobs = client_home / "jobs"
-    else:
-        settings = fleet.kwargs(hosts=fleet.hosts[1:2])
-        env.update({"JOBLIB_CLOUD_PROVIDER": "ssh",
-                    "JOBLIB_CLOUD_HOSTS": ",".join(settings["hosts"]),
-                    "JOBLIB_CLOUD_SSH_KEY": settings["ssh_key"],
-                    "JOBLIB_CLOUD_KNOWN_HOSTS": settings["known_hosts"],
-                    "JOBLIB_CLOUD_PYTHON": settings["python"]})
-        host_jobs = fleet.hosts[1].home / "jobs"
-    return {"env": env, "host_jobs": host_jobs, "provider": request.param}
-
-
-def cli(target: dict, cwd: Path, *args: str, timeout: float = 120
-        ) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "joblib_cloud", *args], cwd=cwd,
-                          env=target["env"], capture_output=True, text=True, timeout=timeout)
-
-
-def wait_for(condition, timeout: float = 30, what: str = "condition"):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
 
 def test_run_streams_output_copies_directory_and_passes_exit_code(target, project, tmp_path):

@@ -1,5 +1,5 @@
 """``joblib-cloud run -n 2`` on guests that really boot the exact user-data (the fake EC2
-of tests/guest_ec2.py, S3 served by moto on loopback): the job's backend spans both
+of tests/support/guest_ec2.py, S3 served by moto on loopback): the job's backend spans both
 machines with the cluster's own key, and the job's outputs are in the bucket before the
 machines stop, so ``pull`` brings them back once the machines are gone."""
 

@@ -8,7 +8,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
-from test_run import cli, target, wait_for  # noqa: F401  (fixture)
+from runjobs import cli, wait_for
 
 WRITER = """
 import os, sys
@@ -39,12 +39,12 @@ def files_under(root: Path) -> list[str]:
     return sorted(p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file())
 
 
-def record_ids(target: dict) -> list[str]:  # noqa: F811
+def record_ids(target: dict) -> list[str]:
     return [p.stem for p in (Path(target["env"]["JOBLIB_CLOUD_HOME"]) / "job-records")
             .iterdir()]
 
 
-def test_files_a_job_writes_come_back_after_run(target, project):  # noqa: F811
+def test_files_a_job_writes_come_back_after_run(target, project):
     done = cli(target, project, "run", "--", "python", "writer.py")
     assert done.returncode == 0, done.stderr
     (job,) = record_ids(target)
@@ -57,7 +57,7 @@ def test_files_a_job_writes_come_back_after_run(target, project):  # noqa: F811
     assert (project / "notes.txt").read_text() == "notes\n"
 
 
-def test_output_dir_and_into(target, project, tmp_path):  # noqa: F811
+def test_output_dir_and_into(target, project, tmp_path):
     into = tmp_path / "elsewhere"
     done = cli(target, project, "run", "--output", "results", "--into", str(into), "--",
                "python", "writer.py")
@@ -66,7 +66,7 @@ def test_output_dir_and_into(target, project, tmp_path):  # noqa: F811
     assert not (project / "joblib-cloud-runs").exists()
 
 
-def test_outputs_over_the_cap_are_not_copied_and_say_what_to_do(target, project):  # noqa: F811
+def test_outputs_over_the_cap_are_not_copied_and_say_what_to_do(target, project):
     done = cli(target, project, "run", "--max-output", "2k", "--", "python", "writer.py",
                "5000")
     assert done.returncode == 0  # the job's own exit code
@@ -75,7 +75,7 @@ def test_outputs_over_the_cap_are_not_copied_and_say_what_to_do(target, project)
     assert not (project / "joblib-cloud-runs").exists()
 
 
-def test_a_detached_jobs_outputs_come_back_with_pull(target, project):  # noqa: F811
+def test_a_detached_jobs_outputs_come_back_with_pull(target, project):
     started = cli(target, project, "run", "--detach", "--", "python", "writer.py")
     assert started.returncode == 0, started.stderr
     job = started.stdout.strip()

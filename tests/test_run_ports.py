@@ -15,7 +15,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from test_run import cli, target  # noqa: F401  (fixture)
+from runjobs import cli
 
 
 def free_port() -> int:
@@ -55,7 +55,7 @@ def get(url: str) -> str:
         return response.read().decode()
 
 
-def test_run_port_prints_a_url_that_answers_from_the_client(target, site):  # noqa: F811
+def test_run_port_prints_a_url_that_answers_from_the_client(target, site):
     remote, local = free_port(), free_port()
     proc = subprocess.Popen(
         [sys.executable, "-m", "joblib_cloud", "run", "--port", f"{remote}:{local}", "--",
@@ -79,7 +79,7 @@ def test_run_port_prints_a_url_that_answers_from_the_client(target, site):  # no
         socket.create_connection(("127.0.0.1", local), timeout=2).close()
 
 
-def test_forward_reaches_a_detached_job(target, site):  # noqa: F811
+def test_forward_reaches_a_detached_job(target, site):
     remote, local = free_port(), free_port()
     started = cli(target, site, "run", "--detach", "--",
                   f"python -m http.server {remote} --bind 127.0.0.1")
@@ -103,7 +103,7 @@ def test_forward_reaches_a_detached_job(target, site):  # noqa: F811
             proc.wait()
 
 
-def test_a_bad_port_is_a_clear_error(target, site):  # noqa: F811
+def test_a_bad_port_is_a_clear_error(target, site):
     done = cli(target, site, "run", "--port", "http", "--", "true")
     assert done.returncode == 1
     assert "--port 'http'" in done.stderr and "REMOTE:LOCAL" in done.stderr

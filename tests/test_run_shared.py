@@ -7,7 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from test_run import cli, target  # noqa: F401  (fixture)
+from runjobs import cli
 
 WRITE = ("import os; open(os.path.join(os.environ['JOBLIB_CLOUD_SHARED'], 'msg.txt'), 'w')"
          ".write('from job one')")
@@ -25,7 +25,7 @@ def project(tmp_path) -> Path:
     return root
 
 
-def test_two_jobs_in_a_row_share_a_file(target, project, tmp_path):  # noqa: F811
+def test_two_jobs_in_a_row_share_a_file(target, project, tmp_path):
     env = {**target["env"], "JOBLIB_CLOUD_CLUSTER": f"sh-{target['provider']}"}
     t = {**target, "env": env}
     data = tmp_path / "data.csv"

@@ -38,8 +38,7 @@ import sys
 import threading
 import time
 import types
-from collections.abc import Callable
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 ERROR_EXIT = 254  # the helper itself failed (not the job)
 #: Copies of ``wire/contract.py`` (this script runs without the package).
@@ -396,8 +395,9 @@ def op_outputs(job_id: str, max_bytes: str, path: str = "") -> None:
     files().op_outputs(directory, max_bytes, path)
 
 
-OPS: dict[str, Callable[..., None]] = {"start": op_start, "status": op_status, "logs": op_logs, "cancel": op_cancel,
-       "outputs": op_outputs}
+OPS: dict[str, Callable[..., None]] = {
+    "start": op_start, "status": op_status, "logs": op_logs, "cancel": op_cancel,
+    "outputs": op_outputs}
 
 
 def main(argv: list[str]) -> None:

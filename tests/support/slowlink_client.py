@@ -3,7 +3,7 @@
 S3: the moto server on the far side, reached over the shaped link; machines: far sshd
 hosts), printing one JSON line of what it measured.
 
-    ip netns exec CLIENT_NS python tests/slowlink_client.py --client-ns C --far-ns F \
+    ip netns exec CLIENT_NS python tests/support/slowlink_client.py --client-ns C --far-ns F \
         --staging auto --mb 100 --candidates 20
 
 The object store's address comes from ``AWS_ENDPOINT_URL_S3``.  The network guard allows
@@ -22,7 +22,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-sys.path.insert(0, str(HERE.parent))
+sys.path.insert(0, str(HERE.parents[1]))
 
 import netguard  # noqa: E402
 import slowlink  # noqa: E402
@@ -68,7 +68,7 @@ def main() -> None:
     def call(client, operation, params):
         # moto's server evaluates a bucket policy's Deny without its condition, so the
         # TLS-only policy would refuse every request (plain HTTP on the link): the policy
-        # itself is tested against tests/s3double.py, which holds it as S3 does.
+        # itself is tested against tests/support/s3double.py, which holds it as S3 does.
         if operation == "PutBucketPolicy":
             return {}
         return fidelity(real, client, operation, params)

@@ -1,5 +1,5 @@
 """A stand-in for ``IPython.display.display`` in this process (which is no kernel): the
-bundles the notebook view asks to show, in order.  A real kernel: ``tests/kernel.py``."""
+bundles the notebook view asks to show, in order.  A real kernel: ``tests/support/kernel.py``."""
 
 from __future__ import annotations
 
