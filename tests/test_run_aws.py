@@ -19,7 +19,7 @@ from awsmock import (  # noqa: F401  (fixtures)
     cluster_instances,
     loopback_ec2_fixture,
 )
-from test_run_cluster import SPREAD_JOB
+from runjobs import SPREAD_JOB
 
 from joblib_cloud import cli, provisioner
 from joblib_cloud.providers.aws import network

@@ -13,6 +13,31 @@ from typing import Any
 
 import pytest
 
+#: A job whose own backend spreads tasks over two machines and says where they ran.  Each
+#: task waits until tasks ran on two different hosts (one worker per host), so the job
+#: can only finish if its backend really uses both machines.
+SPREAD_JOB = """
+import json, os, sys, time
+from joblib import Parallel, delayed, parallel_backend
+import joblib_cloud  # noqa: F401  (registers the backend)
+
+def where(i, marks):
+    home = os.environ["JOBLIB_CLOUD_HOME"]  # each test host's sshd sets its own
+    open(os.path.join(marks, home.replace("/", "_")), "w").close()
+    deadline = time.monotonic() + 60
+    while len(os.listdir(marks)) < 2 and time.monotonic() < deadline:
+        time.sleep(0.02)
+    return home
+
+with parallel_backend("cloud"):
+    homes = Parallel(n_jobs=2, batch_size=1)(delayed(where)(i, sys.argv[1]) for i in range(4))
+    import joblib
+    n = joblib.effective_n_jobs(-1)
+print(json.dumps({"homes": sorted(set(homes)), "n_jobs": n,
+                  "provider": os.environ["JOBLIB_CLOUD_PROVIDER"],
+                  "key": os.environ.get("JOBLIB_CLOUD_SSH_KEY")}))
+"""
+
 
 @pytest.fixture(params=["local", "ssh"])
 def target(request, fleet, tmp_path) -> dict:
