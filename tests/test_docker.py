@@ -26,6 +26,7 @@ from dockerengine import (
     VENV,
     Engine,
     engine_fixture,  # noqa: F401  (fixture)
+    where_am_i,
 )
 from helpers import wait_until
 from joblib import Parallel, delayed, parallel_backend
@@ -57,15 +58,6 @@ def docker_fleet(engine, tmp_path_factory):
 def _kwargs(fleet: SSHFleet, engine: Engine, **extra) -> dict:
     """The image's own python3 (its PATH has the venv first), not the test's."""
     return fleet.kwargs(image=engine.image, python=None, workers_per_host=2, **extra)
-
-
-def where_am_i(i: int) -> dict:
-    import joblib_cloud_image_marker  # only the image has it
-
-    return {"i": i, "prefix": sys.prefix, "marker": joblib_cloud_image_marker.VALUE,
-            "home": os.environ["JOBLIB_CLOUD_HOME"], "uid": os.getuid(),
-            "dockerenv": os.path.exists("/.dockerenv"),
-            "python": ".".join(map(str, sys.version_info[:2]))}
 
 
 def test_the_agent_runs_inside_the_image_pulled_from_the_registry(engine, docker_fleet):

@@ -15,13 +15,13 @@ from dockerengine import (
     MARKER_VALUE,
     VENV,
     engine_fixture,  # noqa: F401  (fixture)
+    where_am_i,
 )
 from guest_ec2 import guest_ec2_fixture  # noqa: F401  (fixture)
 from joblib import Parallel, delayed, parallel_backend
 from sklearn.datasets import make_classification
 from sklearn.linear_model import LogisticRegression
 from sklearn.model_selection import GridSearchCV
-from test_docker import where_am_i
 
 from joblib_cloud.client import registry
 from joblib_cloud.providers.aws import userdata

@@ -27,6 +27,7 @@ import os
 import shutil
 import signal
 import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -265,3 +266,13 @@ def engine_fixture():
         yield engine
     finally:
         engine.stop()
+
+
+def where_am_i(i: int) -> dict:
+    """A task that says where it ran: which Python, whose home, inside the image or not."""
+    import joblib_cloud_image_marker  # only the image has it
+
+    return {"i": i, "prefix": sys.prefix, "marker": joblib_cloud_image_marker.VALUE,
+            "home": os.environ["JOBLIB_CLOUD_HOME"], "uid": os.getuid(),
+            "dockerenv": os.path.exists("/.dockerenv"),
+            "python": ".".join(map(str, sys.version_info[:2]))}
