@@ -18,6 +18,7 @@ import shutil
 import signal
 import sys
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -105,7 +106,7 @@ class Agent:
         self.done = False
 
     # ------------------------------------------------------------------ sending
-    def send(self, kind: Kind, meta: dict[str, Any] | None = None,
+    def send(self, kind: Kind, meta: Mapping[str, Any] | None = None,
              data: bytes | memoryview = b"") -> None:
         if kind != Kind.PING:  # a result, output, an answer: work until now
             self.last_work = time.monotonic()
