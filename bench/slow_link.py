@@ -28,6 +28,8 @@ def main() -> None:
     parser.add_argument("--rates", default="100mbit",
                         help="comma-separated tc rates of the client's uplink")
     parser.add_argument("--repeats", type=int, default=1)
+    parser.add_argument("--stagger", type=float, default=0.0,
+                        help="seconds between the hosts' boots; the fit starts on the first")
     args = parser.parse_args()
     os.environ.setdefault("JOBLIB_CLOUD_HOME", tempfile.mkdtemp(prefix="jlc-bench-"))
     print(f"GridSearchCV(Ridge), {args.candidates} candidates x 3 folds, X {args.mb:.0f} MB, "
@@ -43,7 +45,8 @@ def main() -> None:
                                     ("never", "to each host (before)")):
                     got = slowlink.run_client(link, endpoint, staging=mode, mb=args.mb,
                                               candidates=args.candidates, hosts=args.hosts,
-                                              cluster=f"bench-{mode}-{repeat}")
+                                              cluster=f"bench-{mode}-{repeat}",
+                                              stagger=args.stagger)
                     print(f"{rate:>9} {label:>22} {got['ratio']:>21.3f} "
                           f"{got['first_result']:>12.1f}s {got['fit']:>9.1f}s", flush=True)
         finally:

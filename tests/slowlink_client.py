@@ -45,6 +45,8 @@ def main() -> None:
     parser.add_argument("--candidates", type=int, default=20)
     parser.add_argument("--hosts", type=int, default=3)
     parser.add_argument("--cluster", default="slow")
+    parser.add_argument("--stagger", type=float, default=0.0,
+                        help="seconds between the hosts' boots; the fit starts on the first")
     args = parser.parse_args()
 
     import boto3
@@ -84,21 +86,23 @@ def main() -> None:
                 "staging": args.staging}
     with mock_aws(), tempfile.TemporaryDirectory() as root:
         ec2 = boto3.client("ec2", region_name=REGION)
-        hook = slowlink.far_ec2_hook(link, ec2, Path(root))
+        hook = slowlink.far_ec2_hook(link, ec2, Path(root), args.stagger)
         provisioner.set_address_hook(hook)
         try:
             start = time.time()
             cluster = registry.get_cluster(resolve_config(**settings))
-            cluster.wait_until_settled(120)
+            if not args.stagger:
+                cluster.wait_until_settled(120)
             connected = time.time()
-            sent0 = link.sent_bytes()
+            hosts_at_start = len(cluster.alive_hosts)
+            sent0, packets0 = link.sent_bytes(), link.sent_packets()
             search = GridSearchCV(Ridge(), {"alpha": np.logspace(-3, 3, args.candidates)},
                                   cv=3, scoring=_scores, refit=False, n_jobs=-1)
             begin = time.time()
             with parallel_backend("cloud", **settings):
                 search.fit(X, y)
             end = time.time()
-            sent = link.sent_bytes() - sent0
+            sent, packets = link.sent_bytes() - sent0, link.sent_packets() - packets0
             finished = min(min(search.cv_results_[f"split{k}_test_finished"])
                            for k in range(3))
             hosts = cluster.hosts
@@ -106,6 +110,9 @@ def main() -> None:
                 "staging": args.staging, "size": size, "sent": sent, "ratio": sent / size,
                 "connect": connected - start, "first_result": finished - begin,
                 "fit": end - begin, "fits": 3 * args.candidates,
+                "packets": packets, "hosts_at_start": hosts_at_start,
+                "link_readings": cluster.staging.link.readings if cluster.staging else [],
+                "joined": sorted(h.joined_at - begin for h in hosts),
                 "staged_bytes": cluster.staging.bytes_staged if cluster.staging else 0,
                 "direct_bytes": sum(h.uploads.bytes_sent for h in hosts),
                 "hosts_fetched": sum(bool(h.uploads.bytes_fetched) for h in hosts),

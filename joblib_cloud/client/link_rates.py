@@ -58,6 +58,12 @@ class LinkRates:
         self._lock = threading.Lock()
 
     @property
+    def readings(self) -> list[float]:
+        """The kernel's readings so far, one per host connection (bytes per second)."""
+        with self._lock:
+            return list(self._readings)
+
+    @property
     def store(self) -> float:
         return self.link if self._store is None else self._store
 
