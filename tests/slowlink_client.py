@@ -43,6 +43,11 @@ def main() -> None:
     parser.add_argument("--staging", default="auto")
     parser.add_argument("--mb", type=float, default=100)
     parser.add_argument("--candidates", type=int, default=20)
+    parser.add_argument("--columns", type=int, default=64)
+    parser.add_argument("--seed", type=int, default=0, help="of X's values")
+    parser.add_argument("--first-reading", type=float, default=0.0,
+                        help="the kernel's link reading on the first host's connection "
+                             "(bytes/s) in place of its own, e.g. a burst that read high")
     parser.add_argument("--hosts", type=int, default=3)
     parser.add_argument("--cluster", default="slow")
     parser.add_argument("--stagger", type=float, default=0.0,
@@ -76,9 +81,13 @@ def main() -> None:
         return fidelity(real, client, operation, params)
 
     botocore.client.BaseClient._make_api_call = call
-    rng = np.random.default_rng(0)
-    X = rng.random((int(args.mb * 2**20 / 8 / 64), 64))
-    y = X @ rng.random(64) + rng.normal(size=len(X))
+    if args.first_reading:
+        kernel = registry.delivery_rate
+        readings = iter([args.first_reading])
+        registry.delivery_rate = lambda sock: next(readings, None) or kernel(sock)
+    rng = np.random.default_rng(args.seed)
+    X = rng.random((int(args.mb * 2**20 / 8 / args.columns), args.columns))
+    y = X @ rng.random(args.columns) + rng.normal(size=len(X))
     size = StoredObject(X).nbytes
     settings = {"provider": "aws", "n": args.hosts, "instance": "C2", "cluster": args.cluster,
                 "region": REGION, "ingress_cidr": "198.51.100.7/32",
