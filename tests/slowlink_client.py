@@ -122,6 +122,9 @@ def main() -> None:
                 "packets": packets, "hosts_at_start": hosts_at_start,
                 "link_readings": cluster.staging.link.readings if cluster.staging else [],
                 "joined": sorted(h.joined_at - begin for h in hosts),
+                # per host: when it joined (s after the fit began), bytes PUT, bytes fetched
+                "per_host": sorted((h.joined_at - begin, h.uploads.bytes_sent,
+                                    h.uploads.bytes_fetched) for h in hosts),
                 "staged_bytes": cluster.staging.bytes_staged if cluster.staging else 0,
                 "direct_bytes": sum(h.uploads.bytes_sent for h in hosts),
                 "hosts_fetched": sum(bool(h.uploads.bytes_fetched) for h in hosts),
