@@ -7,6 +7,7 @@ from __future__ import annotations
 import datetime
 import getpass
 import sys
+import threading
 import warnings
 
 import numpy as np
@@ -17,11 +18,13 @@ from awsmock import (  # noqa: F401  (fixtures)
     api_calls_fixture,
     aws_fixture,
     loopback_ec2_fixture,
+    sshd_per_instance,
 )
 from joblib import Parallel, delayed, parallel_backend
 from s3double import s3_fixture  # noqa: F401
+from sshfleet import SSHHost, _free_port
 
-from joblib_cloud import cli
+from joblib_cloud import cli, provisioner
 from joblib_cloud.client import registry, staging
 from joblib_cloud.config import resolve_config
 from joblib_cloud.providers.aws.bucket import Bucket, bucket_name
@@ -227,9 +230,13 @@ class _Store:
     where = "a store"
 
 
-def _choice(size: int, hosts: int, link: float, store: float | None = None) -> bool:
+def _choice(size: int, hosts: int, link: float, store: float | None = None,
+            joining: int = 0) -> bool:
+    """Whether ``auto`` stages an object of ``size`` bytes for ``hosts`` hosts, the
+    kernel's reading of each connected one ``link``, ``joining`` of them not connected."""
     choice = staging.Staging(_Store())
-    choice.link.estimated(link)
+    for _ in range(hosts - joining):
+        choice.link.estimated(link)
     if store is not None:
         choice.link.stored(100 * 2**20, 100 * 2**20 / store)
     return choice.worth_it(StoredObject(np.zeros(size // 8)), hosts)
@@ -244,6 +251,19 @@ def test_auto_stages_what_saves_link_time_and_sends_the_rest_directly():
     assert not _choice(100 * 2**20, 2, datacentre)  # a fast link
     assert _choice(100 * 2**20, 16, datacentre)  # ...but not fast enough for 16 hosts
     assert not _choice(100 * 2**20, 3, laptop, store=laptop / 10)  # a slow store
+
+
+def test_one_hosts_reading_is_not_enough_to_send_directly_to_hosts_still_joining():
+    """The first host of three is connected, and its connection read fast: a burst can
+    read so, and sending directly on it would cost a crossing per host still to come."""
+    fast = 1.25e9
+    assert _choice(100 * 2**20, 3, fast, joining=2)
+    assert _choice(100 * 2**20, 2, fast, joining=1)
+    assert not _choice(100 * 2**20, 3, fast, joining=1)  # most of the fleet says fast
+    choice = staging.Staging(_Store())
+    choice.link.estimated(fast)
+    choice.link.sent(2**30, 2**30 / fast)  # ...or a transfer measured it
+    assert not choice.worth_it(StoredObject(np.zeros(100 * 2**20 // 8)), 3)
 
 
 def test_on_loopback_auto_sends_directly(s3, api_calls, loopback_ec2, X):
@@ -269,3 +289,108 @@ def test_presigned_urls_name_the_regions_own_endpoint(monkeypatch):
         bucket = Bucket(client, bucket_name("123456789012", region), region)
         url = bucket.presign_get("objects/ab", 60)
         assert url.startswith(f"https://{bucket.name}.s3.{region}.amazonaws.com/objects/ab?")
+
+
+# -- hosts that join at different moments ----------------------------------------------
+
+#: The kernel's reading of a laptop's uplink (100 Mbit/s), where loopback reads GB/s.
+LAPTOP = 12.5e6
+
+
+class _BootingHost(SSHHost):
+    """A loopback host whose sshd starts once ``booted`` is set: until then it refuses
+    connections, as a machine still booting does, and the client keeps trying."""
+
+    booted: threading.Event | None = None
+
+    def start(self, port=None, wait=True):
+        if self.booted is None:
+            return super().start(port, wait)
+        self.port = _free_port(self.address)
+
+        def boot():
+            self.booted.wait()
+            if not self.stopped:
+                SSHHost.start(self, self.port, wait=False)
+
+        threading.Thread(target=boot, daemon=True).start()
+
+    stopped = False
+
+    def kill(self):
+        self.stopped = True
+        if self.booted is not None:
+            self.booted.set()
+        super().kill()
+
+
+@pytest.fixture
+def late_ec2(aws, tmp_path, monkeypatch):
+    """Machines that come up apart: the first launched answers at once, the others once
+    the test sets the event this yields.  The client's link reads as a laptop's."""
+    booted = threading.Event()
+
+    def make(index, *args, **kw):
+        host = _BootingHost(tmp_path, 40 + index, *args, **kw)
+        host.booted = booted if index else None
+        return host
+
+    hook = sshd_per_instance(aws, make)
+    provisioner.set_address_hook(hook)
+    monkeypatch.setattr(registry, "delivery_rate", lambda sock: LAPTOP)
+    yield booted
+    registry.close_all()
+    for host in hook.hosts.values():
+        host.kill()
+
+
+def test_hosts_that_join_later_fetch_what_the_first_one_staged(s3, api_calls, late_ec2, X):
+    """The first host is alone for a whole call while two more are still booting: the
+    object goes to the store for all three (not over SSH to the first), and the late ones
+    fetch it there; it leaves the client once."""
+    settings = _settings(staging="auto")
+    digest, size = StoredObject(X).digest, StoredObject(X).nbytes
+    cluster = _cluster(settings)
+    assert len(cluster.alive_hosts) == 1 and cluster.joining == 2
+    with parallel_backend("cloud", **settings):
+        assert Parallel(n_jobs=3)(delayed(_row_sums)(X, slice(i, i + 5))
+                                  for i in range(6)) == _expected(X)
+    (first,) = cluster.hosts
+    assert first.uploads.bytes_sent == 0 and first.uploads.bytes_fetched == size
+    late_ec2.set()  # the other two finish booting
+    assert cluster.wait_until_settled(60) and len(cluster.alive_hosts) == 3
+    assert _run(settings, X) == _expected(X)
+    assert len(_uploads_of(api_calls, digest)) == 1
+    for host in cluster.hosts:
+        assert host.uploads.bytes_sent == 0 and host.uploads.bytes_fetched == size
+    assert all(h.joined_at > first.joined_at for h in cluster.hosts[1:])
+
+
+def test_a_first_host_that_reads_fast_does_not_get_what_the_late_ones_need_over_ssh(
+        s3, api_calls, late_ec2, X, monkeypatch):
+    """As above, but the first host's connection read as a data centre's link (a short
+    burst can): the object is still staged for the fleet, not sent to the first host and
+    then staged for the others (twice over the link) or sent to each (three times)."""
+    readings = iter([1.25e9])
+    monkeypatch.setattr(registry, "delivery_rate", lambda sock: next(readings, LAPTOP))
+    settings = _settings(staging="auto")
+    digest, size = StoredObject(X).digest, StoredObject(X).nbytes
+    cluster = _cluster(settings)
+    with parallel_backend("cloud", **settings):
+        assert Parallel(n_jobs=3)(delayed(_row_sums)(X, slice(i, i + 5))
+                                  for i in range(6)) == _expected(X)
+    late_ec2.set()
+    assert cluster.wait_until_settled(60) and len(cluster.alive_hosts) == 3
+    assert _run(settings, X) == _expected(X)
+    assert cluster.staging.link.readings[0] == 1.25e9
+    assert len(_uploads_of(api_calls, digest)) == 1
+    assert [(h.uploads.bytes_sent, h.uploads.bytes_fetched) for h in cluster.hosts] == \
+        [(0, size)] * 3
+
+
+def test_a_fleet_of_one_host_gets_its_arguments_directly(s3, api_calls, late_ec2, X):
+    settings = _settings(n=1, staging="auto")
+    assert _run(settings, X) == _expected(X)
+    (host,) = _cluster(settings).hosts
+    assert host.uploads.bytes_sent == StoredObject(X).nbytes and not host.uploads.bytes_fetched
+    assert _uploads_of(api_calls, StoredObject(X).digest) == [] and _keys("objects/") == []

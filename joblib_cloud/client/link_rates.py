@@ -7,6 +7,15 @@ host's agent has been sent (about 200 kB over its SSH connection), Linux's ``TCP
 holds the connection's measured delivery rate, which on a 100 Mbit/s uplink reads about
 12 MB/s and inside a data centre hundreds.  Where that is not available (another OS, a
 proxy command) the rate stays at a laptop's until measured.
+
+Machines come up apart (on EC2, tens of seconds), so the first large argument is often
+weighed when one host of several is connected, on that one connection's reading.  A
+short burst can read high, and sending directly on a reading that was wrong costs a
+crossing of the link per host still to come (or, once the transfer corrects the rate,
+one more crossing to stage it for them), while staging on a link that was fast in fact
+costs no link bytes, only the first host's wait for its download.  So a host not read
+yet counts as a laptop's link (:meth:`LinkRates.link_for`): direct sends to a fleet
+still joining need most of its hosts, or a measured transfer, to say the link is fast.
 """
 
 from __future__ import annotations
@@ -58,8 +67,29 @@ class LinkRates:
         self._lock = threading.Lock()
 
     @property
+    def readings(self) -> list[float]:
+        """The kernel's readings so far, one per host connection (bytes per second)."""
+        with self._lock:
+            return list(self._readings)
+
+    @property
     def store(self) -> float:
         return self.link if self._store is None else self._store
+
+    def link_for(self, hosts: int) -> float:
+        """The client's link to count on for an object ``hosts`` hosts still need: the
+        measured rate once a transfer was measured; before, the (lower) median of the
+        kernel's readings with each of those hosts not read yet (still joining) counted
+        as :data:`ASSUMED_LINK`."""
+        with self._lock:
+            missing = hosts - len(self._readings)
+            if self._measured or missing <= 0 or not self._readings:
+                return self.link
+            return statistics.median_low(self._readings + [ASSUMED_LINK] * missing)
+
+    def store_for(self, hosts: int) -> float:
+        """The upload rate to the store: measured, or the link's (:meth:`link_for`)."""
+        return self.link_for(hosts) if self._store is None else self._store
 
     def estimated(self, rate: float | None) -> None:
         """The kernel's reading on one host's connection.  Until a transfer is measured,

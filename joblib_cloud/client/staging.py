@@ -9,6 +9,12 @@ hosts that stages everything from about 130 kB up; a client inside the cloud fee
 hosts over 10 Gbit/s sends directly.  The rates are estimated, then measured as objects
 move (``link_rates.py``).  An object the store holds already costs the link nothing.
 
+``n`` counts the hosts still joining (booting, installing), not only those connected: a
+fleet is a target, and the first host to be ready usually works alone for a while.  It
+stages what the whole fleet will need (and fetches it itself once the upload is done), so
+the hosts that join later find it in the store and it leaves the client once.  A fleet
+of one host gets its arguments directly.
+
 The store is the provider's (:class:`provisioner.ObjectStoreAccess`; S3 on ``aws``).  When
 it fails (no permission, a bucket policy, throttling), the cluster sends directly from
 then on, after one warning that says why.
@@ -57,7 +63,8 @@ class Staging:
 
     def worth_it(self, stored: StoredObject, hosts_without: int) -> bool:
         """Whether the hosts should fetch ``stored`` from the store rather than get it over
-        SSH, ``hosts_without`` of them (this one included) still lacking it."""
+        SSH, ``hosts_without`` of them still lacking it: this one, the others connected,
+        and those still joining (``Cluster.joining``), which find it staged when they come."""
         if self.failed is not None or self.mode == "never":
             return False
         if self.mode == "always":
@@ -67,8 +74,8 @@ class Staging:
         if hosts_without < 2:
             return False
         rates, size = self.link, stored.nbytes
-        direct = hosts_without * size / rates.link
-        staged = size / rates.store + size / rates.fetch + STORE_LATENCY
+        direct = hosts_without * size / rates.link_for(hosts_without)
+        staged = size / rates.store_for(hosts_without) + size / rates.fetch + STORE_LATENCY
         return staged < direct
 
     def url_for(self, stored: StoredObject, renew: bool = False) -> str | None:

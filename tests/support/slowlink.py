@@ -18,6 +18,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -66,8 +67,14 @@ class SlowLink:
 
     def sent_bytes(self) -> int:
         """Bytes the client has sent over its link so far."""
+        return self._counter("tx_bytes")
+
+    def sent_packets(self) -> int:
+        return self._counter("tx_packets")
+
+    def _counter(self, name: str) -> int:
         out = subprocess.run(["ip", "netns", "exec", self.client_ns, "cat",
-                              "/sys/class/net/jlc-c/statistics/tx_bytes"],
+                              f"/sys/class/net/jlc-c/statistics/{name}"],
                              check=True, capture_output=True, text=True).stdout
         return int(out)
 
@@ -122,13 +129,39 @@ class FarHost(SSHHost):
             self.link.wait_port(self.port)
 
 
-def far_ec2_hook(link: SlowLink, ec2: Any, root: Path) -> Any:
+class LateFarHost(FarHost):
+    """A far host whose sshd starts ``delay`` seconds after it is asked to: a machine
+    still booting, which refuses connections until then (the client keeps trying)."""
+
+    def __init__(self, *args: Any, delay: float = 0.0, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.delay = delay
+        self._cancelled = threading.Event()
+
+    def start(self, port: int | None = None, wait: bool = True) -> None:
+        if not self.delay:
+            super().start(port, wait)
+            return
+
+        def boot() -> None:
+            if not self._cancelled.wait(self.delay):
+                FarHost.start(self, wait=False)
+
+        threading.Thread(target=boot, daemon=True, name=f"late-host-{self.index}").start()
+
+    def kill(self) -> None:
+        self._cancelled.set()
+        super().kill()
+
+
+def far_ec2_hook(link: SlowLink, ec2: Any, root: Path, stagger: float = 0.0) -> Any:
     """Address hook: each launched instance becomes a far host with the host key and client
-    key its stored user-data carries."""
+    key its stored user-data carries; the ``i``-th one's sshd starts ``i * stagger``
+    seconds after the launch (machines that come up apart, as on EC2)."""
     from awsmock import sshd_per_instance
 
-    return sshd_per_instance(ec2, lambda index, *args, **kw: FarHost(link, root, index,
-                                                                     *args, **kw))
+    return sshd_per_instance(ec2, lambda index, *args, **kw: LateFarHost(
+        link, root, index, *args, delay=index * stagger, **kw))
 
 
 S3_PORT = 5123

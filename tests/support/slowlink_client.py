@@ -43,8 +43,15 @@ def main() -> None:
     parser.add_argument("--staging", default="auto")
     parser.add_argument("--mb", type=float, default=100)
     parser.add_argument("--candidates", type=int, default=20)
+    parser.add_argument("--columns", type=int, default=64)
+    parser.add_argument("--seed", type=int, default=0, help="of X's values")
+    parser.add_argument("--first-reading", type=float, default=0.0,
+                        help="the kernel's link reading on the first host's connection "
+                             "(bytes/s) in place of its own, e.g. a burst that read high")
     parser.add_argument("--hosts", type=int, default=3)
     parser.add_argument("--cluster", default="slow")
+    parser.add_argument("--stagger", type=float, default=0.0,
+                        help="seconds between the hosts' boots; the fit starts on the first")
     args = parser.parse_args()
 
     import boto3
@@ -74,9 +81,13 @@ def main() -> None:
         return fidelity(real, client, operation, params)
 
     botocore.client.BaseClient._make_api_call = call
-    rng = np.random.default_rng(0)
-    X = rng.random((int(args.mb * 2**20 / 8 / 64), 64))
-    y = X @ rng.random(64) + rng.normal(size=len(X))
+    if args.first_reading:
+        kernel = registry.delivery_rate
+        readings = iter([args.first_reading])
+        registry.delivery_rate = lambda sock: next(readings, None) or kernel(sock)
+    rng = np.random.default_rng(args.seed)
+    X = rng.random((int(args.mb * 2**20 / 8 / args.columns), args.columns))
+    y = X @ rng.random(args.columns) + rng.normal(size=len(X))
     size = StoredObject(X).nbytes
     settings = {"provider": "aws", "n": args.hosts, "instance": "C2", "cluster": args.cluster,
                 "region": REGION, "ingress_cidr": "198.51.100.7/32",
@@ -84,21 +95,23 @@ def main() -> None:
                 "staging": args.staging}
     with mock_aws(), tempfile.TemporaryDirectory() as root:
         ec2 = boto3.client("ec2", region_name=REGION)
-        hook = slowlink.far_ec2_hook(link, ec2, Path(root))
+        hook = slowlink.far_ec2_hook(link, ec2, Path(root), args.stagger)
         provisioner.set_address_hook(hook)
         try:
             start = time.time()
             cluster = registry.get_cluster(resolve_config(**settings))
-            cluster.wait_until_settled(120)
+            if not args.stagger:
+                cluster.wait_until_settled(120)
             connected = time.time()
-            sent0 = link.sent_bytes()
+            hosts_at_start = len(cluster.alive_hosts)
+            sent0, packets0 = link.sent_bytes(), link.sent_packets()
             search = GridSearchCV(Ridge(), {"alpha": np.logspace(-3, 3, args.candidates)},
                                   cv=3, scoring=_scores, refit=False, n_jobs=-1)
             begin = time.time()
             with parallel_backend("cloud", **settings):
                 search.fit(X, y)
             end = time.time()
-            sent = link.sent_bytes() - sent0
+            sent, packets = link.sent_bytes() - sent0, link.sent_packets() - packets0
             finished = min(min(search.cv_results_[f"split{k}_test_finished"])
                            for k in range(3))
             hosts = cluster.hosts
@@ -106,6 +119,12 @@ def main() -> None:
                 "staging": args.staging, "size": size, "sent": sent, "ratio": sent / size,
                 "connect": connected - start, "first_result": finished - begin,
                 "fit": end - begin, "fits": 3 * args.candidates,
+                "packets": packets, "hosts_at_start": hosts_at_start,
+                "link_readings": cluster.staging.link.readings if cluster.staging else [],
+                "joined": sorted(h.joined_at - begin for h in hosts),
+                # per host: when it joined (s after the fit began), bytes PUT, bytes fetched
+                "per_host": sorted((h.joined_at - begin, h.uploads.bytes_sent,
+                                    h.uploads.bytes_fetched) for h in hosts),
                 "staged_bytes": cluster.staging.bytes_staged if cluster.staging else 0,
                 "direct_bytes": sum(h.uploads.bytes_sent for h in hosts),
                 "hosts_fetched": sum(bool(h.uploads.bytes_fetched) for h in hosts),
