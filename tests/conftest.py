@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).parent / "support"))  # what tests share
 import netguard  # noqa: E402
 
 #: Fixtures more than one test module uses, from tests/support/.
-pytest_plugins = ["runjobs"]
+pytest_plugins = ["runjobs", "stagedruns"]
 from sshfleet import SSHFleet  # noqa: E402
 
 import joblib_cloud  # noqa: E402,F401  (registers the backend)

@@ -29,7 +29,7 @@ from awsmock import (  # noqa: F401  (fixtures)
     loopback_ec2_fixture,
 )
 from s3double import s3_fixture  # noqa: F401
-from test_staging import X, _expected, _run, _settings  # noqa: F401  (X: fixture)
+from stagedruns import expected_row_sums, run_row_sums, staged_settings
 
 from joblib_cloud import cli
 from joblib_cloud.client import registry
@@ -70,31 +70,31 @@ def aws_env(monkeypatch, tmp_path):
     registry.close_all()
 
 
-def test_a_bucket_another_account_made_under_our_name_is_refused(s3, loopback_ec2, X):  # noqa: F811
+def test_a_bucket_another_account_made_under_our_name_is_refused(s3, loopback_ec2, X):
     _raw_s3().create_bucket(Bucket=NAME)
     s3.owners[NAME] = "999900001111"  # someone else took the predictable name first
     with pytest.raises(AWSError, match="does not belong to this AWS account"):
         Bucket.for_region(REGION)
     aws_bucket.forget_buckets()
-    settings = _settings(n=2)
+    settings = staged_settings(n=2)
     try:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            assert _run(settings, X) == _expected(X)  # sent over SSH instead
+            assert run_row_sums(settings, X) == expected_row_sums(X)  # sent over SSH instead
     finally:
         registry.close_all()
     assert any("does not belong to this AWS account" in str(w.message) for w in caught)
     assert _raw_keys() == []  # nothing of the user's went into it
 
 
-def test_every_call_to_the_bucket_names_its_owner(s3, loopback_ec2, X, tmp_path,  # noqa: F811
+def test_every_call_to_the_bucket_names_its_owner(s3, loopback_ec2, X, tmp_path,
                                                   monkeypatch):
-    settings = _settings(n=2)
+    settings = staged_settings(n=2)
     try:
-        _run(settings, X)
+        run_row_sums(settings, X)
         registry.close_all()
         monkeypatch.setattr(aws_bucket, "RENEW_AFTER", datetime.timedelta(seconds=-1))
-        assert _run(settings, X) == _expected(X)  # renewed: a copy onto itself
+        assert run_row_sums(settings, X) == expected_row_sums(X)  # renewed: a copy onto itself
     finally:
         registry.close_all()
     _cli_settings(monkeypatch, tmp_path / "project")

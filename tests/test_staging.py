@@ -5,8 +5,6 @@ loopback sshd hosts (``loopback_ec2``)."""
 from __future__ import annotations
 
 import datetime
-import getpass
-import sys
 import threading
 import warnings
 
@@ -23,39 +21,12 @@ from awsmock import (  # noqa: F401  (fixtures)
 from joblib import Parallel, delayed, parallel_backend
 from s3double import s3_fixture  # noqa: F401
 from sshfleet import SSHHost, _free_port
+from stagedruns import cluster_of, expected_row_sums, row_sums, run_row_sums, staged_settings
 
 from joblib_cloud import cli, provisioner
 from joblib_cloud.client import registry, staging
-from joblib_cloud.config import resolve_config
 from joblib_cloud.providers.aws.bucket import Bucket, bucket_name
 from joblib_cloud.wire.serialization import StoredObject
-
-SIZE = 10 * 2**20
-
-
-def _settings(cluster: str = "stage", **extra):
-    """Loopback is a fast link, on which ``auto`` sends directly: these tests stage."""
-    return {"provider": "aws", "n": 3, "instance": "C2", "cluster": cluster,
-            "region": REGION, "ingress_cidr": CIDR, "user": getpass.getuser(),
-            "python": sys.executable, "workers_per_host": 1, "staging": "always", **extra}
-
-
-def _row_sums(X, rows):
-    return float(X[rows].sum())
-
-
-def _run(settings, X, tasks=6):
-    assert _cluster(settings).wait_until_settled(60)  # every host takes a task
-    with parallel_backend("cloud", **settings):
-        return Parallel(n_jobs=3)(delayed(_row_sums)(X, slice(i, i + 5)) for i in range(tasks))
-
-
-def _expected(X, tasks=6):
-    return [float(X[i:i + 5].sum()) for i in range(tasks)]
-
-
-def _cluster(settings):
-    return registry.get_cluster(resolve_config(**settings))
 
 
 def _uploads_of(api_calls, digest):
@@ -68,17 +39,12 @@ def _keys(prefix=""):
     return [] if bucket is None else list(bucket.keys(prefix))
 
 
-@pytest.fixture
-def X():
-    return np.random.default_rng(0).random(SIZE // 8).reshape(-1, 64)
-
-
 def test_one_object_for_three_hosts_leaves_the_client_once(s3, api_calls, loopback_ec2, X):
-    settings = _settings()
+    settings = staged_settings()
     digest = StoredObject(X).digest
     try:
-        assert _run(settings, X) == _expected(X)
-        cluster = _cluster(settings)
+        assert run_row_sums(settings, X) == expected_row_sums(X)
+        cluster = cluster_of(settings)
         assert len(cluster.hosts) == 3
         assert len(_uploads_of(api_calls, digest)) == 1
         size = StoredObject(X).nbytes
@@ -92,12 +58,12 @@ def test_one_object_for_three_hosts_leaves_the_client_once(s3, api_calls, loopba
         # Another process (a fresh client) using the same X uploads nothing.
         registry.close_all()
         before = len(api_calls.calls)
-        assert _run(settings, X) == _expected(X)
+        assert run_row_sums(settings, X) == expected_row_sums(X)
         later = api_calls.calls[before:]
         assert [c for c in later if c.operation in ("PutObject", "CreateMultipartUpload",
                                                     "UploadPart")
                 and c.params["Key"].startswith("objects/")] == []
-        assert all(h.uploads.bytes_sent == 0 for h in _cluster(settings).hosts)
+        assert all(h.uploads.bytes_sent == 0 for h in cluster_of(settings).hosts)
     finally:
         registry.close_all()
 
@@ -106,13 +72,13 @@ def test_an_object_staged_long_ago_is_renewed_when_used_again(s3, api_calls, loo
                                                               X, monkeypatch):
     from joblib_cloud.providers.aws import bucket as aws_bucket
 
-    settings = _settings(n=2)
+    settings = staged_settings(n=2)
     digest = StoredObject(X).digest
     try:
-        _run(settings, X)
+        run_row_sums(settings, X)
         registry.close_all()  # a later program
         monkeypatch.setattr(aws_bucket, "RENEW_AFTER", datetime.timedelta(seconds=-1))
-        assert _run(settings, X) == _expected(X)
+        assert run_row_sums(settings, X) == expected_row_sums(X)
     finally:
         registry.close_all()
     copies = [c for c in api_calls.of("CopyObject") if c.params["Key"] == f"objects/{digest}"]
@@ -120,9 +86,9 @@ def test_an_object_staged_long_ago_is_renewed_when_used_again(s3, api_calls, loo
 
 
 def test_the_bucket_is_private_encrypted_and_expires_staged_objects(s3, loopback_ec2, X):
-    settings = _settings()
+    settings = staged_settings()
     try:
-        _run(settings, X)
+        run_row_sums(settings, X)
     finally:
         registry.close_all()
     s3api = Bucket.for_region(REGION).client
@@ -138,15 +104,15 @@ def test_the_bucket_is_private_encrypted_and_expires_staged_objects(s3, loopback
 
 
 def test_a_download_that_fails_its_digest_is_fetched_again(s3, loopback_ec2, X):
-    settings = _settings(n=1)
+    settings = staged_settings(n=1)
     digest = StoredObject(X).digest
     s3.corrupt.add(f"objects/{digest}")
     try:
-        assert _run(settings, X) == _expected(X)
+        assert run_row_sums(settings, X) == expected_row_sums(X)
         assert "objects/" + digest not in s3.corrupt  # it was damaged once...
         firsts = [r for r in s3.gets(digest) if (r.range or "").startswith("bytes=0-")]
         assert len(firsts) == 2  # ...and the host fetched it again
-        (host,) = _cluster(settings).hosts
+        (host,) = cluster_of(settings).hosts
         assert host.uploads.bytes_sent == 0
     finally:
         registry.close_all()
@@ -159,14 +125,14 @@ def test_an_url_that_expires_during_the_download_is_renewed(s3, loopback_ec2, X,
     monkeypatch.setattr(staging.Staging, "part_size", 2**20)
     monkeypatch.setattr(staging.Staging, "streams", 1)
     s3.delay = 0.5  # 11 parts at 0.5 s each: the 2 s URL expires on the way
-    settings = _settings(n=1)
+    settings = staged_settings(n=1)
     digest = StoredObject(X).digest
     try:
-        assert _run(settings, X) == _expected(X)
+        assert run_row_sums(settings, X) == expected_row_sums(X)
         gets = s3.gets(digest)
         assert any(r.status == 403 for r in gets)
         assert len({r.signature for r in gets if r.status == 206}) >= 2
-        (host,) = _cluster(settings).hosts
+        (host,) = cluster_of(settings).hosts
         assert host.uploads.bytes_sent == 0  # renewed, not sent over SSH
         parts = [r.range for r in gets if r.status == 206]
         assert len(parts) == len(set(parts))  # what was on disk was not fetched again
@@ -178,10 +144,10 @@ def test_hosts_hear_from_the_client_while_it_uploads_to_the_store(s3, loopback_e
     """An upload longer than heartbeat_timeout: the waiting agents are pinged meanwhile,
     so none of them takes the client for gone."""
     s3.put_delay = 4.0
-    settings = _settings(heartbeat_timeout=1.5)
+    settings = staged_settings(heartbeat_timeout=1.5)
     try:
-        assert _run(settings, X) == _expected(X)
-        cluster = _cluster(settings)
+        assert run_row_sums(settings, X) == expected_row_sums(X)
+        cluster = cluster_of(settings)
         assert len(cluster.alive_hosts) == 3 and not cluster.failures
         assert all(h.uploads.bytes_fetched and not h.uploads.bytes_sent
                    for h in cluster.hosts)
@@ -194,27 +160,27 @@ def test_s3_refused_sends_directly_with_one_warning(s3, api_calls, loopback_ec2,
 
     api_calls.inject = lambda op, params, n: (client_error("AccessDenied", op)
                                               if op == "PutObject" else None)
-    settings = _settings()
+    settings = staged_settings()
     Y = X + 1
     try:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            assert _run(settings, X) == _expected(X)
-            assert _run(settings, Y) == _expected(Y)
+            assert run_row_sums(settings, X) == expected_row_sums(X)
+            assert run_row_sums(settings, Y) == expected_row_sums(Y)
         said = [w for w in caught if "staging large arguments" in str(w.message)]
         assert len(said) == 1 and "AccessDenied" in str(said[0].message)
         size = StoredObject(X).nbytes
-        assert sorted(h.uploads.bytes_sent for h in _cluster(settings).hosts) == [2 * size] * 3
+        assert sorted(h.uploads.bytes_sent for h in cluster_of(settings).hosts) == [2 * size] * 3
     finally:
         registry.close_all()
 
 
 def test_down_removes_the_clusters_objects_and_no_others(s3, loopback_ec2, X):
-    keep, gone = _settings("keep", n=2), _settings("gone", n=2)
+    keep, gone = staged_settings("keep", n=2), staged_settings("gone", n=2)
     Y = X * 2
     try:
-        _run(keep, X)
-        _run(gone, Y)
+        run_row_sums(keep, X)
+        run_row_sums(gone, Y)
     finally:
         registry.close_all()
     x, y = StoredObject(X).digest, StoredObject(Y).digest
@@ -268,9 +234,9 @@ def test_one_hosts_reading_is_not_enough_to_send_directly_to_hosts_still_joining
 
 def test_on_loopback_auto_sends_directly(s3, api_calls, loopback_ec2, X):
     try:
-        settings = _settings(n=2, staging="auto")
-        assert _run(settings, X) == _expected(X)
-        assert all(h.uploads.bytes_sent for h in _cluster(settings).hosts)
+        settings = staged_settings(n=2, staging="auto")
+        assert run_row_sums(settings, X) == expected_row_sums(X)
+        assert all(h.uploads.bytes_sent for h in cluster_of(settings).hosts)
         assert api_calls.of("PutObject") == [] and _keys() == []
     finally:
         registry.close_all()
@@ -348,18 +314,18 @@ def test_hosts_that_join_later_fetch_what_the_first_one_staged(s3, api_calls, la
     """The first host is alone for a whole call while two more are still booting: the
     object goes to the store for all three (not over SSH to the first), and the late ones
     fetch it there; it leaves the client once."""
-    settings = _settings(staging="auto")
+    settings = staged_settings(staging="auto")
     digest, size = StoredObject(X).digest, StoredObject(X).nbytes
-    cluster = _cluster(settings)
+    cluster = cluster_of(settings)
     assert len(cluster.alive_hosts) == 1 and cluster.joining == 2
     with parallel_backend("cloud", **settings):
-        assert Parallel(n_jobs=3)(delayed(_row_sums)(X, slice(i, i + 5))
-                                  for i in range(6)) == _expected(X)
+        assert Parallel(n_jobs=3)(delayed(row_sums)(X, slice(i, i + 5))
+                                  for i in range(6)) == expected_row_sums(X)
     (first,) = cluster.hosts
     assert first.uploads.bytes_sent == 0 and first.uploads.bytes_fetched == size
     late_ec2.set()  # the other two finish booting
     assert cluster.wait_until_settled(60) and len(cluster.alive_hosts) == 3
-    assert _run(settings, X) == _expected(X)
+    assert run_row_sums(settings, X) == expected_row_sums(X)
     assert len(_uploads_of(api_calls, digest)) == 1
     for host in cluster.hosts:
         assert host.uploads.bytes_sent == 0 and host.uploads.bytes_fetched == size
@@ -373,15 +339,15 @@ def test_a_first_host_that_reads_fast_does_not_get_what_the_late_ones_need_over_
     then staged for the others (twice over the link) or sent to each (three times)."""
     readings = iter([1.25e9])
     monkeypatch.setattr(registry, "delivery_rate", lambda sock: next(readings, LAPTOP))
-    settings = _settings(staging="auto")
+    settings = staged_settings(staging="auto")
     digest, size = StoredObject(X).digest, StoredObject(X).nbytes
-    cluster = _cluster(settings)
+    cluster = cluster_of(settings)
     with parallel_backend("cloud", **settings):
-        assert Parallel(n_jobs=3)(delayed(_row_sums)(X, slice(i, i + 5))
-                                  for i in range(6)) == _expected(X)
+        assert Parallel(n_jobs=3)(delayed(row_sums)(X, slice(i, i + 5))
+                                  for i in range(6)) == expected_row_sums(X)
     late_ec2.set()
     assert cluster.wait_until_settled(60) and len(cluster.alive_hosts) == 3
-    assert _run(settings, X) == _expected(X)
+    assert run_row_sums(settings, X) == expected_row_sums(X)
     assert cluster.staging.link.readings[0] == 1.25e9
     assert len(_uploads_of(api_calls, digest)) == 1
     assert [(h.uploads.bytes_sent, h.uploads.bytes_fetched) for h in cluster.hosts] == \
@@ -389,8 +355,8 @@ def test_a_first_host_that_reads_fast_does_not_get_what_the_late_ones_need_over_
 
 
 def test_a_fleet_of_one_host_gets_its_arguments_directly(s3, api_calls, late_ec2, X):
-    settings = _settings(n=1, staging="auto")
-    assert _run(settings, X) == _expected(X)
-    (host,) = _cluster(settings).hosts
+    settings = staged_settings(n=1, staging="auto")
+    assert run_row_sums(settings, X) == expected_row_sums(X)
+    (host,) = cluster_of(settings).hosts
     assert host.uploads.bytes_sent == StoredObject(X).nbytes and not host.uploads.bytes_fetched
     assert _uploads_of(api_calls, StoredObject(X).digest) == [] and _keys("objects/") == []
