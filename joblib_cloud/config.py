@@ -2,8 +2,8 @@
 
 Every setting has one name used in all three places (``n`` ↔ ``JOBLIB_CLOUD_N`` ↔ ``n = 4``
 in ``~/.joblib-cloud/config.toml``).  Values are validated here, once, so that a bad
-value fails with a ``ValueError`` naming the setting and where it came from instead of
-surfacing later as an SSH or EC2 error.
+value fails with a ``ConfigError`` (a ``ValueError``) naming the setting and where it
+came from instead of surfacing later as an SSH or EC2 error.
 """
 
 from __future__ import annotations
@@ -17,11 +17,11 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
+from .errors import ConfigError
+from .providers import DEFAULT as DEFAULT_PROVIDER
 from .wire import contract
 
 ENV_PREFIX = "JOBLIB_CLOUD_"
-#: ``connect_timeout`` when not set, except on aws (where a VM may take minutes to boot).
-DEFAULT_CONNECT_TIMEOUT = 60.0
 
 
 def home_dir() -> Path:
@@ -118,7 +118,7 @@ class Setting:
 
 
 SETTINGS: tuple[Setting, ...] = (
-    Setting("provider", "aws", str, "aws (default), ssh or local"),
+    Setting("provider", DEFAULT_PROVIDER, str, "aws (default), ssh or local"),
     Setting("instance", "C4", str, "C<n>/M<n>/R<n> alias or a literal EC2 type"),
     Setting("n", 1, _to_int, "number of machines (hosts)"),
     Setting("hosts", [], _to_list, "user@addr:port list for the ssh provider"),
@@ -190,7 +190,7 @@ def _toml_module() -> Any:
     try:
         import tomli
     except ModuleNotFoundError:
-        raise ValueError("reading a config file on Python 3.10 needs the 'tomli' package: "
+        raise ConfigError("reading a config file on Python 3.10 needs the 'tomli' package: "
                          "pip install tomli (joblib-cloud's own install brings it)") from None
     return tomli
 
@@ -203,10 +203,10 @@ def _read_config_file(path: Path) -> dict[str, Any]:
         with path.open("rb") as fh:
             data = tomllib.load(fh)
     except tomllib.TOMLDecodeError as exc:
-        raise ValueError(f"config file {path} is not valid TOML: {exc}") from None
+        raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
     unknown = sorted(set(data) - set(SETTINGS_BY_NAME))
     if unknown:
-        raise ValueError(
+        raise ConfigError(
             f"config file {path}: unknown setting(s) {', '.join(unknown)}; "
             f"valid settings: {', '.join(SETTINGS_BY_NAME)}"
         )
@@ -233,7 +233,8 @@ class CloudConfig:
     python: str | None
     ssh_key: str | None
     known_hosts: str | None
-    #: ``None`` only on aws when not set: the provider then waits ``boot_timeout``.
+    #: ``None`` when not set and the provider has no default of its own
+    #: (``Provider.default_connect_timeout``): its fleet decides (aws: ``boot_timeout``).
     connect_timeout: float | None
     heartbeat_timeout: float
     cache_threshold: int
@@ -285,7 +286,7 @@ def resolve_config(
         try:
             values[setting.name] = setting.parse(raw)
         except (TypeError, ValueError) as exc:
-            raise ValueError(f"invalid value {raw!r} for {origin}: {exc}") from None
+            raise ConfigError(f"invalid value {raw!r} for {origin}: {exc}") from None
         values.setdefault("_origin", {})[setting.name] = origin
     origins: dict[str, str] = values.pop("_origin", {})
     if values["region"] is None:
@@ -299,21 +300,22 @@ def resolve_config(
 def _validate(values: dict[str, Any], origins: dict[str, str]) -> None:
     def fail(name: str, message: str) -> None:
         origin = origins.get(name, f"setting {name}")
-        raise ValueError(f"invalid value {values[name]!r} for {origin}: {message}")
+        raise ConfigError(f"invalid value {values[name]!r} for {origin}: {message}")
 
     values["provider"] = values["provider"].strip().lower()
-    from .provisioner import MANAGED_ENVIRONMENTS, PROVIDERS
+    from .provisioner import PROVIDERS, provider
 
     if values["provider"] not in PROVIDERS:
         fail("provider", f"unknown provider; choose one of {', '.join(PROVIDERS)}")
+    chosen = provider(values["provider"])
     if values["sync_packages"] is None:
-        values["sync_packages"] = values["provider"] in MANAGED_ENVIRONMENTS
+        values["sync_packages"] = chosen.manages_environment
     if values["n"] < 1:
         fail("n", "the number of machines must be at least 1")
     if values["workers_per_host"] is not None and values["workers_per_host"] < 1:
         fail("workers_per_host", "must be at least 1 (or unset for one per CPU)")
-    if values["connect_timeout"] is None and values["provider"] != "aws":
-        values["connect_timeout"] = DEFAULT_CONNECT_TIMEOUT
+    if values["connect_timeout"] is None:
+        values["connect_timeout"] = chosen.default_connect_timeout
     for name in ("idle_timeout", "no_client_timeout", "max_lifetime", "boot_timeout",
                  "connect_timeout", "heartbeat_timeout"):
         if values[name] is not None and values[name] <= 0:
@@ -342,25 +344,9 @@ def _validate(values: dict[str, Any], origins: dict[str, str]) -> None:
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}", values["cluster"]):
         fail("cluster", "use 1-63 letters, digits, '.', '_' or '-', starting with a letter "
                         "or digit")
-    if values["provider"] == "aws":
-        from .providers.aws.instance_types import resolve_name
-
-        try:
-            resolve_name(values["instance"])
-        except ValueError as exc:
-            origin = origins.get("instance", "setting instance")
-            raise ValueError(f"invalid value for {origin}: {exc}") from None
-    if values["provider"] == "ssh":
-        if not values["hosts"]:
-            raise ValueError(
-                "provider 'ssh' needs hosts: pass hosts=['user@addr:port', ...] or set "
-                "JOBLIB_CLOUD_HOSTS=user@addr:port,user@addr2:port"
-            )
-        from .client.hosts import parse_host
-
-        for host in values["hosts"]:
-            try:
-                parse_host(host)
-            except ValueError as exc:
-                origin = origins.get("hosts", "setting hosts")
-                raise ValueError(f"invalid value {host!r} in {origin}: {exc}") from None
+    try:
+        chosen.validate(values, lambda name: origins.get(name, f"setting {name}"))
+    except ConfigError:
+        raise
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None

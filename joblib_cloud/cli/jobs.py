@@ -12,7 +12,7 @@ from ..config import _to_size, resolve_config
 from ..jobs import attach, control, ports
 from ..jobs.outputs import DEFAULT_MAX_OUTPUT
 from ..jobs.workspace import DEFAULT_MAX_UPLOAD
-from ..provisioner import PROVIDERS
+from ..provisioner import PROVIDERS, provider
 from .table import table
 
 
@@ -87,9 +87,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     config = resolve_config(provider=args.provider, instance=args.instance, n=args.n,
                             cluster=args.cluster, verbose=args.verbose or None,
                             budget=args.budget)
-    if config.provider == "ssh" and args.n and args.n != len(config.hosts):
-        print(f"joblib-cloud: note: provider 'ssh' uses the {len(config.hosts)} host(s) you "
-              f"listed (hosts= / JOBLIB_CLOUD_HOSTS), not -n {args.n}", file=sys.stderr)
+    note = provider(config.provider).run_note(config, args.n)
+    if note:
+        print(f"joblib-cloud: note: {note}", file=sys.stderr)
     options = control.RunOptions(
         detach=args.detach, max_upload=_size(args.max_upload, "--max-upload"),
         output=args.output, into=args.into, max_output=_size(args.max_output, "--max-output"),

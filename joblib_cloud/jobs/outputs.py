@@ -15,9 +15,9 @@ import sys
 import tarfile
 from pathlib import Path
 
+from ..host.jobfiles import human
 from ..wire.archive import extract
 from .targets import Target
-from .workspace import human
 
 DEFAULT_MAX_OUTPUT = 100 * 2**20
 RUNS_DIR = "joblib-cloud-runs"

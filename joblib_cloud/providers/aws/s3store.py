@@ -25,12 +25,12 @@ import tarfile
 from pathlib import Path
 from typing import Any
 
-from ..config import CloudConfig
-from ..providers.aws import ec2api
-from ..providers.aws.bucket import Bucket
-from ..wire.archive import UnsafeArchiveError, safe_path
-from .outputs import DEFAULT_MAX_OUTPUT, unpack
-from .workspace import human
+from ...config import CloudConfig
+from ...host.jobfiles import human
+from ...jobs.outputs import DEFAULT_MAX_OUTPUT, unpack
+from ...wire.archive import UnsafeArchiveError, safe_path
+from . import ec2api
+from .bucket import Bucket
 
 #: Seconds the start's presigned GETs stay valid: they are used while the job starts.
 GET_EXPIRY = 3600.0
