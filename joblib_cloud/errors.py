@@ -23,8 +23,6 @@ class ConfigError(JoblibCloudError, ValueError):
 class JobError(JoblibCloudError):
     """A ``run`` job could not be started, found, followed or reached again."""
 
-    exit_code = 4
-
 
 class HostLostError(JoblibCloudError):
     """A host stopped answering (connection dropped, VM gone, heartbeat missed)."""

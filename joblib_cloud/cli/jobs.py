@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from ..config import _to_size, resolve_config
+from ..errors import ConfigError
 from ..jobs import attach, control, ports
 from ..jobs.outputs import DEFAULT_MAX_OUTPUT
 from ..jobs.workspace import DEFAULT_MAX_UPLOAD
@@ -77,7 +78,7 @@ def _size(text: str, option: str) -> int:
     try:
         return _to_size(text)
     except ValueError as exc:
-        raise ValueError(f"{option}: {exc}") from None
+        raise ConfigError(f"{option}: {exc}") from None
 
 
 def cmd_run(args: argparse.Namespace) -> int:

@@ -188,13 +188,10 @@ def _opener(cluster: Cluster, target: HostTarget) -> Opener:
                            lambda on_stderr: LocalAgent(target.name, python, on_stderr))
 
     def ssh(config: CloudConfig) -> HostSession:
-        from .ssh import SSHAgent, SSHConnection
+        from .ssh import SSHAgent
 
-        connection = SSHConnection(target.spec, key_path=target.ssh_key,
-                                   known_hosts=target.known_hosts,
-                                   connect_timeout=config.connect_timeout,
-                                   retry_auth=target.retry_auth, check=target.check,
-                                   timeout_advice=target.timeout_advice)
+        connection = target.connect(config.connect_timeout
+                                    or provisioner.DEFAULT_CONNECT_TIMEOUT)
         python = config.python or "python3"
         if config.image:  # the agent runs inside that Docker image on the VM
             python = docker_python(config.image, python)

@@ -28,6 +28,7 @@ from .. import provisioner
 from ..client.progress import Progress
 from ..client.streams import agent_zip
 from ..config import CloudConfig
+from ..errors import ConfigError, JobError
 from ..host import jobhost
 from ..wire.contract import length_prefix
 from . import outputs, ports, siblings
@@ -110,7 +111,7 @@ def _writer(stream: BinaryIO) -> Sink:
 def shell_command(argv: list[str]) -> str:
     """One argument is a shell command line (like ssh); several are quoted words."""
     if not argv:
-        raise ValueError("nothing to run: give a command after --, e.g. "
+        raise ConfigError("nothing to run: give a command after --, e.g. "
                          "`joblib-cloud run -- python train.py`")
     return argv[0] if len(argv) == 1 else shlex.join(argv)
 
@@ -122,7 +123,7 @@ def _check(result: Result, what: str) -> Result:
         if result.code == 127:  # the shell found no such interpreter
             detail += (". Set python= (or JOBLIB_CLOUD_PYTHON) to the interpreter on the "
                        "host")
-        raise RuntimeError(f"{what} failed: {detail}")
+        raise JobError(f"{what} failed: {detail}")
     return result
 
 
@@ -240,7 +241,7 @@ def run(config: CloudConfig, argv: list[str], *, detach: bool = False,
         opts.detach = True
     if opts.detach:
         if opts.ports:
-            raise ValueError("--port needs an attached run; for a detached job use "
+            raise ConfigError("--port needs an attached run; for a detached job use "
                              "`joblib-cloud forward JOB PORT`")
         target, record = start(config, argv, max_upload=opts.max_upload)
         target.close()
@@ -292,11 +293,11 @@ def _bring_outputs(target: Target, record: JobRecord, opts: RunOptions) -> None:
 
 def _exit_code(target: Target, record: JobRecord, code: int) -> int:
     if code == -1:  # the SSH channel closed without an exit status
-        raise RuntimeError(f"lost the connection to {record.host} while following job "
+        raise JobError(f"lost the connection to {record.host} while following job "
                            f"{record.id}; it keeps running there: `joblib-cloud logs -f "
                            f"{record.id}` to follow it again")
     if code == jobhost.ERROR_EXIT and state_of(target, record)["state"] == "lost":
-        raise RuntimeError(f"job {record.id} on {record.host} was lost: its supervisor "
+        raise JobError(f"job {record.id} on {record.host} was lost: its supervisor "
                            "died (the machine rebooted?) before the command ended")
     return code
 
@@ -345,7 +346,7 @@ def logs(job: str, follow_output: bool = False) -> int:
     target = target_for(record)
     try:
         if state_of(target, record)["state"] == "missing":
-            raise ValueError(f"job {record.id} no longer exists on {record.host}")
+            raise JobError(f"job {record.id} no longer exists on {record.host}")
         if follow_output:
             return follow(target, record)
         target.call(["logs", record.id, "0"], out=_writer(sys.stdout.buffer),
