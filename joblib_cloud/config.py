@@ -111,6 +111,13 @@ class Setting:
     default: Any
     parse: Callable[[Any], Any]
     help: str
+    #: Defines a fleet and how the client talks to it: two configurations that differ in
+    #: it are two clusters (a changed heartbeat or cache size must not be silently
+    #: ignored).  ``sync_packages`` is not one: it changes neither the hosts nor how they
+    #: are reached, only what the client does when a batch misses a module (each batch
+    #: carries its own setting) and whether packages= get installed, which a reused
+    #: cluster also does; so turning it on does not start a second set of agents.
+    fleet: bool = False
 
     @property
     def env(self) -> str:
@@ -118,13 +125,14 @@ class Setting:
 
 
 SETTINGS: tuple[Setting, ...] = (
-    Setting("provider", DEFAULT_PROVIDER, str, "aws (default), ssh or local"),
-    Setting("instance", "C4", str, "C<n>/M<n>/R<n> alias or a literal EC2 type"),
-    Setting("n", 1, _to_int, "number of machines (hosts)"),
-    Setting("hosts", [], _to_list, "user@addr:port list for the ssh provider"),
-    Setting("cluster", "default", str, "cluster name: reuse key and tag value"),
-    Setting("region", None, _to_opt_str, "EC2 region (then AWS_REGION, AWS_DEFAULT_REGION)"),
-    Setting("spot", False, _to_bool, "spot instances, falling back to on-demand"),
+    Setting("provider", DEFAULT_PROVIDER, str, "aws (default), ssh or local", fleet=True),
+    Setting("instance", "C4", str, "C<n>/M<n>/R<n> alias or a literal EC2 type", fleet=True),
+    Setting("n", 1, _to_int, "number of machines (hosts)", fleet=True),
+    Setting("hosts", [], _to_list, "user@addr:port list for the ssh provider", fleet=True),
+    Setting("cluster", "default", str, "cluster name: reuse key and tag value", fleet=True),
+    Setting("region", None, _to_opt_str, "EC2 region (then AWS_REGION, AWS_DEFAULT_REGION)",
+            fleet=True),
+    Setting("spot", False, _to_bool, "spot instances, falling back to on-demand", fleet=True),
     Setting("idle_timeout", 600.0, _to_float,
             "seconds a host stays up with no work, a client attached or not"),
     Setting("no_client_timeout", 120.0, _to_float,
@@ -135,27 +143,29 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("boot_timeout", 1200.0, _to_float,
             "seconds a VM may take to boot and install before it stops itself"),
     Setting("workers_per_host", None, lambda v: None if v is None else _to_int(v),
-            "worker processes per host (default: its CPU count)"),
+            "worker processes per host (default: its CPU count)", fleet=True),
     Setting("python", None, _to_opt_str,
-            "interpreter on the host (default: python3; this one for local)"),
-    Setting("ssh_key", None, _to_opt_str, "private key for ssh hosts"),
+            "interpreter on the host (default: python3; this one for local)", fleet=True),
+    Setting("ssh_key", None, _to_opt_str, "private key for ssh hosts", fleet=True),
     Setting("known_hosts", None, _to_opt_str,
-            "known-hosts file for ssh hosts (default ~/.ssh/known_hosts)"),
+            "known-hosts file for ssh hosts (default ~/.ssh/known_hosts)", fleet=True),
     Setting("connect_timeout", None, lambda v: None if v is None else _to_float(v),
             "seconds to keep retrying a host that does not accept SSH yet (default 60; "
             "on aws boot_timeout)"),
     Setting("heartbeat_timeout", 30.0, _to_float,
-            "seconds of silence after which a host counts as lost"),
+            "seconds of silence after which a host counts as lost", fleet=True),
     Setting("cache_threshold", 2**20, _to_size,
-            "arguments at least this large are cached on each host by content"),
-    Setting("cache_size", 8 * 2**30, _to_size, "bytes of cached arguments per host (LRU)"),
+            "arguments at least this large are cached on each host by content", fleet=True),
+    Setting("cache_size", 8 * 2**30, _to_size, "bytes of cached arguments per host (LRU)",
+            fleet=True),
     Setting("staging", "auto", lambda v: str(v).strip().lower(),
             "large arguments through the cloud's object store (aws: S3), sent once for all "
             "hosts: auto (when cheaper than over SSH to each host), always, or never"),
     Setting("max_result_size", 512 * 2**20, _to_size,
-            "largest pickled batch result a host sends back"),
+            "largest pickled batch result a host sends back", fleet=True),
     Setting("verbose", False, _to_bool, "progress lines even when not on a terminal"),
-    Setting("image_id", None, _to_opt_str, "EC2 AMI id (default: current Amazon Linux)"),
+    Setting("image_id", None, _to_opt_str, "EC2 AMI id (default: current Amazon Linux)",
+            fleet=True),
     Setting("packages", [], _to_list, "extra pip packages to install on the hosts"),
     Setting("requirements", None, _to_opt_str, "requirements file to install on the hosts"),
     Setting("sync_packages", None, lambda v: None if v is None else _to_bool(v),
@@ -163,15 +173,17 @@ SETTINGS: tuple[Setting, ...] = (
             "(default: on for aws, off for ssh and local)"),
     Setting("ingress_cidr", None, _to_opt_str, "CIDR allowed to reach port 22 on EC2 hosts"),
     Setting("subnet_id", None, _to_opt_str,
-            "EC2 subnet to launch in (default: the default VPC's subnets)"),
+            "EC2 subnet to launch in (default: the default VPC's subnets)", fleet=True),
     Setting("security_group_id", None, _to_opt_str,
-            "existing EC2 security group to use instead of the cluster's own"),
-    Setting("image", None, _to_opt_str, "Docker image the agent runs in on each VM"),
-    Setting("user", None, _to_opt_str, "SSH user on EC2 hosts (default from the image)"),
+            "existing EC2 security group to use instead of the cluster's own", fleet=True),
+    Setting("image", None, _to_opt_str, "Docker image the agent runs in on each VM", fleet=True),
+    Setting("user", None, _to_opt_str, "SSH user on EC2 hosts (default from the image)",
+            fleet=True),
     Setting("shutdown_command", "sudo shutdown -h now", str,
             "what the on-VM kill switch runs"),
 )
 SETTINGS_BY_NAME = {s.name: s for s in SETTINGS}
+FLEET_FIELDS = tuple(s.name for s in SETTINGS if s.fleet)
 STAGING_MODES = ("auto", "always", "never")
 
 
