@@ -207,8 +207,7 @@ def _image(sess: Any, ec2: Any, config: CloudConfig, itype: instance_types.Insta
             image_id = call(ssm.get_parameter, "look up the Amazon Linux image",
                             Name=name)["Parameter"]["Value"]
         except Exception as exc:
-            if ec2api.error_code(exc) != "ParameterNotFound":
-                raise
+            ec2api.unless(exc, "ParameterNotFound")
             raise AWSError(f"no Amazon Linux image parameter {name} in this region: pass "
                            "image_id='ami-...'") from None
     images = call(ec2.describe_images, "look up the machine image",
