@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import shlex
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -110,7 +111,7 @@ class SSHProvider(Provider):
         return SSHFleet([HostTarget(s.name, s, config.ssh_key, config.known_hosts)
                          for s in specs], workers_per_host=config.workers_per_host)
 
-    def validate(self, values: dict[str, Any], origin: Any) -> None:
+    def validate(self, values: dict[str, Any], origin: Callable[[str], str]) -> None:
         if not values["hosts"]:
             raise ValueError(
                 f"provider {values['provider']!r} needs hosts: pass hosts=['user@addr:port', "

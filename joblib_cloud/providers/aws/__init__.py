@@ -10,6 +10,7 @@ staged in, ``teardown.py`` and ``commands.py`` ``down`` and ``status``.
 from __future__ import annotations
 
 import argparse
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -91,7 +92,7 @@ class AWSProvider(Provider):
     reattach_timeout = 5.0  # a gone machine's outputs are in the bucket
     saved_where = "S3"
 
-    def validate(self, values: dict[str, Any], origin: Any) -> None:
+    def validate(self, values: dict[str, Any], origin: Callable[[str], str]) -> None:
         from .instance_types import resolve_name
 
         try:
