@@ -169,6 +169,17 @@ def test_run_n2_reaches_its_siblings_with_outputs_and_the_shared_directory(
     assert not any(p.name == "id_job" for p in job_dir.rglob("*"))  # the key went with it
 
 
+def test_run_on_one_machine_passes_the_exit_code_through(settings, machines, tmp_path,
+                                                         capfd):
+    (tmp_path / "job.py").write_text(
+        "import os, sys\nprint('on', os.environ['JOBLIB_CLOUD_HOME'],\n"
+        "      os.environ['JOBLIB_CLOUD_PROVIDER'])\nsys.exit(7)\n")
+    assert cli.main(["run", "-n", "1", "--", "python", "job.py"]) == 7
+    out = capfd.readouterr().out
+    # The job's own backend uses its machine's cores.
+    assert f"on {machines.hosts[0].home} local" in out
+
+
 def test_status_and_down_act_on_its_machines(settings, machines, capfd):
     with parallel_backend("cloud"):
         assert Parallel()(delayed(abs)(-i) for i in range(4)) == [0, 1, 2, 3]
