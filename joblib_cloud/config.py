@@ -2,8 +2,8 @@
 
 Every setting has one name used in all three places (``n`` ↔ ``JOBLIB_CLOUD_N`` ↔ ``n = 4``
 in ``~/.joblib-cloud/config.toml``).  Values are validated here, once, so that a bad
-value fails with a ``ValueError`` naming the setting and where it came from instead of
-surfacing later as an SSH or EC2 error.
+value fails with a ``ConfigError`` (a ``ValueError``) naming the setting and where it
+came from instead of surfacing later as an SSH or EC2 error.
 """
 
 from __future__ import annotations
@@ -17,11 +17,11 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
+from .errors import ConfigError
+from .providers import DEFAULT as DEFAULT_PROVIDER
 from .wire import contract
 
 ENV_PREFIX = "JOBLIB_CLOUD_"
-#: ``connect_timeout`` when not set, except on aws (where a VM may take minutes to boot).
-DEFAULT_CONNECT_TIMEOUT = 60.0
 
 
 def home_dir() -> Path:
@@ -111,6 +111,13 @@ class Setting:
     default: Any
     parse: Callable[[Any], Any]
     help: str
+    #: Defines a fleet and how the client talks to it: two configurations that differ in
+    #: it are two clusters (a changed heartbeat or cache size must not be silently
+    #: ignored).  ``sync_packages`` is not one: it changes neither the hosts nor how they
+    #: are reached, only what the client does when a batch misses a module (each batch
+    #: carries its own setting) and whether packages= get installed, which a reused
+    #: cluster also does; so turning it on does not start a second set of agents.
+    fleet: bool = False
 
     @property
     def env(self) -> str:
@@ -118,13 +125,14 @@ class Setting:
 
 
 SETTINGS: tuple[Setting, ...] = (
-    Setting("provider", "aws", str, "aws (default), ssh or local"),
-    Setting("instance", "C4", str, "C<n>/M<n>/R<n> alias or a literal EC2 type"),
-    Setting("n", 1, _to_int, "number of machines (hosts)"),
-    Setting("hosts", [], _to_list, "user@addr:port list for the ssh provider"),
-    Setting("cluster", "default", str, "cluster name: reuse key and tag value"),
-    Setting("region", None, _to_opt_str, "EC2 region (then AWS_REGION, AWS_DEFAULT_REGION)"),
-    Setting("spot", False, _to_bool, "spot instances, falling back to on-demand"),
+    Setting("provider", DEFAULT_PROVIDER, str, "aws (default), ssh or local", fleet=True),
+    Setting("instance", "C4", str, "C<n>/M<n>/R<n> alias or a literal EC2 type", fleet=True),
+    Setting("n", 1, _to_int, "number of machines (hosts)", fleet=True),
+    Setting("hosts", [], _to_list, "user@addr:port list for the ssh provider", fleet=True),
+    Setting("cluster", "default", str, "cluster name: reuse key and tag value", fleet=True),
+    Setting("region", None, _to_opt_str, "EC2 region (then AWS_REGION, AWS_DEFAULT_REGION)",
+            fleet=True),
+    Setting("spot", False, _to_bool, "spot instances, falling back to on-demand", fleet=True),
     Setting("idle_timeout", 600.0, _to_float,
             "seconds a host stays up with no work, a client attached or not"),
     Setting("no_client_timeout", 120.0, _to_float,
@@ -135,27 +143,29 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("boot_timeout", 1200.0, _to_float,
             "seconds a VM may take to boot and install before it stops itself"),
     Setting("workers_per_host", None, lambda v: None if v is None else _to_int(v),
-            "worker processes per host (default: its CPU count)"),
+            "worker processes per host (default: its CPU count)", fleet=True),
     Setting("python", None, _to_opt_str,
-            "interpreter on the host (default: python3; this one for local)"),
-    Setting("ssh_key", None, _to_opt_str, "private key for ssh hosts"),
+            "interpreter on the host (default: python3; this one for local)", fleet=True),
+    Setting("ssh_key", None, _to_opt_str, "private key for ssh hosts", fleet=True),
     Setting("known_hosts", None, _to_opt_str,
-            "known-hosts file for ssh hosts (default ~/.ssh/known_hosts)"),
+            "known-hosts file for ssh hosts (default ~/.ssh/known_hosts)", fleet=True),
     Setting("connect_timeout", None, lambda v: None if v is None else _to_float(v),
             "seconds to keep retrying a host that does not accept SSH yet (default 60; "
             "on aws boot_timeout)"),
     Setting("heartbeat_timeout", 30.0, _to_float,
-            "seconds of silence after which a host counts as lost"),
+            "seconds of silence after which a host counts as lost", fleet=True),
     Setting("cache_threshold", 2**20, _to_size,
-            "arguments at least this large are cached on each host by content"),
-    Setting("cache_size", 8 * 2**30, _to_size, "bytes of cached arguments per host (LRU)"),
+            "arguments at least this large are cached on each host by content", fleet=True),
+    Setting("cache_size", 8 * 2**30, _to_size, "bytes of cached arguments per host (LRU)",
+            fleet=True),
     Setting("staging", "auto", lambda v: str(v).strip().lower(),
             "large arguments through the cloud's object store (aws: S3), sent once for all "
             "hosts: auto (when cheaper than over SSH to each host), always, or never"),
     Setting("max_result_size", 512 * 2**20, _to_size,
-            "largest pickled batch result a host sends back"),
+            "largest pickled batch result a host sends back", fleet=True),
     Setting("verbose", False, _to_bool, "progress lines even when not on a terminal"),
-    Setting("image_id", None, _to_opt_str, "EC2 AMI id (default: current Amazon Linux)"),
+    Setting("image_id", None, _to_opt_str, "EC2 AMI id (default: current Amazon Linux)",
+            fleet=True),
     Setting("packages", [], _to_list, "extra pip packages to install on the hosts"),
     Setting("requirements", None, _to_opt_str, "requirements file to install on the hosts"),
     Setting("sync_packages", None, lambda v: None if v is None else _to_bool(v),
@@ -163,15 +173,17 @@ SETTINGS: tuple[Setting, ...] = (
             "(default: on for aws, off for ssh and local)"),
     Setting("ingress_cidr", None, _to_opt_str, "CIDR allowed to reach port 22 on EC2 hosts"),
     Setting("subnet_id", None, _to_opt_str,
-            "EC2 subnet to launch in (default: the default VPC's subnets)"),
+            "EC2 subnet to launch in (default: the default VPC's subnets)", fleet=True),
     Setting("security_group_id", None, _to_opt_str,
-            "existing EC2 security group to use instead of the cluster's own"),
-    Setting("image", None, _to_opt_str, "Docker image the agent runs in on each VM"),
-    Setting("user", None, _to_opt_str, "SSH user on EC2 hosts (default from the image)"),
+            "existing EC2 security group to use instead of the cluster's own", fleet=True),
+    Setting("image", None, _to_opt_str, "Docker image the agent runs in on each VM", fleet=True),
+    Setting("user", None, _to_opt_str, "SSH user on EC2 hosts (default from the image)",
+            fleet=True),
     Setting("shutdown_command", "sudo shutdown -h now", str,
             "what the on-VM kill switch runs"),
 )
 SETTINGS_BY_NAME = {s.name: s for s in SETTINGS}
+FLEET_FIELDS = tuple(s.name for s in SETTINGS if s.fleet)
 STAGING_MODES = ("auto", "always", "never")
 
 
@@ -190,7 +202,7 @@ def _toml_module() -> Any:
     try:
         import tomli
     except ModuleNotFoundError:
-        raise ValueError("reading a config file on Python 3.10 needs the 'tomli' package: "
+        raise ConfigError("reading a config file on Python 3.10 needs the 'tomli' package: "
                          "pip install tomli (joblib-cloud's own install brings it)") from None
     return tomli
 
@@ -203,10 +215,10 @@ def _read_config_file(path: Path) -> dict[str, Any]:
         with path.open("rb") as fh:
             data = tomllib.load(fh)
     except tomllib.TOMLDecodeError as exc:
-        raise ValueError(f"config file {path} is not valid TOML: {exc}") from None
+        raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
     unknown = sorted(set(data) - set(SETTINGS_BY_NAME))
     if unknown:
-        raise ValueError(
+        raise ConfigError(
             f"config file {path}: unknown setting(s) {', '.join(unknown)}; "
             f"valid settings: {', '.join(SETTINGS_BY_NAME)}"
         )
@@ -233,7 +245,8 @@ class CloudConfig:
     python: str | None
     ssh_key: str | None
     known_hosts: str | None
-    #: ``None`` only on aws when not set: the provider then waits ``boot_timeout``.
+    #: ``None`` when not set and the provider has no default of its own
+    #: (``Provider.default_connect_timeout``): its fleet decides (aws: ``boot_timeout``).
     connect_timeout: float | None
     heartbeat_timeout: float
     cache_threshold: int
@@ -285,7 +298,7 @@ def resolve_config(
         try:
             values[setting.name] = setting.parse(raw)
         except (TypeError, ValueError) as exc:
-            raise ValueError(f"invalid value {raw!r} for {origin}: {exc}") from None
+            raise ConfigError(f"invalid value {raw!r} for {origin}: {exc}") from None
         values.setdefault("_origin", {})[setting.name] = origin
     origins: dict[str, str] = values.pop("_origin", {})
     if values["region"] is None:
@@ -299,21 +312,22 @@ def resolve_config(
 def _validate(values: dict[str, Any], origins: dict[str, str]) -> None:
     def fail(name: str, message: str) -> None:
         origin = origins.get(name, f"setting {name}")
-        raise ValueError(f"invalid value {values[name]!r} for {origin}: {message}")
+        raise ConfigError(f"invalid value {values[name]!r} for {origin}: {message}")
 
     values["provider"] = values["provider"].strip().lower()
-    from .provisioner import MANAGED_ENVIRONMENTS, PROVIDERS
+    from .provisioner import PROVIDERS, provider
 
     if values["provider"] not in PROVIDERS:
         fail("provider", f"unknown provider; choose one of {', '.join(PROVIDERS)}")
+    chosen = provider(values["provider"])
     if values["sync_packages"] is None:
-        values["sync_packages"] = values["provider"] in MANAGED_ENVIRONMENTS
+        values["sync_packages"] = chosen.manages_environment
     if values["n"] < 1:
         fail("n", "the number of machines must be at least 1")
     if values["workers_per_host"] is not None and values["workers_per_host"] < 1:
         fail("workers_per_host", "must be at least 1 (or unset for one per CPU)")
-    if values["connect_timeout"] is None and values["provider"] != "aws":
-        values["connect_timeout"] = DEFAULT_CONNECT_TIMEOUT
+    if values["connect_timeout"] is None:
+        values["connect_timeout"] = chosen.default_connect_timeout
     for name in ("idle_timeout", "no_client_timeout", "max_lifetime", "boot_timeout",
                  "connect_timeout", "heartbeat_timeout"):
         if values[name] is not None and values[name] <= 0:
@@ -342,25 +356,9 @@ def _validate(values: dict[str, Any], origins: dict[str, str]) -> None:
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}", values["cluster"]):
         fail("cluster", "use 1-63 letters, digits, '.', '_' or '-', starting with a letter "
                         "or digit")
-    if values["provider"] == "aws":
-        from .providers.aws.instance_types import resolve_name
-
-        try:
-            resolve_name(values["instance"])
-        except ValueError as exc:
-            origin = origins.get("instance", "setting instance")
-            raise ValueError(f"invalid value for {origin}: {exc}") from None
-    if values["provider"] == "ssh":
-        if not values["hosts"]:
-            raise ValueError(
-                "provider 'ssh' needs hosts: pass hosts=['user@addr:port', ...] or set "
-                "JOBLIB_CLOUD_HOSTS=user@addr:port,user@addr2:port"
-            )
-        from .client.hosts import parse_host
-
-        for host in values["hosts"]:
-            try:
-                parse_host(host)
-            except ValueError as exc:
-                origin = origins.get("hosts", "setting hosts")
-                raise ValueError(f"invalid value {host!r} in {origin}: {exc}") from None
+    try:
+        chosen.validate(values, lambda name: origins.get(name, f"setting {name}"))
+    except ConfigError:
+        raise
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None

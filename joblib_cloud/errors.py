@@ -6,7 +6,22 @@ import pickle
 
 
 class JoblibCloudError(RuntimeError):
-    """Base class of joblib-cloud's own errors."""
+    """Base class of joblib-cloud's own errors.  The command line prints its message on
+    one line and exits with its :attr:`exit_code`."""
+
+    #: What ``joblib-cloud`` exits with on this error (documented in ``--help``).
+    exit_code = 1
+
+
+class ConfigError(JoblibCloudError, ValueError):
+    """A setting, argument or name given that cannot work as given; the message says the
+    fix."""
+
+    exit_code = 2
+
+
+class JobError(JoblibCloudError):
+    """A ``run`` job could not be started, found, followed or reached again."""
 
 
 class HostLostError(JoblibCloudError):
@@ -19,6 +34,8 @@ class ClusterLostError(JoblibCloudError):
 
 class HostConnectError(JoblibCloudError):
     """A host could not be reached or refused us."""
+
+    exit_code = 3
 
 
 class HostKeyError(HostConnectError):

@@ -1,7 +1,7 @@
 """A cluster as an object, for notebooks: ``joblib_cloud.status(**settings)``.
 
 Its ``_repr_html_`` (and its text ``repr``) shows the machines as ``joblib-cloud status``
-lists them (the same rows and columns: ``providers/aws/teardown.status_rows``), what this
+lists them (the same rows and columns: ``Provider.machine_rows``), what this
 program runs on them (workers, batches running and queued), the idle and lifetime clocks
 and the budget.  Its methods act on the cluster: :meth:`CloudCluster.scale`,
 :meth:`CloudCluster.down`, and :meth:`CloudCluster.forward` to reach a job's port.
@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import argparse
 import html
-from datetime import datetime, timedelta
 from typing import Any
 
 from .client import registry
-from .client.board import usd
 from .config import CloudConfig, resolve_config
+from .errors import ConfigError
+from .provisioner import Provider, provider
 
 #: Columns of the machines table: those of ``joblib-cloud status`` that matter in one
 #: cluster's view (its name and region are in the title), then what this program runs.
@@ -37,6 +37,10 @@ class CloudCluster:
         self.settings = settings
         self.config: CloudConfig = resolve_config(**settings)
 
+    @property
+    def provider(self) -> Provider:
+        return provider(self.config.provider)
+
     # -- what it is --------------------------------------------------------------------
     def connected(self) -> Any:
         """This program's connection to the cluster (a ``client.cluster.Cluster``), if any;
@@ -46,21 +50,15 @@ class CloudCluster:
         return cluster if cluster is not None and cluster.usable else None
 
     def machines(self) -> list[dict[str, str]]:
-        """One row per machine: on aws the rows of ``joblib-cloud status --cluster``; on
-        ssh and local, the hosts this program is connected to."""
-        if self.config.provider == "aws":
-            from .providers.aws import commands, teardown
-
-            sess, regions = commands.regions(self.config, argparse.Namespace())
-            rows = [row for region in regions
-                    for row in teardown.status_rows(sess, region, self.config.cluster)]
-        else:
-            cluster = self.connected()
+        """One row per machine: the rows of ``joblib-cloud status --cluster`` where the
+        provider lists its machines (aws), else the hosts this program is connected to."""
+        rows = self.provider.machine_rows(self.config)
+        cluster = self.connected()
+        if rows is None:
             rows = [{"instance": h.name, "state": "connected" if h.alive else "lost",
                      "type": self.config.provider, "market": "-", "age": "-",
                      "usd_per_hour": "-", "usd_so_far": "-", "launched": ""}
                     for h in (cluster.hosts if cluster is not None else [])]
-        cluster = self.connected()
         hosts = {h.name: h for h in cluster.alive_hosts} if cluster is not None else {}
         for row in rows:
             host = hosts.get(row["instance"])
@@ -69,21 +67,9 @@ class CloudCluster:
         return rows
 
     def clocks(self, rows: list[dict[str, str]]) -> list[str]:
-        """The idle and lifetime rules, the last stop they allow, and the budget."""
-        config = self.config
-        lines = [f"each machine stops after {config.idle_timeout:.0f}s without work and "
-                 f"{config.max_lifetime / 3600:g}h after it launched at the latest"
-                 if config.provider == "aws" else
-                 "its agents stop when this program leaves (the machines are yours)"]
-        launched = [datetime.fromisoformat(r["launched"]) for r in rows
-                    if r.get("launched") and r["state"] in ("pending", "running")]
-        if launched:
-            last = max(launched) + timedelta(seconds=config.max_lifetime)
-            lines.append(f"the last one stops by {last:%Y-%m-%d %H:%M} UTC at the latest")
-        if config.budget is not None:
-            from .providers.aws.commands import spent_on
-
-            lines.append(f"budget {usd(config.budget)}: {usd(spent_on(rows))} spent so far")
+        """What stops the machines (idle and lifetime rules, the budget), and what this
+        program runs on them."""
+        lines = self.provider.clock_lines(self.config, rows)
         cluster = self.connected()
         if cluster is None:
             lines.append("this program is not connected to it")
@@ -97,11 +83,7 @@ class CloudCluster:
         return lines
 
     def _title(self) -> str:
-        config = self.config
-        where = f" in {config.region}" if config.provider == "aws" and config.region else ""
-        return (f"cluster {config.cluster!r} ({config.provider}{where}): "
-                f"{config.n} x {config.instance}" if config.provider == "aws" else
-                f"cluster {config.cluster!r} ({config.provider})")
+        return self.provider.describe(self.config)
 
     def text(self) -> str:
         from .cli.table import table
@@ -137,17 +119,11 @@ class CloudCluster:
     def scale(self, n: int) -> CloudCluster:
         """Have ``n`` machines: the missing ones launched (aws) or started (local) and
         connected, the newest beyond ``n`` terminated.  Returns this handle."""
-        if self.config.provider == "ssh":
-            raise ValueError("provider 'ssh' has the machines of hosts=: change hosts= to "
-                             "use more or fewer")
         if n < 1:
-            raise ValueError(f"n={n}: a cluster has at least one machine (down() removes it)")
+            raise ConfigError(f"n={n}: a cluster has at least one machine (down() removes it)")
         old = self.connected()
         new = resolve_config(**{**self.settings, "n": n})
-        if self.config.provider == "aws":
-            from .providers.aws import scaling
-
-            scaling.terminate_beyond(new)
+        self.provider.scale(new)
         if old is not None:
             old.close()
         self.settings, self.config = {**self.settings, "n": n}, new
@@ -157,14 +133,12 @@ class CloudCluster:
     def down(self) -> int:
         """Disconnect and remove the cluster (aws: machines, security group, staged
         objects, keys), as ``joblib-cloud down --cluster NAME --yes``."""
-        from .provisioner import provider
-
         cluster = self.connected()
         if cluster is not None:
             cluster.close()
         args = argparse.Namespace(all=False, yes=True, dry_run=False, all_regions=False,
                                   region=self.config.region, cluster=self.config.cluster)
-        return provider(self.config.provider).down(self.config, args, print)
+        return self.provider.down(self.config, args, print)
 
     def forward(self, job: str, remote: int, local: int | None = None) -> Any:
         """Reach port ``remote`` of a running job at http://127.0.0.1:LOCAL/ until

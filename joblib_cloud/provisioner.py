@@ -1,26 +1,25 @@
 """Providers: what turns a configuration into hosts that an agent can run on.
 
 Every kind of machine (``local`` subprocesses, your own ``ssh`` hosts, ``aws`` VMs) is a
-:class:`Provider` in :data:`PROVIDERS`, and everything else speaks only this interface:
-the client's registry connects the :class:`Fleet` that :meth:`Provider.ensure` returns,
-``joblib-cloud run`` starts its job on that fleet's first host, and the CLI's ``up``,
-``status`` and ``down`` call the provider named in the configuration.  A new cloud is one
-folder under ``providers/`` with a class that implements :class:`Provider`, and one entry
-in :data:`PROVIDERS` (docs/architecture.md walks through one).
+:class:`Provider` registered in :data:`PROVIDERS`, and everything else speaks only this
+interface: the client's registry connects the :class:`Fleet` that :meth:`Provider.ensure`
+returns, ``joblib-cloud run`` starts its job on that fleet's first host and asks the fleet
+how the job reaches the others, and the CLI's ``up``, ``status`` and ``down``, the
+settings' checks and the cluster handle ask the provider named in the configuration.  No
+code outside ``providers/`` compares provider names.  A new kind of machine is a class
+that implements :class:`Provider` (and usually a :class:`Fleet`), made known with
+:func:`register_provider` (docs/architecture.md walks through one).
 
-Address hook
-------------
-Where SSH reaches a cloud machine is decided by one function, ``fn(instance) -> (address,
-port)``, given the instance as the cloud's API describes it (``DescribeInstances`` on
-EC2).  The default, :func:`public_address`, uses its public IPv4 address and port 22 (an
-instance without one is an error at once); :func:`private_address` uses the private
-address (a client inside the VPC; then no public address is requested).  Change it with
-:func:`set_address_hook`, e.g. for a bastion or port forwarding; the test-suite uses it to
-map moto's instances onto loopback sshd servers and guests.
-
-A second hook, :func:`set_sibling_hook`, decides where a ``joblib-cloud run -n N`` job's
-machine reaches the cluster's other machines (same signature; default
-:func:`private_address`: machines of one VPC talk over private addresses).
+Address hooks
+-------------
+Where SSH reaches a cloud machine is decided by one function per provider,
+``fn(instance) -> (address, port)``, given the instance as the provider's API describes
+it (``DescribeInstances`` on EC2).  Change it with :func:`set_address_hook`, e.g. for a
+bastion or port forwarding; the test-suite uses it to map moto's instances onto loopback
+sshd servers and guests.  A second hook, :func:`set_sibling_hook`, decides where a
+``joblib-cloud run -n N`` job's machine reaches the cluster's other machines.  What
+applies when no hook is set is the provider's own fact (aws: the public address, and
+private addresses between machines, ``providers/aws/addresses.py``).
 """
 
 from __future__ import annotations
@@ -31,12 +30,22 @@ import importlib
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Protocol
 
+from . import providers as _builtin
+from .errors import ConfigError
+
 if TYPE_CHECKING:
+    from pathlib import Path
+
     from .client.hosts import HostSpec
     from .client.progress import Progress
+    from .client.ssh import SSHConnection
     from .config import CloudConfig
+    from .jobs.records import JobRecord
+    from .jobs.siblings import JobCluster
 
 Out = Callable[[str], None]
+#: Seconds to keep retrying a host that does not accept SSH yet, unless told otherwise.
+DEFAULT_CONNECT_TIMEOUT = 60.0
 
 
 @dataclasses.dataclass
@@ -56,6 +65,17 @@ class HostTarget:
     #: What a connect timeout tells the user to check.
     timeout_advice: str | None = None
 
+    def connect(self, connect_timeout: float) -> SSHConnection:
+        """A verified SSH login to this host: the one way every part of joblib-cloud
+        (agents, jobs, probes, ``status``) opens one."""
+        from .client.ssh import SSHConnection
+
+        if self.spec is None:
+            raise ValueError(f"{self.name} is an agent on this machine: no SSH to it")
+        return SSHConnection(self.spec, key_path=self.ssh_key, known_hosts=self.known_hosts,
+                             connect_timeout=connect_timeout, retry_auth=self.retry_auth,
+                             check=self.check, timeout_advice=self.timeout_advice)
+
 
 class Fleet:
     """What :meth:`Provider.ensure` gives the client: the hosts, the interpreter on them,
@@ -65,6 +85,9 @@ class Fleet:
     #: The hosts' boot installed ``packages=`` and ``requirements=`` already (aws); else,
     #: with ``sync_packages`` on, the client installs them once connected.
     boot_installs_packages = False
+    #: The hosts after the first may still be booting when a job starts on the first:
+    #: ``run -n N`` waits for them (and keeps the first from idling out meanwhile).
+    siblings_boot = False
 
     def __init__(self, hosts: list[HostTarget], python: str | None = None,
                  connect_timeout: float | None = None,
@@ -96,6 +119,26 @@ class Fleet:
         cluster's region), or None: each host gets them over SSH."""
         return None
 
+    def connect(self, host: HostTarget, config: CloudConfig) -> SSHConnection:
+        """A verified login to ``host``, waiting as long as this fleet's hosts need."""
+        return host.connect(self.connect_timeout or config.connect_timeout
+                            or DEFAULT_CONNECT_TIMEOUT)
+
+    def job_cluster(self, config: CloudConfig, python: str, detach: bool,
+                    common: dict[str, str]) -> JobCluster:
+        """How a ``run -n N`` job on the first host reaches all N hosts (itself
+        included): the job backend's settings and files (``jobs/siblings.py``).
+        ``common``: settings every job backend gets."""
+        raise ProviderError(f"provider {config.provider!r} cannot run one job across "
+                            f"{len(self.hosts)} machines: run it with -n 1")
+
+    def job_storage(self, config: CloudConfig, record: JobRecord,
+                    max_output: int) -> dict[str, Any]:
+        """Start options that keep a job's outputs and the shared directory beyond its
+        machine (aws: in the bucket; may note where in ``record``); {} keeps both on the
+        job's first host."""
+        return {}
+
 
 class ObjectStoreAccess(Protocol):
     """A store the client uploads objects to once and the hosts download from by URL,
@@ -112,96 +155,145 @@ class ObjectStoreAccess(Protocol):
         """A GET URL for the object, good for ``expires`` seconds."""
 
 
-class Provider(Protocol):
-    """The interface every kind of machine implements."""
+class ProviderError(ConfigError):
+    """A provider cannot do what the configuration asks of it."""
 
-    name: str
+
+class Provider:
+    """The interface every kind of machine implements: :meth:`ensure`, :meth:`status`
+    and :meth:`down` always; the rest where the defaults (your own machines, kept as they
+    are, reached by SSH) do not fit."""
+
+    name: str = ""
+    #: joblib-cloud made the hosts' Python environment, so it may add to it:
+    #: ``sync_packages`` is on by default (elsewhere the environment is the user's own).
+    manages_environment = False
+    #: ``connect_timeout`` when none is set (None: the fleet decides, e.g. aws waits
+    #: ``boot_timeout`` for a VM's boot).
+    default_connect_timeout: float | None = DEFAULT_CONNECT_TIMEOUT
+    #: ``image=`` runs the agent and jobs in that Docker image on the hosts.
+    runs_images = True
+    #: Seconds to try a job's machine again (``pull``, ``logs``, ``forward``): short where
+    #: a gone machine's outputs are kept elsewhere (:meth:`saved_outputs`).
+    reattach_timeout = 20.0
+    #: Where :meth:`saved_outputs` finds them, for messages.
+    saved_where = "the provider's store"
 
     def ensure(self, config: CloudConfig, progress: Progress) -> Fleet:
         """Hosts for ``config``: found again, or made (launched) when missing."""
+        raise NotImplementedError
 
     def status(self, config: CloudConfig, args: argparse.Namespace, out: Out) -> int:
         """``joblib-cloud status``: what exists and whether it answers; an exit code."""
+        raise NotImplementedError
 
     def down(self, config: CloudConfig, args: argparse.Namespace, out: Out) -> int:
         """``joblib-cloud down``: remove what this provider created; an exit code."""
+        raise NotImplementedError
+
+    def validate(self, values: dict[str, Any], origin: Callable[[str], str]) -> None:
+        """Check the settings this provider reads (``values``: every setting, parsed;
+        ``origin(name)`` says where one came from); raise ValueError saying the fix."""
+
+    def describe(self, config: CloudConfig) -> str:
+        """The cluster in one line, as its handle and ``status`` title it."""
+        return f"cluster {config.cluster!r} ({config.provider})"
+
+    def clock_lines(self, config: CloudConfig, rows: list[dict[str, str]]) -> list[str]:
+        """What stops the machines (and what they cost), for the cluster's handle."""
+        return ["its agents stop when this program leaves (the machines are yours)"]
+
+    def machine_rows(self, config: CloudConfig) -> list[dict[str, str]] | None:
+        """The machines as ``status`` lists them, or None: the connected hosts are all
+        there is to show."""
+        return None
+
+    def scale(self, config: CloudConfig) -> None:
+        """Before the cluster is connected again with ``config.n`` machines: remove those
+        beyond it (or refuse: raise saying why)."""
+
+    def up_message(self, config: CloudConfig) -> str:
+        """What ``joblib-cloud up`` says once every host answered."""
+        return f"cluster {config.cluster!r} is up ({config.provider}): every host answered"
+
+    def run_note(self, config: CloudConfig, n: int | None) -> str | None:
+        """A note for ``run -n N`` when this provider does not take N as asked."""
+        return None
+
+    def job_config(self, config: CloudConfig) -> CloudConfig:
+        """The configuration a ``run`` job's cluster is made with (aws, -n N: the
+        machines' boot installs what the job's backend needs to reach its siblings)."""
+        return config
+
+    def shared_directory(self, config: CloudConfig) -> Any | None:
+        """The cluster's shared directory as ``joblib-cloud shared`` sees it, or None: a
+        directory on the cluster's first host (``jobs/shared.HostShared``)."""
+        return None
+
+    def saved_outputs(self, record: JobRecord, path: str, into: Path,
+                      max_bytes: int) -> tuple[Path, list[str], int] | None:
+        """A job's outputs kept beyond its machine, copied to ``into`` (where, names,
+        bytes), or None when this provider keeps none."""
+        return None
 
 
-#: name -> "module:class", imported on first use (hosts have no boto3, for one).
-PROVIDERS: dict[str, str] = {
-    "aws": "joblib_cloud.providers.aws:AWSProvider",
-    "ssh": "joblib_cloud.providers.ssh:SSHProvider",
-    "local": "joblib_cloud.providers.local:LocalProvider",
-}
+#: name -> the provider's class, or "module:class" imported on first use (hosts have no
+#: boto3, for one).
+PROVIDERS: dict[str, str | type[Provider]] = dict(_builtin.BUILTIN)
+DEFAULT_PROVIDER = _builtin.DEFAULT
 _loaded: dict[str, Provider] = {}
-#: Providers whose hosts' Python environment joblib-cloud made itself, so it may add to it:
-#: ``sync_packages`` is on by default there (elsewhere the environment is the user's own).
-MANAGED_ENVIRONMENTS = frozenset({"aws"})
+
+
+def register_provider(name: str, cls: type[Provider] | str) -> None:
+    """Make ``provider=name`` mean ``cls`` (a :class:`Provider` subclass, or
+    ``"module:Class"``), for the backend, ``run`` and the CLI alike."""
+    if not name or name != name.strip().lower():
+        raise ValueError(f"provider name {name!r}: use lower-case letters, no spaces")
+    PROVIDERS[name] = cls
+    _loaded.pop(name, None)
 
 
 def provider(name: str) -> Provider:
     if name not in _loaded:
-        module, _, cls = PROVIDERS[name].partition(":")
-        _loaded[name] = getattr(importlib.import_module(module), cls)()
+        if name not in PROVIDERS:
+            raise ConfigError(f"unknown provider {name!r}; choose one of "
+                              f"{', '.join(PROVIDERS)}")
+        entry = PROVIDERS[name]
+        if isinstance(entry, str):
+            module, _, cls = entry.partition(":")
+            entry = getattr(importlib.import_module(module), cls)
+        instance = entry()
+        instance.name = name
+        _loaded[name] = instance
     return _loaded[name]
 
 
-# ------------------------------------------------------------------- address hook
+# ------------------------------------------------------------------- address hooks
 
-AddressHook = Callable[[dict[str, Any]], tuple[str, int]]
-
-
-def public_address(instance: dict[str, Any]) -> tuple[str, int]:
-    """Default hook: the public IPv4 address, port 22."""
-    address = instance.get("PublicIpAddress")
-    if not address:
-        from .providers.aws.ec2api import AWSError
-
-        raise AWSError(
-            f"machine {instance.get('InstanceId')} has no public IP address (subnet "
-            f"{instance.get('SubnetId')}), so this computer cannot reach it: pass subnet_id= "
-            "of a subnet whose VPC has an internet gateway, or, if this computer is inside "
-            "the VPC, call joblib_cloud.provisioner.set_address_hook("
-            "joblib_cloud.provisioner.private_address)")
-    return address, 22
+AddressHook = Callable[[Any], tuple[str, int]]
+_hooks: dict[tuple[str, str], AddressHook] = {}
 
 
-def private_address(instance: dict[str, Any]) -> tuple[str, int]:
-    """Hook for clients inside the VPC: the private address, port 22."""
-    return instance["PrivateIpAddress"], 22
+def set_address_hook(fn: AddressHook | None, provider: str | None = None) -> None:
+    """Decide where SSH reaches each machine of ``provider`` (default: the default
+    provider); ``None`` restores the provider's own rule."""
+    _set("address", fn, provider)
 
 
-_address_hook: AddressHook = public_address
+def set_sibling_hook(fn: AddressHook | None, provider: str | None = None) -> None:
+    """Decide where a job's machine reaches its siblings (``None`` restores the
+    provider's own rule)."""
+    _set("sibling", fn, provider)
 
 
-def set_address_hook(fn: AddressHook | None) -> None:
-    """Decide where SSH reaches each instance (``None`` restores :func:`public_address`)."""
-    global _address_hook
-    _address_hook = fn or public_address
+def _set(kind: str, fn: AddressHook | None, provider: str | None) -> None:
+    key = (provider or DEFAULT_PROVIDER, kind)
+    if fn is None:
+        _hooks.pop(key, None)
+    else:
+        _hooks[key] = fn
 
 
-def address_of(instance: dict[str, Any]) -> tuple[str, int]:
-    """Where SSH reaches ``instance``, as the hook in force says."""
-    address, port = _address_hook(instance)
-    return address, int(port)
-
-
-def wants_public_address() -> bool:
-    """Whether machines need a public address for the hook in force."""
-    return _address_hook is not private_address
-
-
-_sibling_hook: AddressHook = private_address
-
-
-def set_sibling_hook(fn: AddressHook | None) -> None:
-    """Decide where a job's machine reaches its siblings (``None`` restores
-    :func:`private_address`)."""
-    global _sibling_hook
-    _sibling_hook = fn or private_address
-
-
-def sibling_address(instance: dict[str, Any]) -> tuple[str, int]:
-    """Where the cluster's machines reach ``instance``, as the sibling hook says."""
-    address, port = _sibling_hook(instance)
-    return address, int(port)
+def hook(provider: str, kind: str) -> AddressHook | None:
+    """The hook set for ``provider`` (``kind``: "address" or "sibling"), if any."""
+    return _hooks.get((provider, kind))

@@ -5,6 +5,7 @@ implements the interface."""
 from __future__ import annotations
 
 import ast
+import re
 import sys
 from pathlib import Path
 
@@ -195,3 +196,76 @@ def test_every_provider_implements_the_interface(name):
     assert provider.name == name
     for method in ("ensure", "status", "down"):
         assert callable(getattr(provider, method, None)), (name, method)
+
+
+# ------------------------------------------------------- provider names stay in providers/
+
+#: Built-in provider names (a provider registered by a user has a name we cannot know, so
+#: the rule is checked for these: code that names none of them names no provider).
+PROVIDER_NAMES = {"aws", "ssh", "local"}
+#: Places outside ``providers/`` allowed a provider's name, each for a reason.
+NAMING_ALLOWED = {
+    # Shipped alone to the job's machine, where it cannot import providers/: a job that
+    # came with no backend settings uses that machine's own cores.
+    "host/jobhost.py",
+}
+#: AWS-only commands (``cost``, ``instances``) read the aws provider's own modules.
+AWS_COMMANDS = {"cli/cluster.py"}
+
+
+def _names_a_provider(source: str, rel: str) -> list[str]:
+    """Where module ``rel`` names a provider: a string literal that is a provider's name
+    (outside docstrings and the CLI's ``add_argument`` calls), a comparison of a
+    ``provider`` value with a literal, or an import of one provider's own modules."""
+    tree = ast.parse(source)
+    skip: set[int] = set()
+    for node in ast.walk(tree):
+        body = getattr(node, "body", None)
+        if (isinstance(body, list) and body and isinstance(body[0], ast.Expr)
+                and isinstance(body[0].value, ast.Constant)):
+            skip.add(id(body[0].value))  # docstring
+        if (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
+                and node.func.attr == "add_argument"):
+            skip.update(id(a) for a in node.args)  # argument parsing may name one
+
+    def is_provider_value(node: ast.AST) -> bool:
+        return ((isinstance(node, ast.Attribute) and node.attr == "provider")
+                or (isinstance(node, ast.Subscript) and isinstance(node.slice, ast.Constant)
+                    and node.slice.value == "provider"))
+
+    found = []
+    for node in ast.walk(tree):
+        if (isinstance(node, ast.Constant) and node.value in PROVIDER_NAMES
+                and id(node) not in skip and rel not in NAMING_ALLOWED):
+            found.append(f"{rel}:{node.lineno}: {node.value!r}")
+        if isinstance(node, ast.Compare) and any(
+                is_provider_value(side) for side in [node.left, *node.comparators]):
+            others = [side for side in [node.left, *node.comparators]
+                      if not is_provider_value(side)]
+            if any(isinstance(side, (ast.Constant, ast.Set, ast.Tuple, ast.List))
+                   for side in others):
+                found.append(f"{rel}:{node.lineno}: compares a provider name")
+        if isinstance(node, ast.ImportFrom) and rel not in AWS_COMMANDS:
+            module = "." * node.level + (node.module or "")
+            if re.search(r"(^|\.)providers\.\w", module):
+                found.append(f"{rel}:{node.lineno}: imports {module}")
+    return found
+
+
+def test_no_code_outside_providers_names_a_provider():
+    """Every difference between providers is behind the Provider/Fleet interface: a new
+    provider changes nothing outside its own module (tests/test_custom_provider.py)."""
+    found = [line for path in sorted(PACKAGE.rglob("*.py"))
+             if "providers" not in path.relative_to(PACKAGE).parts
+             for line in _names_a_provider(path.read_text(),
+                                           path.relative_to(PACKAGE).as_posix())]
+    assert found == []
+
+
+def test_the_provider_rule_sees_literals_comparisons_and_imports():
+    source = ('from ..providers.aws import s3store\n'
+              'def f(config):\n    """About aws."""\n'
+              '    return config.provider == "aws" or {"x": "ssh"}\n')
+    assert sorted(_names_a_provider(source, "jobs/x.py")) == [
+        "jobs/x.py:1: imports ..providers.aws", "jobs/x.py:4: 'aws'", "jobs/x.py:4: 'ssh'",
+        "jobs/x.py:4: compares a provider name"]

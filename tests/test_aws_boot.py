@@ -144,7 +144,7 @@ def test_a_machine_that_dies_while_booting_is_dropped_and_the_call_runs_on_the_o
 
     from joblib import Parallel, delayed, parallel_backend
 
-    serve = provisioner._address_hook  # loopback_ec2's: a loopback sshd per instance
+    serve = provisioner.hook("aws", "address")  # loopback_ec2's: a loopback sshd per instance
     dead: list[str] = []
 
     def hook(instance: dict) -> tuple[str, int]:

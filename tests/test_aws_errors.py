@@ -266,3 +266,23 @@ def test_expired_sso_session_says_to_log_in_again(aws, api_calls, monkeypatch):
         explained = ec2api.explain(exc, "list instances")
         assert isinstance(explained, AWSError)
         assert "`aws sso login --profile research`" in str(explained)
+
+
+def test_unless_lets_only_the_expected_codes_through():
+    from botocore.exceptions import ClientError
+
+    from joblib_cloud.providers.aws.ec2api import unless
+
+    def error(code: str) -> ClientError:
+        return ClientError({"Error": {"Code": code, "Message": "m"}}, "Op")
+
+    assert unless(error("InvalidGroup.Duplicate"), "InvalidGroup.Duplicate") == \
+        "InvalidGroup.Duplicate"
+    assert unless(error("UnsupportedOperation"), "Unsupported*") == "UnsupportedOperation"
+    other = error("AccessDenied")
+    with pytest.raises(ClientError) as raised:
+        unless(other, "InvalidGroup.Duplicate", "Unsupported*")
+    assert raised.value is other
+    explained = AWSError("explained")  # call() explains a ClientError as its cause
+    explained.__cause__ = error("InvalidPermission.NotFound")
+    assert unless(explained, "InvalidPermission.NotFound") == "InvalidPermission.NotFound"

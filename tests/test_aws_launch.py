@@ -20,7 +20,14 @@ from awsmock import (  # noqa: F401  (fixtures)
 
 from joblib_cloud import provisioner
 from joblib_cloud.host import watchdog
-from joblib_cloud.providers.aws import ec2api, instance_types, network, sshkeys, userdata
+from joblib_cloud.providers.aws import (
+    addresses,
+    ec2api,
+    instance_types,
+    network,
+    sshkeys,
+    userdata,
+)
 from joblib_cloud.providers.aws.ec2api import TAG_KEY, AWSError
 
 
@@ -132,7 +139,8 @@ def test_address_hook_decides_where_ssh_goes(aws):
     assert known == [f"[127.0.0.77]:{2201 + i} {s.host_key}" for i, s in enumerate(handle.specs)]
     provisioner.set_address_hook(None)
     inst = cluster_instances(aws)[0]
-    assert provisioner._address_hook(inst) == (inst["PublicIpAddress"], 22)
+    assert provisioner.hook("aws", "address") is None  # back to the provider's own rule
+    assert addresses.address_of(inst) == (inst["PublicIpAddress"], 22)
 
 
 def test_second_program_reattaches_by_tag_instead_of_launching(aws, api_calls):

@@ -25,7 +25,7 @@ from awsmock import (  # noqa: F401  (fixtures)
 from joblib_cloud import provisioner
 from joblib_cloud.client import registry
 from joblib_cloud.config import resolve_config
-from joblib_cloud.providers.aws import ec2api, network, sshkeys
+from joblib_cloud.providers.aws import addresses, ec2api, network, sshkeys
 from joblib_cloud.providers.aws.ec2api import AWSError
 
 
@@ -75,7 +75,7 @@ def test_subnet_without_public_addresses_still_gets_one(aws, api_calls):
 
 def test_private_address_hook_asks_for_no_public_address(aws, api_calls):
     vpc, subnet = _private_subnet(aws)
-    provisioner.set_address_hook(provisioner.private_address)
+    provisioner.set_address_hook(addresses.private_address)
     handle = launch(n=1, subnet_id=subnet)
     (run,) = api_calls.of("RunInstances")
     assert "NetworkInterfaces" not in run.params and run.params["SubnetId"] == subnet

@@ -241,7 +241,7 @@ def test_size_cap_refuses_with_advice(target, project):
 
 def test_no_command_is_a_clear_error(target, project):
     done = cli(target, project, "run")
-    assert done.returncode == 1
+    assert done.returncode == 2  # ConfigError
     assert "nothing to run" in done.stderr
 
 

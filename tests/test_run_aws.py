@@ -22,6 +22,7 @@ from awsmock import (  # noqa: F401  (fixtures)
 from runjobs import SPREAD_JOB
 
 from joblib_cloud import cli, provisioner
+from joblib_cloud.config import resolve_config
 from joblib_cloud.providers.aws import network
 
 KEY_CHECK = """
@@ -146,7 +147,7 @@ def test_a_machine_that_answered_first_is_kept_awake_while_the_others_boot(fresh
     began = time.time()
     boot.start()
     try:
-        siblings.wait_for_siblings(fleet, every=1.0)
+        siblings.wait_for_siblings(fleet, resolve_config(provider="local"), every=1.0)
     finally:
         boot.join()
     touched = (early.home / "activity").stat().st_mtime

@@ -90,7 +90,7 @@ def test_run_n2_on_ssh_without_an_agent_fails_before_starting(fleet, project, tm
     hosts = fleet.hosts[:2]
     env = ssh_env(fleet, [h.spec for h in hosts], tmp_path, agent=None)
     done = cli(env, project, "run", "-n", "2", "--", "python", "spread.py", "x")
-    assert done.returncode == 1
+    assert done.returncode == 2  # ConfigError: the setting cannot work
     assert "no ssh-agent holding a key" in done.stderr and "ssh-add" in done.stderr
     assert not (tmp_path / "client-home" / "job-records").exists() or \
         not list((tmp_path / "client-home" / "job-records").iterdir())
@@ -178,7 +178,7 @@ def test_run_n2_on_local_lists_two_agents(project, tmp_path):
 def test_run_n2_on_ssh_cannot_detach(fleet, ssh_agent, project, tmp_path):
     env = ssh_env(fleet, [h.spec for h in fleet.hosts[:2]], tmp_path, ssh_agent)
     done = cli(env, project, "run", "--detach", "-n", "2", "--", "true")
-    assert done.returncode == 1
+    assert done.returncode == 2  # ConfigError
     assert "cannot --detach" in done.stderr and "ssh-agent" in done.stderr
 
 

@@ -105,6 +105,6 @@ def test_forward_reaches_a_detached_job(target, site):
 
 def test_a_bad_port_is_a_clear_error(target, site):
     done = cli(target, site, "run", "--port", "http", "--", "true")
-    assert done.returncode == 1
+    assert done.returncode == 2  # ConfigError
     assert "--port 'http'" in done.stderr and "REMOTE:LOCAL" in done.stderr
     assert os.path.isdir(site)

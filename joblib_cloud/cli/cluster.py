@@ -86,13 +86,7 @@ def cmd_up(args: argparse.Namespace) -> int:
             print(f"{host.name}: {host.workers} workers")
     finally:
         cluster.close()
-    if config.provider == "aws":
-        print(f"cluster {config.cluster!r} is up; it stops after "
-              f"{config.no_client_timeout:.0f}s without work and without a client "
-              f"(no_client_timeout). Remove it now with `joblib-cloud down --cluster "
-              f"{config.cluster}`.")
-    else:
-        print(f"cluster {config.cluster!r} is up ({config.provider}): every host answered")
+    print(provider(config.provider).up_message(config))
     return 0
 
 

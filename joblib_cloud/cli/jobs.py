@@ -9,10 +9,11 @@ from pathlib import Path
 from typing import Any
 
 from ..config import _to_size, resolve_config
+from ..errors import ConfigError
 from ..jobs import attach, control, ports
 from ..jobs.outputs import DEFAULT_MAX_OUTPUT
 from ..jobs.workspace import DEFAULT_MAX_UPLOAD
-from ..provisioner import PROVIDERS
+from ..provisioner import PROVIDERS, provider
 from .table import table
 
 
@@ -77,7 +78,7 @@ def _size(text: str, option: str) -> int:
     try:
         return _to_size(text)
     except ValueError as exc:
-        raise ValueError(f"{option}: {exc}") from None
+        raise ConfigError(f"{option}: {exc}") from None
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -87,9 +88,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     config = resolve_config(provider=args.provider, instance=args.instance, n=args.n,
                             cluster=args.cluster, verbose=args.verbose or None,
                             budget=args.budget)
-    if config.provider == "ssh" and args.n and args.n != len(config.hosts):
-        print(f"joblib-cloud: note: provider 'ssh' uses the {len(config.hosts)} host(s) you "
-              f"listed (hosts= / JOBLIB_CLOUD_HOSTS), not -n {args.n}", file=sys.stderr)
+    note = provider(config.provider).run_note(config, args.n)
+    if note:
+        print(f"joblib-cloud: note: {note}", file=sys.stderr)
     options = control.RunOptions(
         detach=args.detach, max_upload=_size(args.max_upload, "--max-upload"),
         output=args.output, into=args.into, max_output=_size(args.max_output, "--max-output"),

@@ -8,8 +8,8 @@ import datetime
 from pathlib import Path
 
 from ..config import resolve_config
+from ..host.jobfiles import human
 from ..jobs import shared
-from ..jobs.workspace import human
 from ..provisioner import PROVIDERS
 from .table import table
 

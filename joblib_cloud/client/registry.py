@@ -18,7 +18,7 @@ import threading
 from collections.abc import Callable
 
 from .. import provisioner
-from ..config import CloudConfig
+from ..config import FLEET_FIELDS, CloudConfig  # FLEET_FIELDS: Setting.fleet
 from ..jobs.docker import docker_python
 from ..provisioner import Fleet, HostTarget
 from .cluster import Cluster
@@ -34,18 +34,6 @@ log = logging.getLogger("joblib_cloud")
 _registry: dict[tuple, Cluster] = {}
 _registry_lock = threading.Lock()
 _connect_locks: dict[tuple, threading.Lock] = {}
-
-#: Settings that define a fleet and how the client talks to it: any difference means
-#: another cluster (a changed heartbeat or cache size must not be silently ignored).
-#: ``sync_packages`` is not one: it changes neither the hosts nor how they are reached and
-#: spoken to, only what the client does when a batch misses a module (each batch carries
-#: its own setting) and whether packages= get installed, which ``get_cluster`` also does
-#: on a cluster it reuses.  So turning it on does not start a second set of agents.
-FLEET_FIELDS = ("provider", "cluster", "hosts", "n", "instance", "region", "python",
-                "workers_per_host", "image_id", "image", "user", "ssh_key", "known_hosts",
-                "spot", "heartbeat_timeout", "max_result_size", "cache_threshold",
-                "cache_size", "subnet_id", "security_group_id")
-
 
 def fleet_key(config: CloudConfig) -> tuple:
     return tuple(getattr(config, name) for name in FLEET_FIELDS)
@@ -188,13 +176,10 @@ def _opener(cluster: Cluster, target: HostTarget) -> Opener:
                            lambda on_stderr: LocalAgent(target.name, python, on_stderr))
 
     def ssh(config: CloudConfig) -> HostSession:
-        from .ssh import SSHAgent, SSHConnection
+        from .ssh import SSHAgent
 
-        connection = SSHConnection(target.spec, key_path=target.ssh_key,
-                                   known_hosts=target.known_hosts,
-                                   connect_timeout=config.connect_timeout,
-                                   retry_auth=target.retry_auth, check=target.check,
-                                   timeout_advice=target.timeout_advice)
+        connection = target.connect(config.connect_timeout
+                                    or provisioner.DEFAULT_CONNECT_TIMEOUT)
         python = config.python or "python3"
         if config.image:  # the agent runs inside that Docker image on the VM
             python = docker_python(config.image, python)

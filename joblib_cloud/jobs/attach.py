@@ -6,7 +6,8 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from ..errors import HostConnectError
+from ..errors import HostConnectError, JobError
+from ..provisioner import provider
 from . import outputs, ports
 from .control import state_of
 from .records import JobRecord, find_record, target_for
@@ -14,21 +15,25 @@ from .records import JobRecord, find_record, target_for
 
 def pull(job: str, path: str = "", into: Path | None = None,
          max_bytes: int = outputs.DEFAULT_MAX_OUTPUT) -> int:
-    """Copy a job's outputs (below ``path``) here; 0, or 1 if there was nothing."""
+    """Copy a job's outputs (below ``path``) here; 0, or 1 if there was nothing.  A job
+    whose machine is gone, or no longer has it, gets what its provider kept elsewhere."""
     record = find_record(job)
+    keeper = provider(record.provider)
     try:
-        target = target_for(record, connect_timeout=5.0 if record.provider == "aws" else 20.0)
+        target = target_for(record, connect_timeout=keeper.reattach_timeout)
     except (HostConnectError, OSError):
-        if record.provider != "aws":
+        code = _saved(record, path, into, max_bytes)
+        if code is None:
             raise
-        return _from_bucket(record, path, into, max_bytes)  # the machine is gone: what it saved
+        return code
     try:
         info = state_of(target, record)
-        if info["state"] == "missing" and record.provider == "aws":
-            target.close()
-            return _from_bucket(record, path, into, max_bytes)
         if info["state"] == "missing":
-            raise ValueError(f"job {record.id} no longer exists on {record.host}")
+            target.close()
+            code = _saved(record, path, into, max_bytes)
+            if code is not None:
+                return code
+            raise JobError(f"job {record.id} no longer exists on {record.host}")
         if info["state"] == "running":
             print(f"joblib-cloud: note: job {record.id} is still running: these are its "
                   "outputs so far", file=sys.stderr)
@@ -39,13 +44,17 @@ def pull(job: str, path: str = "", into: Path | None = None,
     return 0 if names else 1
 
 
-def _from_bucket(record: JobRecord, path: str, into: Path | None, max_bytes: int) -> int:
-    from .s3store import fetch_outputs
-
-    into, names, nbytes = fetch_outputs(record.region, record.id, path,
-                                        into or outputs.default_into(record.id), max_bytes)
-    print(f"joblib-cloud: job {record.id}'s machine is gone; its outputs come from S3",
-          file=sys.stderr)
+def _saved(record: JobRecord, path: str, into: Path | None, max_bytes: int) -> int | None:
+    """What the job's provider kept beyond its machine, copied here (an exit code), or
+    None when it keeps nothing."""
+    keeper = provider(record.provider)
+    found = keeper.saved_outputs(record, path, into or outputs.default_into(record.id),
+                                 max_bytes)
+    if found is None:
+        return None
+    into, names, nbytes = found
+    print(f"joblib-cloud: job {record.id}'s machine is gone; its outputs come from "
+          f"{keeper.saved_where}", file=sys.stderr)
     outputs.report(record.id, into, names, nbytes)
     return 0 if names else 1
 
@@ -56,7 +65,7 @@ def forward(job: str, spec: ports.PortSpec) -> int:
     target = target_for(record)
     try:
         if state_of(target, record)["state"] != "running":
-            raise ValueError(f"job {record.id} is not running: nothing to forward")
+            raise JobError(f"job {record.id} is not running: nothing to forward")
 
         def announce(url: str) -> None:
             print(url, flush=True)

@@ -26,9 +26,9 @@ from typing import Any, BinaryIO
 
 from .. import provisioner
 from ..client.progress import Progress
-from ..client.ssh import SSHConnection
 from ..client.streams import agent_zip
 from ..config import CloudConfig
+from ..errors import ConfigError, JobError
 from ..host import jobhost
 from ..wire.contract import length_prefix
 from . import outputs, ports, siblings
@@ -73,21 +73,17 @@ def open_target(config: CloudConfig, progress: Progress
     target = fleet.hosts[0]
     python = config.python or fleet.python or "python3"
     if target.spec is None:
-        return LocalTarget(python), JobRecord(host="local", python=python, **base), fleet
+        return (LocalTarget(python, target.name),
+                JobRecord(host=target.name, python=python, **base), fleet)
     if config.image:  # config.python is the one in the image; the helper runs on the VM
         python = "python3"
     spec = target.spec
     progress.update(f"connecting to {spec.name}")
-    # aws, run -n N: the other machines are waited for meanwhile (siblings.py)
-    others = (siblings.start_waiting(fleet, siblings.keepalive(config))
-              if config.provider == "aws" and len(fleet.hosts) > 1 else None)
+    # The other machines may still boot: they are waited for meanwhile (siblings.py).
+    others = (siblings.start_waiting(fleet, config, siblings.keepalive(config))
+              if fleet.siblings_boot and len(fleet.hosts) > 1 else None)
     try:
-        connection = SSHConnection(spec, key_path=target.ssh_key,
-                                   known_hosts=target.known_hosts,
-                                   connect_timeout=fleet.connect_timeout
-                                   or config.connect_timeout,
-                                   retry_auth=target.retry_auth, check=target.check,
-                                   timeout_advice=target.timeout_advice)
+        connection = fleet.connect(target, config)
         try:
             if others is not None:
                 others(lambda: siblings.touch(connection))
@@ -115,7 +111,7 @@ def _writer(stream: BinaryIO) -> Sink:
 def shell_command(argv: list[str]) -> str:
     """One argument is a shell command line (like ssh); several are quoted words."""
     if not argv:
-        raise ValueError("nothing to run: give a command after --, e.g. "
+        raise ConfigError("nothing to run: give a command after --, e.g. "
                          "`joblib-cloud run -- python train.py`")
     return argv[0] if len(argv) == 1 else shlex.join(argv)
 
@@ -127,13 +123,13 @@ def _check(result: Result, what: str) -> Result:
         if result.code == 127:  # the shell found no such interpreter
             detail += (". Set python= (or JOBLIB_CLOUD_PYTHON) to the interpreter on the "
                        "host")
-        raise RuntimeError(f"{what} failed: {detail}")
+        raise JobError(f"{what} failed: {detail}")
     return result
 
 
 def job_python(config: CloudConfig, target: Target) -> str:
     """The interpreter a job's ``python`` runs: the backend's, in ``image`` if set."""
-    if config.image and config.provider != "local":
+    if config.image and provisioner.provider(config.provider).runs_images:
         return docker_python(config.image, config.python, mount_cwd=True)
     return target.python
 
@@ -153,8 +149,7 @@ def _prepare(config: CloudConfig, argv: list[str], root: Path | None, opts: RunO
     command = shell_command(argv)
     workspace = pack(root or Path.cwd(), opts.max_upload)
     progress.update(f"packed {len(workspace.files)} files ({human(workspace.nbytes)})")
-    if config.provider == "aws" and config.n > 1:  # the job's backend reaches the others
-        config = config.replace(packages=(*config.packages, siblings.paramiko_pin()))
+    config = provisioner.provider(config.provider).job_config(config)
     target, record, fleet = open_target(config, progress)
     try:
         cluster = siblings.for_job(config, fleet, target.python, opts.detach)
@@ -163,12 +158,7 @@ def _prepare(config: CloudConfig, argv: list[str], root: Path | None, opts: RunO
         record.agent = cluster.agent
         options = {**cluster.options(), "output": opts.output, "shared": config.cluster,
                    "follow": not opts.detach}
-        if config.provider == "aws":  # outputs and the shared directory in the bucket
-            from . import s3store
-
-            record.region = fleet.handle.region  # type: ignore[attr-defined]
-            options["s3"] = s3store.start_options(record.region, record.id, config.cluster,
-                                                  config.max_lifetime, opts.max_output)
+        options.update(fleet.job_storage(config, record, opts.max_output))
         blob = agent_zip()
         progress.update(f"uploading {human(len(workspace.archive) + len(blob))} "
                         f"to {target.name}")
@@ -251,7 +241,7 @@ def run(config: CloudConfig, argv: list[str], *, detach: bool = False,
         opts.detach = True
     if opts.detach:
         if opts.ports:
-            raise ValueError("--port needs an attached run; for a detached job use "
+            raise ConfigError("--port needs an attached run; for a detached job use "
                              "`joblib-cloud forward JOB PORT`")
         target, record = start(config, argv, max_upload=opts.max_upload)
         target.close()
@@ -303,11 +293,11 @@ def _bring_outputs(target: Target, record: JobRecord, opts: RunOptions) -> None:
 
 def _exit_code(target: Target, record: JobRecord, code: int) -> int:
     if code == -1:  # the SSH channel closed without an exit status
-        raise RuntimeError(f"lost the connection to {record.host} while following job "
+        raise JobError(f"lost the connection to {record.host} while following job "
                            f"{record.id}; it keeps running there: `joblib-cloud logs -f "
                            f"{record.id}` to follow it again")
     if code == jobhost.ERROR_EXIT and state_of(target, record)["state"] == "lost":
-        raise RuntimeError(f"job {record.id} on {record.host} was lost: its supervisor "
+        raise JobError(f"job {record.id} on {record.host} was lost: its supervisor "
                            "died (the machine rebooted?) before the command ended")
     return code
 
@@ -356,7 +346,7 @@ def logs(job: str, follow_output: bool = False) -> int:
     target = target_for(record)
     try:
         if state_of(target, record)["state"] == "missing":
-            raise ValueError(f"job {record.id} no longer exists on {record.host}")
+            raise JobError(f"job {record.id} no longer exists on {record.host}")
         if follow_output:
             return follow(target, record)
         target.call(["logs", record.id, "0"], out=_writer(sys.stdout.buffer),

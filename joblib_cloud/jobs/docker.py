@@ -25,6 +25,7 @@ from __future__ import annotations
 import re
 import shlex
 
+from ..errors import ConfigError
 from ..wire.contract import HOME_ENV, HOME_SHELL
 
 #: What a Docker image reference may contain (registry/name:tag@digest).
@@ -44,7 +45,7 @@ HOME_EXPR = HOME_SHELL
 def check_image(image: str) -> str:
     image = image.strip()
     if not _IMAGE_RE.fullmatch(image):
-        raise ValueError(f"invalid Docker image {image!r}: expected a reference such as "
+        raise ConfigError(f"invalid Docker image {image!r}: expected a reference such as "
                          "'python:3.11-slim' or 'ghcr.io/me/model:1.2'")
     return image
 

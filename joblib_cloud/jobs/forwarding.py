@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import html
 
+from ..errors import JobError
 from . import ports
 from .control import state_of
 from .records import find_record, target_for
@@ -18,7 +19,7 @@ class OpenForward:
         self._target = target_for(record)
         try:
             if state_of(self._target, record)["state"] != "running":
-                raise ValueError(f"job {record.id} is not running: nothing to forward")
+                raise JobError(f"job {record.id} is not running: nothing to forward")
             self.job = record.id
             self._forward = ports.Forward(self._target.connection,
                                           ports.PortSpec(remote, local or remote),

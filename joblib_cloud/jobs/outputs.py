@@ -15,9 +15,10 @@ import sys
 import tarfile
 from pathlib import Path
 
+from ..errors import JobError
+from ..host.jobfiles import human
 from ..wire.archive import extract
 from .targets import Target
-from .workspace import human
 
 DEFAULT_MAX_OUTPUT = 100 * 2**20
 RUNS_DIR = "joblib-cloud-runs"
@@ -40,7 +41,7 @@ def fetch(target: Target, job_id: str, into: Path | None = None, path: str = "",
     result = target.call(["outputs", job_id, str(max_bytes), path])
     if result.code != 0:
         detail = result.stderr.decode(errors="replace").strip() or f"exit code {result.code}"
-        raise RuntimeError(f"copying job {job_id}'s outputs from {target.name} failed: "
+        raise JobError(f"copying job {job_id}'s outputs from {target.name} failed: "
                            f"{detail.removeprefix('joblib-cloud (on host): ')}")
     into = into or default_into(job_id)
     names = unpack(result.stdout, into, max_bytes)

@@ -20,6 +20,7 @@ from typing import Any
 import paramiko
 
 from ..client.ssh import SSHConnection
+from ..errors import ConfigError
 
 #: Seconds between checks that something listens on the remote port.
 POLL = 0.25
@@ -38,7 +39,7 @@ def parse_port(text: str) -> PortSpec:
     except ValueError:
         parts = []
     if len(parts) not in (1, 2) or not all(0 < p < 65536 for p in parts):
-        raise ValueError(f"--port {text!r}: expected REMOTE or REMOTE:LOCAL port numbers "
+        raise ConfigError(f"--port {text!r}: expected REMOTE or REMOTE:LOCAL port numbers "
                          "(1-65535), e.g. --port 8888 or --port 8888:9999")
     return PortSpec(parts[0], parts[-1])
 
@@ -88,7 +89,7 @@ class Forward:
                 self._server.bind(("127.0.0.1", spec.local))
             except OSError as exc:
                 self._server.close()
-                raise ValueError(f"cannot forward to local port {spec.local}: {exc}. "
+                raise ConfigError(f"cannot forward to local port {spec.local}: {exc}. "
                                  f"Pick another one: --port {spec.remote}:OTHER") from None
             self._server.listen(16)
             threading.Thread(target=self._serve, daemon=True).start()

@@ -21,19 +21,23 @@ import sys
 import tarfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ..client.hosts import parse_host
 from ..config import CloudConfig, resolve_config
+from ..errors import JobError
+from ..provisioner import HostTarget
+
+if TYPE_CHECKING:
+    from ..client.ssh import SSHConnection
 
 #: Seconds to wait for each sibling: they are up already (the client just reached them).
 TIMEOUT = 15.0
 
 
-def _connect(host: str, config: CloudConfig):  # noqa: ANN202 - an SSHConnection
-    from ..client.ssh import SSHConnection
-
-    return SSHConnection(parse_host(host), key_path=config.ssh_key,
-                         known_hosts=config.known_hosts, connect_timeout=TIMEOUT)
+def _connect(host: str, config: CloudConfig) -> SSHConnection:
+    spec = parse_host(host)
+    return HostTarget(spec.name, spec, config.ssh_key, config.known_hosts).connect(TIMEOUT)
 
 
 def _try(host: str, config: CloudConfig) -> str | None:
@@ -62,8 +66,8 @@ def _helper(host: str, config: CloudConfig, args: list[str], stdin: bytes = b"")
     finally:
         target.close()
     if result.code != 0:
-        raise RuntimeError(result.stderr.decode(errors="replace").strip()
-                           .replace("joblib-cloud (on host): ", "") or f"exit {result.code}")
+        raise JobError(result.stderr.decode(errors="replace").strip()
+                       .replace("joblib-cloud (on host): ", "") or f"exit {result.code}")
     return result.stdout
 
 

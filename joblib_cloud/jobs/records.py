@@ -13,8 +13,9 @@ import json
 from pathlib import Path
 
 from ..client.hosts import HostSpec
-from ..client.ssh import SSHConnection
 from ..config import home_dir, write_private
+from ..errors import JobError
+from ..provisioner import HostTarget
 from .targets import LocalTarget, SSHTarget, Target
 
 
@@ -35,11 +36,15 @@ class JobRecord:
     host_key: str | None = None
     ssh_key: str | None = None
     known_hosts: str | None = None
-    #: aws: the region, so outputs saved to the bucket can be found after the machine.
+    #: Where the provider kept what outlives the machine (aws: the bucket's region).
     region: str | None = None
     #: The job logs in to its siblings with the client's ssh-agent (``run -n N`` on ssh):
     #: only then is the agent forwarded when the job is followed again.
     agent: bool = False
+
+
+class JobNotFoundError(JobError, ValueError):
+    """No job, or more than one, matches the id given."""
 
 
 def records_dir() -> Path:
@@ -67,22 +72,21 @@ def load_records() -> list[JobRecord]:
 def find_record(prefix: str) -> JobRecord:
     matches = [r for r in load_records() if r.id.startswith(prefix)]
     if not matches:
-        raise ValueError(f"no job {prefix!r} in this machine's records; "
+        raise JobNotFoundError(f"no job {prefix!r} in this machine's records; "
                          "`joblib-cloud jobs` lists the jobs started from here")
     if len(matches) > 1:
-        raise ValueError(f"job id {prefix!r} is ambiguous: it matches "
+        raise JobNotFoundError(f"job id {prefix!r} is ambiguous: it matches "
                          f"{', '.join(r.id for r in matches)}")
     return matches[0]
 
 
 def target_for(record: JobRecord, connect_timeout: float = 20.0) -> Target:
-    if record.provider == "local":
-        return LocalTarget(record.python)
+    if not record.address:  # the job's host was an agent on this machine
+        return LocalTarget(record.python, record.host)
     spec = HostSpec(address=record.address, port=record.port, user=record.user,
                     host_key=record.host_key)
-    return SSHTarget(SSHConnection(spec, key_path=record.ssh_key,
-                                   known_hosts=record.known_hosts,
-                                   connect_timeout=connect_timeout), record.python)
+    host = HostTarget(record.host, spec, record.ssh_key, record.known_hosts)
+    return SSHTarget(host.connect(connect_timeout), record.python)
 
 
 def host_key(record: JobRecord) -> tuple:

@@ -1,12 +1,12 @@
 """The cluster's shared directory, seen from this computer: ``joblib-cloud shared
 ls|put|get|rm``.
 
-Every job of a cluster sees it as ``$JOBLIB_CLOUD_SHARED``.  On ``local`` and ``ssh`` it is
-a directory on the cluster's first host (``$JOBLIB_CLOUD_HOME/shared/<cluster>/``), where
-jobs run, so a job reads and writes it in place; these commands reach it with the job
-helper's ``shared-*`` operations (``host/jobfiles.py``).  On ``aws`` it is the prefix
-``shared/<cluster>/`` of joblib-cloud's bucket, mirrored on the job's machine
-(:mod:`s3store`).
+Every job of a cluster sees it as ``$JOBLIB_CLOUD_SHARED``.  Unless the provider keeps it
+elsewhere (:meth:`Provider.shared_directory`; aws: the prefix ``shared/<cluster>/`` of
+joblib-cloud's bucket, mirrored on the job's machine), it is a directory on the cluster's
+first host (``$JOBLIB_CLOUD_HOME/shared/<cluster>/``), where jobs run, so a job reads and
+writes it in place; these commands reach it with the job helper's ``shared-*``
+operations (``host/jobfiles.py``).
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from typing import Any
 
 from ..client.progress import Progress
 from ..config import CloudConfig
+from ..errors import ConfigError, JobError
 from .outputs import unpack
 from .targets import Target
 
@@ -34,14 +35,14 @@ def _run(target: Target, args: list[str], stdin: bytes = b"") -> bytes:
     result = target.call(args, stdin=stdin)
     if result.code != 0:
         detail = result.stderr.decode(errors="replace").strip() or f"exit code {result.code}"
-        raise RuntimeError(detail.replace("joblib-cloud (on host): ", ""))
+        raise JobError(detail.replace("joblib-cloud (on host): ", ""))
     return result.stdout
 
 
 def pack_path(path: Path) -> bytes:
     """``path`` (a file, or a directory and what it holds) as a tar.gz under its name."""
     if not path.exists():
-        raise ValueError(f"{path} does not exist")
+        raise ConfigError(f"{path} does not exist")
     buffer = io.BytesIO()
     with tarfile.open(fileobj=buffer, mode="w:gz") as tar:
         tar.add(path, arcname=path.resolve().name,
@@ -74,9 +75,7 @@ class HostShared:
 
 
 def open_shared(config: CloudConfig) -> Any:
-    """The cluster's shared directory: the bucket's prefix on aws, else the first host's."""
-    if config.provider == "aws":
-        from .s3store import S3Shared
+    """The cluster's shared directory: where its provider keeps it, else the first host's."""
+    from ..provisioner import provider
 
-        return S3Shared(config)
-    return HostShared(config)
+    return provider(config.provider).shared_directory(config) or HostShared(config)

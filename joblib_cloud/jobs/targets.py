@@ -105,10 +105,10 @@ def _collect(readers: list[tuple[Callable[[int], bytes], Sink | None]],
 
 
 class LocalTarget(Target):
-    """The ``local`` provider: jobs run in a copy under this machine's home_dir()."""
+    """A host that is this machine (no SSH): jobs run in a copy under its home_dir()."""
 
-    def __init__(self, python: str) -> None:
-        self.name = "local"
+    def __init__(self, python: str, name: str) -> None:
+        self.name = name
         self.python = python
 
     def call(self, args: list[str], stdin: bytes = b"", out: Sink | None = None,

@@ -17,6 +17,8 @@ import tarfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..host.jobfiles import human
+
 log = logging.getLogger("joblib_cloud")
 
 DEFAULT_MAX_UPLOAD = 100 * 2**20
@@ -36,14 +38,6 @@ class Workspace:
     files: tuple[str, ...]  # POSIX paths relative to root
     nbytes: int
     archive: bytes  # tar.gz of files
-
-
-def human(nbytes: float) -> str:
-    for unit in ("B", "kB", "MB", "GB"):
-        if nbytes < 1000 or unit == "GB":
-            return f"{nbytes:.0f} {unit}" if unit == "B" else f"{nbytes:.1f} {unit}"
-        nbytes /= 1000
-    raise AssertionError  # pragma: no cover
 
 
 def git_files(root: Path) -> list[str] | None:

@@ -30,7 +30,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from . import ec2api
-from .ec2api import AWSError, call, error_code
+from .ec2api import AWSError, call, error_code, unless
 
 OBJECT_DAYS = 7
 #: A finished job's saved outputs (``joblib-cloud pull``) are kept this long.
@@ -186,8 +186,7 @@ class Bucket:
         try:
             call(s3.create_bucket, "create the joblib-cloud S3 bucket", Bucket=name, **where)
         except Exception as exc:
-            if error_code(exc) != "BucketAlreadyOwnedByYou":
-                raise
+            unless(exc, "BucketAlreadyOwnedByYou")
         call(s3.put_public_access_block, "block public access to the bucket", Bucket=name,
              PublicAccessBlockConfiguration={
                  "BlockPublicAcls": True, "IgnorePublicAcls": True,
@@ -214,9 +213,8 @@ class Bucket:
         try:
             return self.client.head_object(Bucket=self.name, Key=key)
         except Exception as exc:
-            if error_code(exc) in ("404", "NoSuchKey", "NotFound"):
-                return None
-            raise
+            unless(exc, "404", "NoSuchKey", "NotFound")
+            return None
 
     def exists(self, key: str) -> bool:
         return self.head(key) is not None

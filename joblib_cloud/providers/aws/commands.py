@@ -10,8 +10,9 @@ from ... import provisioner
 from ...cli.table import table
 from ...client.hosts import HostSpec
 from ...config import CloudConfig
+from ...provisioner import HostTarget
 from ...wire import contract
-from . import ec2api, sshkeys, teardown
+from . import addresses, ec2api, sshkeys, teardown
 from .launch import DEFAULT_USER
 
 Out = provisioner.Out
@@ -115,21 +116,20 @@ def idle_seconds(region: str, cluster: str, instance: dict[str, Any], user: str 
                  timeout: float = 5.0) -> float | None:
     """Seconds since the host's agent last reported activity (its kill-switch clock), read
     over a verified SSH connection; None when it cannot be reached or never ran."""
-    from ...client.ssh import SSHConnection
-
     host_key = sshkeys.host_keys(region, cluster).get(instance["InstanceId"])
     if host_key is None or instance["State"]["Name"] != "running":
         return None
     key_path, _ = sshkeys.client_key(region, cluster)
     try:
-        address, port = provisioner.address_of(instance)
+        address, port = addresses.address_of(instance)
     except Exception:  # noqa: BLE001 - no usable address: shown as "?"
         return None
     spec = HostSpec(address=address, port=int(port), user=user or DEFAULT_USER,
                     label=instance["InstanceId"], host_key=host_key)
+    target = HostTarget(spec.name, spec, str(key_path),
+                        str(sshkeys.cluster_dir(region, cluster) / "known_hosts"))
     try:
-        connection = SSHConnection(spec, key_path=str(key_path), known_hosts=str(
-            sshkeys.cluster_dir(region, cluster) / "known_hosts"), connect_timeout=timeout)
+        connection = target.connect(timeout)
     except Exception:  # noqa: BLE001 - unreachable or still booting: shown as "?"
         return None
     try:

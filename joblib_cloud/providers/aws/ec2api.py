@@ -83,6 +83,15 @@ def cause_code(exc: BaseException) -> str:
     return error_code(exc) or (error_code(exc.__cause__) if exc.__cause__ else "")
 
 
+def unless(exc: BaseException, *codes: str) -> str:
+    """In an ``except`` block: raise ``exc`` again unless its code (or its cause's) is one
+    of ``codes`` (one ending in ``*`` matches as a prefix); else the code, handled."""
+    code = cause_code(exc)
+    if not any(code == c or (c.endswith("*") and code.startswith(c[:-1])) for c in codes):
+        raise exc
+    return code
+
+
 def profile_name() -> str:
     return os.environ.get("AWS_PROFILE") or os.environ.get("AWS_DEFAULT_PROFILE") or "NAME"
 

@@ -16,11 +16,11 @@ import uuid
 from collections.abc import Callable
 from typing import Any
 
-from ... import provisioner
 from ...client.hosts import HostSpec
 from ...client.progress import Progress
 from ...config import CloudConfig
 from . import (
+    addresses,
     budget,
     ec2api,
     instance_types,
@@ -162,7 +162,7 @@ def _specs(region: str, cluster: str, instances: list[dict[str, Any]], user: str
                 f"{sshkeys.cluster_dir(region, cluster)} was deleted), so its SSH keys are "
                 f"unknown here. Remove the cluster with `joblib-cloud down --cluster "
                 f"{cluster}`, or use another cluster= name.")
-        address, port = provisioner.address_of(inst)
+        address, port = addresses.address_of(inst)
         specs.append(HostSpec(address=address, port=int(port), user=user,
                               label=f"{iid}", host_key=keys[iid]))
     return specs
@@ -207,8 +207,7 @@ def _image(sess: Any, ec2: Any, config: CloudConfig, itype: instance_types.Insta
             image_id = call(ssm.get_parameter, "look up the Amazon Linux image",
                             Name=name)["Parameter"]["Value"]
         except Exception as exc:
-            if ec2api.error_code(exc) != "ParameterNotFound":
-                raise
+            ec2api.unless(exc, "ParameterNotFound")
             raise AWSError(f"no Amazon Linux image parameter {name} in this region: pass "
                            "image_id='ami-...'") from None
     images = call(ec2.describe_images, "look up the machine image",
@@ -234,7 +233,7 @@ class _Launcher:
         ``dollars``: with a budget, what each machine may spend."""
         image_id, root_device, snapshot_gib = _image(sess, ec2, config, itype)
         self.network: Network = network.find_network(ec2, config, sess.region_name, cidr)
-        self.public_ip = provisioner.wants_public_address()
+        self.public_ip = addresses.wants_public_address()
         self.sess, self.ec2, self.config, self.itype = sess, ec2, config, itype
         self.user, self.client_pub, self.progress = user, client_pub, progress
         self._prices = dict(known_prices)

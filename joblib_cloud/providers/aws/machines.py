@@ -215,8 +215,7 @@ def console_lines(ec2: Any, instance_id: str, lines: int = CONSOLE_LINES) -> lis
     try:
         response = ec2.get_console_output(InstanceId=instance_id, Latest=True)
     except Exception as exc:
-        if not ec2api.error_code(exc).startswith(("Unsupported", "InvalidParameter")):
-            raise
+        ec2api.unless(exc, "Unsupported*", "InvalidParameter*")
         response = ec2.get_console_output(InstanceId=instance_id)  # not on Xen types
     return boot_lines(response.get("Output") or "")[-lines:]
 

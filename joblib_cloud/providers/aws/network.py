@@ -77,8 +77,7 @@ def _by_id(describe: Any, what: str, key: str, ids_param: str, resource_id: str,
     try:
         return call(describe, what, **{ids_param: [resource_id]})[key]
     except Exception as exc:
-        if ec2api.cause_code(exc) != not_found:
-            raise
+        ec2api.unless(exc, not_found)
         return []
 
 
@@ -111,8 +110,7 @@ def security_group(ec2: Any, cluster: str, vpc: str, cidr: str) -> str:
                        VpcId=vpc, TagSpecifications=[tag_spec("security-group", cluster)]
                        )["GroupId"]
         except Exception as exc:
-            if ec2api.error_code(exc) != "InvalidGroup.Duplicate":
-                raise
+            ec2api.unless(exc, "InvalidGroup.Duplicate")
             raise AWSError(f"a security group named {name} exists but does not carry the tag "
                            f"{ec2api.TAG_KEY}={cluster}; joblib-cloud never touches untagged "
                            "resources: delete or rename it, or use another cluster= name"
@@ -139,8 +137,7 @@ def sibling_rule(ec2: Any, group: dict[str, Any]) -> None:
                              "UserIdGroupPairs": [{"GroupId": gid,
                                                    "Description": SIBLING_RULE}]}])
     except Exception as exc:
-        if ec2api.cause_code(exc) != "InvalidPermission.Duplicate":
-            raise
+        ec2api.unless(exc, "InvalidPermission.Duplicate")
 
 
 def open_ssh(ec2: Any, cluster: str, cidr: str) -> None:
@@ -182,8 +179,7 @@ def ssh_rule(ec2: Any, group: dict[str, Any], cidr: str) -> None:
                  GroupId=gid, IpPermissions=[{"IpProtocol": "tcp", "FromPort": 22, "ToPort": 22,
                                               ranges: [{key: cidr, "Description": CLIENT_RULE}]}])
         except Exception as exc:
-            if ec2api.cause_code(exc) != "InvalidPermission.Duplicate":
-                raise
+            ec2api.unless(exc, "InvalidPermission.Duplicate")
     for old in stale:
         ranges, key = _ranges_key(old)
         log.info("closing SSH in %s to %s (this computer's address is now %s)", gid, old, cidr)
@@ -192,8 +188,7 @@ def ssh_rule(ec2: Any, group: dict[str, Any], cidr: str) -> None:
                  GroupId=gid, IpPermissions=[{"IpProtocol": "tcp", "FromPort": 22, "ToPort": 22,
                                               ranges: [{key: old}]}])
         except Exception as exc:
-            if ec2api.cause_code(exc) != "InvalidPermission.NotFound":
-                raise
+            ec2api.unless(exc, "InvalidPermission.NotFound")
 
 
 def interface_params(network: Network, subnet: str | None, public_ip: bool

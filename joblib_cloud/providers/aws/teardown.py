@@ -68,8 +68,7 @@ def _terminate(ec2: Any, ids: list[str], not_found_timeout: float) -> list[str]:
                      InstanceIds=ids[start:start + 500])
             return []
         except Exception as exc:
-            if ec2api.cause_code(exc) != NOT_FOUND:
-                raise
+            ec2api.unless(exc, NOT_FOUND)
         if time.monotonic() >= deadline:
             break
         time.sleep(delay)

@@ -25,12 +25,13 @@ import tarfile
 from pathlib import Path
 from typing import Any
 
-from ..config import CloudConfig
-from ..providers.aws import ec2api
-from ..providers.aws.bucket import Bucket
-from ..wire.archive import UnsafeArchiveError, safe_path
-from .outputs import DEFAULT_MAX_OUTPUT, unpack
-from .workspace import human
+from ...config import CloudConfig
+from ...errors import ConfigError, JobError
+from ...host.jobfiles import human
+from ...jobs.outputs import DEFAULT_MAX_OUTPUT, unpack
+from ...wire.archive import UnsafeArchiveError, safe_path
+from . import ec2api
+from .bucket import Bucket
 
 #: Seconds the start's presigned GETs stay valid: they are used while the job starts.
 GET_EXPIRY = 3600.0
@@ -48,6 +49,10 @@ def outputs_key(job_id: str) -> str:
     return job_prefix(job_id) + "outputs.tar.gz"
 
 
+class SharedPathError(JobError, ValueError):
+    """A path in the shared directory that is not there, or would lead outside it."""
+
+
 def local_path(root: Path, rel: str) -> Path:
     """``root / rel`` for a name that came from the bucket or a machine, by the rule every
     such name follows (``wire/archive.py``): relative, no ``..`` or empty part, and
@@ -55,7 +60,7 @@ def local_path(root: Path, rel: str) -> Path:
     try:
         return Path(safe_path(str(root), rel, what="from the shared directory"))
     except UnsafeArchiveError as exc:
-        raise ValueError(f"{exc}. Remove it with `joblib-cloud shared rm`.") from None
+        raise SharedPathError(f"{exc}. Remove it with `joblib-cloud shared rm`.") from None
 
 
 def region_of(config: CloudConfig) -> str:
@@ -92,11 +97,11 @@ def fetch_outputs(region: str | None, job_id: str, path: str, into: Path,
     key = outputs_key(job_id)
     head = bucket.head(key) if bucket is not None else None
     if head is None:
-        raise RuntimeError(f"job {job_id}'s machine cannot be reached and no outputs of it "
+        raise JobError(f"job {job_id}'s machine cannot be reached and no outputs of it "
                            "were saved to S3 (it may still be running, or ended without "
                            "outputs, or they were over the size cap)")
     if head["ContentLength"] > max_bytes:
-        raise RuntimeError(_over(job_id, f"its saved archive is {human(head['ContentLength'])}",
+        raise JobError(_over(job_id, f"its saved archive is {human(head['ContentLength'])}",
                                  max_bytes))
     body = bucket.client.get_object(Bucket=bucket.name, Key=key)["Body"].read(max_bytes + 1)
     archive = _only(body, path.strip("/"), job_id, max_bytes)
@@ -122,7 +127,7 @@ def _only(archive: bytes, path: str, job_id: str, max_bytes: int) -> bytes:
                 continue
             total += member.size
             if total > max_bytes:
-                raise RuntimeError(_over(job_id, f"they unpack to more than {human(total)}",
+                raise JobError(_over(job_id, f"they unpack to more than {human(total)}",
                                          max_bytes))
             dst.addfile(member, src.extractfile(member))
     return out.getvalue()
@@ -138,7 +143,7 @@ class S3Shared:
     def _key(self, rel: str) -> str:
         parts = [p for p in rel.split("/") if p not in ("", ".")]
         if ".." in parts:
-            raise ValueError(f"{rel!r} is outside the shared directory")
+            raise SharedPathError(f"{rel!r} is outside the shared directory")
         return self.prefix + "/".join(parts)
 
     def _under(self, rel: str) -> dict[str, dict[str, Any]]:
@@ -152,7 +157,7 @@ class S3Shared:
 
     def put(self, local: Path, dest: str = "") -> None:
         if not local.exists():
-            raise ValueError(f"{local} does not exist")
+            raise ConfigError(f"{local} does not exist")
         base = self._key(dest)
         base = base if base.endswith("/") else base + "/"
         files = [local] if local.is_file() else sorted(
@@ -165,7 +170,7 @@ class S3Shared:
     def get(self, path: str, into: Path) -> list[str]:
         found = self._under(path)
         if not found:
-            raise ValueError(f"no {path!r} in the shared directory")
+            raise SharedPathError(f"no {path!r} in the shared directory")
         key = self._key(path)[len(self.prefix):]
         strip = key.rsplit("/", 1)[0] + "/" if "/" in key else ""
         targets = {rel: local_path(into, rel[len(strip):]) for rel in sorted(found)}
@@ -180,7 +185,7 @@ class S3Shared:
     def rm(self, path: str) -> None:
         found = self._under(path)
         if not path.strip("/") or not found:
-            raise ValueError(f"no {path!r} in the shared directory" if path.strip("/") else
+            raise SharedPathError(f"no {path!r} in the shared directory" if path.strip("/") else
                              "give a path inside the shared directory to remove")
         self.bucket.delete_keys([self.prefix + r for r in found])
 
