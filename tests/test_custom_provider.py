@@ -3,7 +3,7 @@ everywhere a built-in one does: the backend, DistributedPool, ``run`` and ``run 
 outputs, the shared directory, ``status`` and ``down``.  No line of product code names it
 (the last test checks).
 
-Its machines are loopback sshd hosts (``tests/sshfleet.py``) that ``ensure`` starts when
+Its machines are loopback sshd hosts (``tests/support/sshfleet.py``) that ``ensure`` starts when
 they are not running and ``down`` stops, as a cloud launches and terminates VMs; a job's
 machine reaches its siblings with a key file the fleet hands the job (as aws does), not
 with a forwarded ssh-agent.  docs/architecture.md walks through this file.
