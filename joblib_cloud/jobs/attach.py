@@ -80,7 +80,7 @@ def forward(job: str, spec: ports.PortSpec) -> int:
             checks[0] += 1
             if target.connection is not None and not target.connection.alive:
                 return False
-            return checks[0] % 5 or state_of(target, record)["state"] == "running"
+            return bool(checks[0] % 5) or state_of(target, record)["state"] == "running"
 
         try:
             ports.hold(forwards, alive)

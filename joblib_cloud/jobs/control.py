@@ -67,14 +67,16 @@ def open_target(config: CloudConfig, progress: Progress
                 ) -> tuple[Target, JobRecord, provisioner.Fleet]:
     """Reach the first host of ``config``'s cluster (launching the cluster on a cloud),
     as the cluster's own connect would."""
-    base = dict(id="", provider=config.provider, cluster=config.cluster, command="",
-                created=time.time(), region=config.region)
+    def record(**where: Any) -> JobRecord:
+        return JobRecord(id="", provider=config.provider, cluster=config.cluster, command="",
+                         created=time.time(), region=config.region, **where)
+
     fleet = provisioner.provider(config.provider).ensure(config, progress)
     target = fleet.hosts[0]
     python = config.python or fleet.python or "python3"
     if target.spec is None:
         return (LocalTarget(python, target.name),
-                JobRecord(host=target.name, python=python, **base), fleet)
+                record(host=target.name, python=python), fleet)
     if config.image:  # config.python is the one in the image; the helper runs on the VM
         python = "python3"
     spec = target.spec
@@ -94,10 +96,9 @@ def open_target(config: CloudConfig, progress: Progress
         fleet.abort()  # never leave a VM we just launched and cannot reach
         raise
     fleet.ready(target)
-    record = JobRecord(host=spec.name, python=python, address=spec.address, port=spec.port,
-                       user=spec.user, host_key=spec.host_key, ssh_key=target.ssh_key,
-                       known_hosts=target.known_hosts, **base)
-    return SSHTarget(connection, python), record, fleet
+    return SSHTarget(connection, python), record(
+        host=spec.name, python=python, address=spec.address, port=spec.port, user=spec.user,
+        host_key=spec.host_key, ssh_key=target.ssh_key, known_hosts=target.known_hosts), fleet
 
 
 def _writer(stream: BinaryIO) -> Sink:

@@ -116,13 +116,15 @@ class LocalTarget(Target):
         proc = subprocess.Popen(["/bin/sh", "-c", helper_command(self.python, args)],
                                 stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                 stderr=subprocess.PIPE, bufsize=0)
+        assert proc.stdin and proc.stdout and proc.stderr  # all three are pipes
+        pipe_in = proc.stdin
 
         def send() -> None:
             try:
-                proc.stdin.write(stdin)
+                pipe_in.write(stdin)
             except BrokenPipeError:
                 pass
-            proc.stdin.close()
+            pipe_in.close()
 
         try:
             stdout, stderr = _collect([(proc.stdout.read, out), (proc.stderr.read, err)],
@@ -136,6 +138,8 @@ class LocalTarget(Target):
 
 class SSHTarget(Target):
     """An ``ssh`` or ``aws`` host: one verified SSH connection, a channel per call."""
+
+    connection: SSHConnection
 
     def __init__(self, connection: SSHConnection, python: str) -> None:
         self.connection = connection

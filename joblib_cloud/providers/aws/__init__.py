@@ -45,10 +45,12 @@ class AWSFleet(Fleet):
         self.handle = handle
 
     def ready(self, host: HostTarget) -> None:
-        self.handle.close_metadata([host.spec.label])
+        if host.spec is not None:
+            self.handle.close_metadata([host.spec.label])
 
     def drop(self, host: HostTarget) -> None:
-        self.handle.drop(host.spec.label)
+        if host.spec is not None:
+            self.handle.drop(host.spec.label)
 
     def spent(self) -> float | None:
         if not self.handle.usd_per_hour:

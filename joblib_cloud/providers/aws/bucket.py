@@ -27,7 +27,7 @@ import json
 import logging
 import threading
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, Literal, overload
 
 from . import ec2api
 from .ec2api import AWSError, call, error_code, unless
@@ -143,6 +143,14 @@ class Bucket:
         self.region = region
         if owner is not None:
             expect_owner(client, owner)
+
+    @overload
+    @classmethod
+    def for_region(cls, region: str, *, create: Literal[True] = True) -> Bucket: ...
+
+    @overload
+    @classmethod
+    def for_region(cls, region: str, *, create: bool) -> Bucket | None: ...
 
     @classmethod
     def for_region(cls, region: str, *, create: bool = True) -> Bucket | None:

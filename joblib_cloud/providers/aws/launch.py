@@ -76,6 +76,7 @@ def ensure_cluster(config: CloudConfig, progress: Progress) -> ClusterHandle:
     fresh = not existing
     try:
         launcher, dollars = None, None
+        usd_per_hour: float | None
         rates = _existing_prices(sess, ec2, itype, existing)  # each machine's own, for spend
         if config.budget is not None:  # each machine's kill switch holds its share
             usd_per_hour = budget.hourly_price(sess, ec2, config, itype)

@@ -236,15 +236,19 @@ def lookup_public_ip(url: str, timeout: float = 10.0) -> str:
         return response.read().decode().strip()
 
 
-def _ipv4_connection(address: tuple[str, int], timeout: Any = socket._GLOBAL_DEFAULT_TIMEOUT,
+#: What http.client passes as the timeout when none was given (keep the socket's default).
+_NO_TIMEOUT: object = getattr(socket, "_GLOBAL_DEFAULT_TIMEOUT", object())
+
+
+def _ipv4_connection(address: tuple[str, int], timeout: Any = _NO_TIMEOUT,
                      source_address: Any = None, **_: Any) -> socket.socket:
     host, port = address
     last: OSError | None = None
-    for family, kind, proto, _, sockaddr in socket.getaddrinfo(host, port, socket.AF_INET,
-                                                               socket.SOCK_STREAM):
+    for family, kind, proto, _name, sockaddr in socket.getaddrinfo(
+            host, port, socket.AF_INET, socket.SOCK_STREAM):
         sock = socket.socket(family, kind, proto)
         try:
-            if timeout is not socket._GLOBAL_DEFAULT_TIMEOUT:
+            if timeout is not _NO_TIMEOUT:
                 sock.settimeout(timeout)
             sock.connect(sockaddr)
             return sock
@@ -273,5 +277,5 @@ class _IPv4HTTPHandler(urllib.request.HTTPHandler):
 
 class _IPv4HTTPSHandler(urllib.request.HTTPSHandler):
     def https_open(self, req: urllib.request.Request) -> Any:
-        return self.do_open(_IPv4HTTPSConnection, req, context=self._context)
+        return self.do_open(_IPv4HTTPSConnection, req, context=getattr(self, "_context", None))
 

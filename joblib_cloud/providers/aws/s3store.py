@@ -96,7 +96,7 @@ def fetch_outputs(region: str | None, job_id: str, path: str, into: Path,
     bucket = Bucket.for_region(region, create=False) if region else None
     key = outputs_key(job_id)
     head = bucket.head(key) if bucket is not None else None
-    if head is None:
+    if bucket is None or head is None:
         raise JobError(f"job {job_id}'s machine cannot be reached and no outputs of it "
                            "were saved to S3 (it may still be running, or ended without "
                            "outputs, or they were over the size cap)")

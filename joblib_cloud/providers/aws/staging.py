@@ -42,7 +42,7 @@ class S3Objects:
         # A small object is put again rather than looked for: one round trip, not two.
         head = bucket.head(key) if nbytes >= LOOK_FIRST else None
         upload = head is None or head.get("ContentLength") != nbytes
-        if upload:
+        if head is None or upload:
             bucket.upload(key, segments)
         else:
             bucket.renew_if_old(key, head)

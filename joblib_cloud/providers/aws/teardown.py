@@ -127,7 +127,7 @@ def down_region(sess: Any, region: str, cluster: str | None, dry_run: bool, out:
     ec2 = sess.client("ec2", region_name=region)
     found = find(ec2, cluster)
     instances, groups, volumes = found["instances"], found["groups"], found["volumes"]
-    names = {ec2api.tag_value(x) for kind in found.values() for x in kind}
+    names = {n for kind in found.values() for x in kind if (n := ec2api.tag_value(x))}
     local = [cluster] if cluster is not None else sshkeys.local_clusters(region)
     names.update(n for n in local if sshkeys.exists(region, n))
     swept = staging.sweep(region, cluster, dry_run, out, shared)
