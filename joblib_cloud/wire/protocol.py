@@ -11,7 +11,7 @@ from __future__ import annotations
 import enum
 import pickle
 import struct
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any, TypedDict
 
 HEADER = struct.Struct("!BIQ")
@@ -157,7 +157,7 @@ JOIN_BELOW = 1 << 16
 _EMPTY_META = pickle.dumps({}, protocol=pickle.HIGHEST_PROTOCOL)
 
 
-def encode(kind: Kind, meta: dict[str, Any] | None = None, data: bytes | memoryview = b""
+def encode(kind: Kind, meta: Mapping[str, Any] | None = None, data: bytes | memoryview = b""
            ) -> list[bytes | memoryview]:
     """Frame parts, ready for a sequential write: one part for a small frame; large data
     is never copied."""
