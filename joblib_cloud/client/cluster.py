@@ -76,6 +76,7 @@ class Cluster(Dispatch):
         #: Why the hosts stopped for lack of work.
         self.stopped_idle = ""
 
+
     # -- lifecycle ---------------------------------------------------------------
     def attach(self, hosts: list[HostSession]) -> None:
         """These hosts are connected: they take work from now on."""
@@ -284,9 +285,13 @@ class Cluster(Dispatch):
                 self.pending.appendleft(job)
             failed.extend(self._strand_if_hopeless())
             self.wake_all()
-        if not self.closed and (jobs or not self.stopped_idle):
+        if self.closed or (self.stopped_idle and not jobs):
+            pass
+        elif jobs:
             log.warning("host %s lost: %s; %d batch(es) re-queued on %d remaining host(s)",
                         host.name, reason, len(retry), len(survivors))
+        else:  # nothing ran there: said when work would have gone to it, if it ever does
+            self.lost_idle.append(f"{host.name} ({reason})")
         host.close()
         if failed:
             error: Exception = self._lost_error() if not hope else HostLostError(
@@ -310,13 +315,23 @@ class Cluster(Dispatch):
                 resolve(job, exc=error)
 
     def _monitor(self) -> None:
+        """Silence counts only while this process could hear: a tick late by more than
+        its period means the client itself did not run (CPU pressure, a long GC pause),
+        and what hosts sent meanwhile still waits in sockets, so every host's silence
+        counts from then on.  A host whose connection has bytes we have not read yet
+        spoke: it is not silent, however late we read them."""
         timeout = self.config.heartbeat_timeout
+        period = min(1.0, timeout / 4)
+        listening_since = last_tick = time.monotonic()
         while not self.closed:
-            time.sleep(min(1.0, timeout / 4))
+            time.sleep(period)
             now = time.monotonic()
+            if now - last_tick > 2 * period:
+                listening_since = now
+            last_tick = now
             for host in self.alive_hosts:
-                silent = now - host.last_recv
-                if silent > timeout and not host.in_callback:
+                silent = now - max(host.last_recv, listening_since)
+                if silent > timeout and not host.in_callback and not host.stream.has_unread():
                     self.host_lost(host, f"no heartbeat for {silent:.1f}s (the host or its "
                                          "network stalled)")
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import collections
 import itertools
+import logging
 import threading
 import time
 from collections.abc import Iterator, Mapping
@@ -23,6 +24,8 @@ from ..errors import AbortedError, ClusterLostError
 from ..wire.protocol import AbortMeta, Kind
 from .batch import Batch, resolve
 from .session import HostSession
+
+log = logging.getLogger("joblib_cloud")
 
 #: Hosts a submitting thread asks whether it may send a batch itself, before handing it
 #: to a sender thread: a bound, so a submit costs the same however many hosts there are.
@@ -47,9 +50,21 @@ class Dispatch:
         self.joining = 0
         #: When work last went out or came back.
         self.last_work = time.monotonic()
+        #: Hosts lost with nothing running there, not said yet: a connection that ends as
+        #: the program does (a tunnel or a proxy closing first) is no news.
+        self.lost_idle: list[str] = []
 
     def _lost_error(self) -> ClusterLostError:
         raise NotImplementedError
+
+    def _report_lost_idle(self) -> None:
+        """Hosts lost while nothing ran there, said once work comes that they won't take."""
+        with self.lock:
+            lost, self.lost_idle[:] = list(self.lost_idle), []
+            left = len(self._running)
+        if lost:
+            log.warning("lost while idle: host(s) %s; %d host(s) remain", ", ".join(lost),
+                        left)
 
     def wake_all(self) -> None:
         """Every host's sender looks at the queue again (with ``lock`` held)."""
@@ -147,6 +162,8 @@ class Dispatch:
     # -- work ----------------------------------------------------------------------
     def submit(self, job: Batch) -> Future[Any]:
         self.last_work = time.monotonic()
+        if self.lost_idle:
+            self._report_lost_idle()
         with self.lock:
             if not self._running and not self.joining:
                 resolve(job, exc=self._lost_error())
