@@ -186,7 +186,8 @@ def main() -> None:
     if args.compare:
         codes[args.compare] = code_of(args.compare, tmp)
     rows: list[dict[str, Any]] = []
-    print(f"# {load_note()}; {args.workers} worker(s) per host, pressure {args.pressure}",
+    before = load_note()
+    print(f"# {before}; {args.workers} worker(s) per host, pressure {args.pressure}",
           flush=True)
     hogs = busy_loops(args.pressure)
     try:
@@ -217,7 +218,8 @@ def main() -> None:
         args.json.write_text(json.dumps(rows, indent=1))
     if args.plot:
         plot(rows, args.plot, f"joblib-cloud, one client, N loopback sshd hosts x "
-                              f"{args.workers} worker(s); {load_note()}")
+                              f"{args.workers} worker(s), {args.task} s tasks; at the start: "
+                              f"{before}; at the end: {load_note()}")
 
 
 if __name__ == "__main__":
