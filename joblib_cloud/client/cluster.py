@@ -99,8 +99,9 @@ class Cluster(Dispatch):
             host.joined_at = time.time()
             self.last_work = time.monotonic()  # its agent's idle clock starts now
             self.hosts.append(host)
-            self._running[host] = {}
-            self._update(host)
+            if host.alive:  # not lost between its handshake and now
+                self._running[host] = {}
+                self._update(host)
             self.wake_all()
             self.changed.notify_all()
             if not self._monitoring:
