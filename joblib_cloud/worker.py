@@ -98,6 +98,7 @@ class Agent:
         self.cache_dir = self.home / "cache" / str(os.getpid())
         self.uploads: dict[str, Any] = {}
         self.heartbeat_timeout = 30.0
+        self.beat_interval = 6.0
         #: Seconds without work after which the agent says so (IDLE) and exits.
         self.idle_timeout = float("inf")
         self.last_work = time.monotonic()
@@ -232,11 +233,26 @@ class Agent:
                     or installer.running is not None or installer.queue
                     or self.fetches or self.uploads)
 
-    def _heartbeat(self) -> None:
+    def _heartbeat(self, late: float = 0.0) -> None:
+        """``late``: how long after its time this beat runs.  Silence counts only while
+        this loop could hear: a beat late by more than its interval means the agent itself
+        did not run (CPU pressure, a stopped process), and whatever the client sent
+        meanwhile may still sit in sshd, which gets the CPU after us.  Before calling the
+        client gone, it gets one more interval to be heard."""
         now = time.monotonic()
+        if late > self.beat_interval:
+            self.last_recv = min(self.last_recv + late, now)
         silent = now - self.last_recv
         if silent > self.heartbeat_timeout:
-            raise TimeoutError(f"no word from the client for {silent:.0f}s")
+            if select.select([self.in_fd], [], [], self.beat_interval)[0]:
+                self._on_client(self.in_fd)  # it spoke after all (a stalled sshd, say)
+                if self.done:
+                    return
+                silent = time.monotonic() - self.last_recv
+        if silent > self.heartbeat_timeout:
+            message = f"no word from the client for {silent:.0f}s"
+            print(f"joblib-cloud agent: {message}; stopping", file=sys.__stderr__, flush=True)
+            raise TimeoutError(message)
         if self.busy:
             self.last_work = now
         idle = now - self.last_work
@@ -283,15 +299,15 @@ class Agent:
         self.last_work = self.work_touched = time.monotonic()
         selector.register(self.in_fd, selectors.EVENT_READ, self._on_client)
         self._handle_frames()  # any that came with CONFIG
-        interval = max(self.heartbeat_timeout / 5, 0.2)
+        interval = self.beat_interval = max(self.heartbeat_timeout / 5, 0.2)
         next_beat = time.monotonic() + interval
         while not self.done:
             for key, _ in selector.select(max(next_beat - time.monotonic(), 0)):
                 key.data(key.fd)
                 if self.done:
                     return
-            if time.monotonic() >= next_beat:
-                self._heartbeat()
+            if (now := time.monotonic()) >= next_beat:
+                self._heartbeat(late=now - next_beat)
                 next_beat = time.monotonic() + interval
 
     def shutdown(self) -> None:

@@ -269,3 +269,54 @@ def test_the_provider_rule_sees_literals_comparisons_and_imports():
     assert sorted(_names_a_provider(source, "jobs/x.py")) == [
         "jobs/x.py:1: imports ..providers.aws", "jobs/x.py:4: 'aws'", "jobs/x.py:4: 'ssh'",
         "jobs/x.py:4: compares a provider name"]
+
+
+# ------------------------------------------------------- client/ without import cycles
+
+def _client_import_graph() -> dict[str, set[str]]:
+    """Which ``client/`` module imports which, counting every import: at import time, in a
+    function, or for type checking only (a cycle there is still two modules that must be
+    read and changed together)."""
+    client = PACKAGE / "client"
+    names = {_module_name(p) for p in client.glob("*.py")}
+    graph: dict[str, set[str]] = {}
+    for path in sorted(client.glob("*.py")):
+        found = {m for m, _ in _imports(path)}
+        # "from .x import y" records both "...x" and, when y is a module, "...x.y"
+        graph[_module_name(path)] = {m for m in found if m in names} - {_module_name(path)}
+    return graph
+
+
+def _cycle(graph: dict[str, set[str]]) -> list[str]:
+    """One import cycle of ``graph`` (empty when there is none)."""
+    state: dict[str, int] = {}
+    stack: list[str] = []
+
+    def visit(node: str) -> list[str]:
+        state[node] = 1
+        stack.append(node)
+        for nxt in sorted(graph.get(node, ())):
+            if state.get(nxt) == 1:
+                return stack[stack.index(nxt):] + [nxt]
+            if nxt not in state and (found := visit(nxt)):
+                return found
+        state[node] = 2
+        stack.pop()
+        return []
+
+    for node in sorted(graph):
+        if node not in state and (found := visit(node)):
+            return found
+    return []
+
+
+def test_the_cycle_finder_finds_a_cycle():
+    assert _cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
+    assert _cycle({"a": {"b"}, "b": set(), "c": {"a"}}) == []
+
+
+def test_client_modules_import_each_other_without_a_cycle():
+    """The scheduler (cluster.py), one host's stream (session.py) and what sends on it
+    (uploads.py, packages.py) meet through narrow interfaces, not each other's modules."""
+    cycle = _cycle(_client_import_graph())
+    assert not cycle, "import cycle in client/: " + " -> ".join(cycle)

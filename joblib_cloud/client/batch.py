@@ -7,7 +7,7 @@ import itertools
 import pickle
 from concurrent.futures import Future, InvalidStateError
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from ..errors import (
     RemoteTaskError,
@@ -22,7 +22,7 @@ from ..wire.protocol import (
 )
 
 if TYPE_CHECKING:
-    from .cluster import Cluster
+    from ..wire.serialization import ObjectStore
 
 
 _batch_ids = itertools.count(1)
@@ -122,7 +122,15 @@ def _callable_name(func: Any) -> str:
     return getattr(inner, "__qualname__", None) or type(inner).__name__
 
 
-def submit(cluster: Cluster, obj: Any, label: str, owner: object,
+class Submitter(Protocol):
+    """Where batches go (``cluster.Cluster``)."""
+
+    store: ObjectStore
+
+    def submit(self, job: Batch) -> Future[Any]: ...
+
+
+def submit(cluster: Submitter, obj: Any, label: str, owner: object,
            threads: int | None = None, sync_packages: bool = False, size: int = 1
            ) -> Future:
     """Pickle ``obj`` (a joblib batch, a pool's chunk) and queue it on ``cluster``; a

@@ -4,20 +4,20 @@ Threads per host: a *sender* (uploads, control frames, pings, and batches that c
 out at once; one writer at a time keeps frames in order) and a *reader* (results, output,
 heartbeats): over SSH that is paramiko's own transport thread, which hands us each
 packet's data (``paramiko_fast.DeliveringPipe``); over a pipe, a thread of ours.  One
-*monitor* per cluster declares a host lost after ``heartbeat_timeout`` of silence.  Hosts
-pull work from one shared queue when they have a free slot, so a fast host takes more and
-a lost host's batches simply go back to the front of the queue.
+*monitor* per cluster declares a host lost after ``heartbeat_timeout`` of silence.
+
+The cluster is the scheduler (``scheduling.Scheduler``) a host's session meets: the next
+batch for a host, a slot freed, a host lost.  The queue itself and which host takes the
+next batch are ``dispatch.Dispatch``; this module adds hosts joining and leaving.
 
 Invariant: every submitted batch's future ends in a result or an exception.
 """
 
 from __future__ import annotations
 
-import collections
 import logging
 import threading
 import time
-from concurrent.futures import Future
 from typing import TYPE_CHECKING
 
 from ..config import CloudConfig
@@ -28,11 +28,11 @@ from ..errors import (
     HostLostError,
 )
 from ..wire.protocol import (
-    AbortMeta,
     Kind,
 )
 from ..wire.serialization import ObjectStore
 from .batch import Batch, resolve
+from .dispatch import Dispatch
 from .progress import Progress
 from .session import HostSession
 
@@ -49,22 +49,16 @@ MAX_TRIES = 3
 IDLE_MARGIN = 5.0
 
 
-class Cluster:
+class Cluster(Dispatch):
     """Connected hosts plus the queue of batches waiting for a free slot."""
 
     def __init__(self, config: CloudConfig, workers_per_host: int | None = None) -> None:
+        super().__init__()
         self.config = config
-        #: Guards the queue and every host's in-flight table.  Each host's sender waits on
-        #: its own condition of this lock, so a result or a new batch wakes one thread,
-        #: not all of them (bench/tiny_tasks.py, batch_size=1).
-        self.lock = threading.RLock()
-        self.pending: collections.deque[Batch] = collections.deque()
+        #: Every host that joined, lost ones included (their reasons make errors).
         self.hosts: list[HostSession] = []
         self.store = ObjectStore(config.cache_threshold)
         self.closed = False
-        #: Hosts still connecting (booting, installing): they take work once they join,
-        #: so the queue waits for them rather than failing while any is on its way.
-        self.joining = 0
         #: Hosts that never joined, and why.
         self.failures: dict[str, BaseException] = {}
         #: The workers a host will have, before it says so (the fleet's target capacity).
@@ -79,9 +73,9 @@ class Cluster:
         self.boot_installs_packages = False
         #: Large arguments staged once for all hosts, where the provider has a store.
         self.staging: Staging | None = None
-        #: When work last went out or came back; why the hosts stopped for lack of it.
-        self.last_work = time.monotonic()
+        #: Why the hosts stopped for lack of work.
         self.stopped_idle = ""
+
 
     # -- lifecycle ---------------------------------------------------------------
     def attach(self, hosts: list[HostSession]) -> None:
@@ -105,6 +99,9 @@ class Cluster:
             host.joined_at = time.time()
             self.last_work = time.monotonic()  # its agent's idle clock starts now
             self.hosts.append(host)
+            if host.alive:  # not lost between its handshake and now
+                self._running[host] = {}
+                self._update(host)
             self.wake_all()
             self.changed.notify_all()
             if not self._monitoring:
@@ -116,6 +113,9 @@ class Cluster:
         """A host that never came up: the others take its share; with none left and none
         coming, what waits fails with every host's reason."""
         with self.lock:
+            if self._running and not self.closed:  # said before anyone sees the failure
+                log.warning("host %s did not come up, the others take its share: %s",
+                            name, error)
             self.joining -= 1
             self.failures[name] = error
             if self.progress is not None:
@@ -123,8 +123,6 @@ class Cluster:
             self.changed.notify_all()
             self.wake_all()  # with none left to come, hosts may queue a batch ahead
             stranded = self._strand_if_hopeless()
-        if self.alive_hosts and not self.closed:
-            log.warning("host %s did not come up, the others take its share: %s", name, error)
         self._fail(stranded)
 
     def first_result(self) -> None:
@@ -168,16 +166,18 @@ class Cluster:
         with self.lock:
             self.closed = True
             hosts = list(self.hosts)
-            jobs = list(self.pending) + [j for h in hosts for j in h.inflight.values()]
+            jobs = list(self.pending) + [j for t in self._running.values() for j in t.values()]
             self.pending.clear()
             for host in hosts:
-                host.outbox.append((Kind.BYE, {}))
-            self.wake_all()
+                host.post(Kind.BYE, {})
         deadline = time.monotonic() + 2
         for host in hosts:
-            while host.alive and host.outbox and time.monotonic() < deadline:
+            while host.alive and not host.out.drained() and time.monotonic() < deadline:
                 time.sleep(0.01)
-            host.alive = False
+            with self.lock:
+                host.mark_lost("closed")
+                self._forget(host)
+                host.wake()
             host.close()
         for job in jobs:
             resolve(job, exc=AbortedError(f"{job.label}: the cluster was closed"))
@@ -187,41 +187,31 @@ class Cluster:
     def fail_everything(self, error: BaseException) -> None:
         """Every waiting and running batch fails with ``error``; the cluster closes."""
         with self.lock:
-            batches = list(self.pending) + [j for h in self.hosts for j in h.inflight.values()]
+            batches = list(self.pending) + [j for t in self._running.values()
+                                            for j in t.values()]
             self.pending.clear()
         for job in batches:
             resolve(job, exc=error)
         self.close()
 
-    def wake_all(self) -> None:
-        """Every host's sender looks at the queue again (with ``lock`` held)."""
-        for host in self.hosts:
-            host.wake.notify()
+    def result_came(self, host: object, job: Batch) -> None:
+        assert isinstance(host, HostSession)
+        if self.progress is not None:
+            self.progress.task_done(host.name, job.size)
+            if self.announce_first_result:  # the fleet is still coming up: say it works
+                self.first_result()
 
-    def takers(self) -> list[HostSession]:
-        """The hosts that may take the next batch (with ``lock`` held): those with an idle
-        worker; only when there is none and no host is still joining, those below their
-        capacity.
+    def host_stopped_idle(self, host: object, seconds: float) -> None:
+        assert isinstance(host, HostSession)
+        self.stopped_idle = (f"stopped after {seconds:.0f}s without work "
+                             f"(idle_timeout={self.config.idle_timeout:g})")
+        self.host_lost(host, self.stopped_idle)
 
-        Without that order one host could queue 2x its workers while another sits idle,
-        which leaves a few long tasks running one after another.
-        """
-        alive = self.alive_hosts
-        idle = [h for h in alive if len(h.inflight) < h.workers]
-        if idle or self.joining:  # hosts on their way take what waits here, not behind a
-            return idle           # busy host's running batches
-        return [h for h in alive if len(h.inflight) < h.capacity]
-
-    def wake_one(self, exclude: HostSession | None = None) -> None:
-        """The sender of a host that may take the next queued batch (with ``lock`` held)."""
-        for host in self.takers():
-            if host is not exclude:
-                host.wake.notify()
-                return
-
-    @property
-    def alive_hosts(self) -> list[HostSession]:
-        return [h for h in self.hosts if h.alive]
+    def hosts_without(self, digest: str) -> int:
+        with self.lock:
+            alive = self.alive_hosts
+            holders = sum(digest in h.uploads.cache for h in alive)
+            return len(alive) + self.joining - holders
 
     def expired(self) -> str:
         """Why this cluster must not take new work although it may look alive: its hosts
@@ -230,7 +220,7 @@ class Cluster:
             return self.stopped_idle
         idle = time.monotonic() - self.last_work
         with self.lock:
-            busy = bool(self.pending) or any(h.inflight for h in self.hosts)
+            busy = bool(self.pending) or any(self._running.values())
         margin = min(IDLE_MARGIN, self.config.idle_timeout / 4)
         if not busy and self.alive_hosts and idle >= self.config.idle_timeout - margin:
             return f"had no work for {idle:.0f}s (idle_timeout={self.config.idle_timeout:g})"
@@ -258,56 +248,10 @@ class Cluster:
         per_host = self.workers_per_host or max((h.workers for h in alive), default=1)
         return sum(h.workers for h in alive) + self.joining * per_host
 
-    # -- work ----------------------------------------------------------------------
-    def submit(self, job: Batch) -> Future:
-        self.last_work = time.monotonic()
-        with self.lock:
-            if not self.alive_hosts and not self.joining:
-                resolve(job, exc=self._lost_error())
-                return job.future
-            # This thread sends the oldest waiting batch itself if a host can take it at
-            # once: queued batches keep their order, and a queue that filled up for a
-            # moment does not leave every later batch to the sender threads' wake-ups.
-            self.pending.append(job)
-            first = self.pending[0]
-            direct = next((h for h in self.takers() if h.can_send_now(first)), None)
-            if direct is None:
-                self.wake_one()
-                return job.future
-            self.pending.popleft()
-            direct.inflight[first.id] = first
-            direct.writer.take()
-            if self.pending:
-                self.wake_one(exclude=direct)
-        direct.send_now(first)
-        return job.future
-
-    def abort(self, owner: object) -> None:
-        """Cancel ``owner``'s batches: queued ones at once, running ones on their hosts."""
-        with self.lock:
-            dropped = [j for j in self.pending if j.owner is owner]
-            self.pending = collections.deque(j for j in self.pending if j.owner is not owner)
-            for host in self.alive_hosts:
-                mine = [j for j in host.inflight.values() if j.owner is owner]
-                for job in mine:
-                    job.aborted = True
-                if mine:
-                    abort: AbortMeta = {"ids": [j.id for j in mine]}
-                    host.outbox.append((Kind.ABORT, abort))
-                dropped.extend(mine)
-            self.wake_all()
-        for job in dropped:
-            resolve(job, exc=AbortedError(f"{job.label} was cancelled"))
-
     def flush_output(self) -> None:
         """The end of a call: what tasks printed without a final newline is shown."""
         for host in list(self.hosts):
             host.flush_output()
-
-    def live_refs(self) -> set[str]:
-        with self.lock:
-            jobs = list(self.pending) + [j for h in self.hosts for j in h.inflight.values()]
-        return set().union(*(j.refs for j in jobs))
 
     def new_call(self) -> None:
         self.store.new_call()
@@ -324,17 +268,15 @@ class Cluster:
 
     def host_lost(self, host: HostSession, reason: str) -> None:
         with self.lock:
-            if not host.alive:
+            if not host.mark_lost(reason):
                 return
-            host.alive = False
-            host.lost_reason = reason
             if self.progress is not None:
                 self.progress.host(host.name, "lost", detail=reason[:60])
-            jobs = sorted(host.inflight.values(), key=lambda j: j.id)
-            host.inflight.clear()
+            jobs = sorted(self._forget(host).values(), key=lambda j: j.id)
             survivors = self.alive_hosts
             hope = bool(survivors or self.joining)
-            retry, failed = [], []
+            retry: list[Batch] = []
+            failed: list[Batch] = []
             for job in jobs:
                 if job.aborted or job.future.done():
                     continue
@@ -344,9 +286,13 @@ class Cluster:
                 self.pending.appendleft(job)
             failed.extend(self._strand_if_hopeless())
             self.wake_all()
-        if not self.closed and (jobs or not self.stopped_idle):
+        if self.closed or (self.stopped_idle and not jobs):
+            pass
+        elif jobs:
             log.warning("host %s lost: %s; %d batch(es) re-queued on %d remaining host(s)",
                         host.name, reason, len(retry), len(survivors))
+        else:  # nothing ran there: said when work would have gone to it, if it ever does
+            self.lost_idle.append(f"{host.name} ({reason})")
         host.close()
         if failed:
             error: Exception = self._lost_error() if not hope else HostLostError(
@@ -370,13 +316,23 @@ class Cluster:
                 resolve(job, exc=error)
 
     def _monitor(self) -> None:
+        """Silence counts only while this process could hear: a tick late by more than
+        its period means the client itself did not run (CPU pressure, a long GC pause),
+        and what hosts sent meanwhile still waits in sockets, so every host's silence
+        counts from then on.  A host whose connection has bytes we have not read yet
+        spoke: it is not silent, however late we read them."""
         timeout = self.config.heartbeat_timeout
+        period = min(1.0, timeout / 4)
+        listening_since = last_tick = time.monotonic()
         while not self.closed:
-            time.sleep(min(1.0, timeout / 4))
+            time.sleep(period)
             now = time.monotonic()
+            if now - last_tick > 2 * period:
+                listening_since = now
+            last_tick = now
             for host in self.alive_hosts:
-                silent = now - host.last_recv
-                if silent > timeout and not host.in_callback:
+                silent = now - max(host.last_recv, listening_since)
+                if silent > timeout and not host.in_callback and not host.stream.has_unread():
                     self.host_lost(host, f"no heartbeat for {silent:.1f}s (the host or its "
                                          "network stalled)")
 

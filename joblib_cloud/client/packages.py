@@ -15,6 +15,8 @@ how to give the hosts the right source.
 
 Threads: ``take_over`` and ``on_installed`` run on the host's reader (results and answers
 arrive in order there); ``install_configured`` runs on a connecting thread and waits.
+What this module sees of a host is narrow: its ``Outbound`` (INSTALL frames, batches sent
+again) and two doors into the scheduler's in-flight table (look a batch up, free its slot).
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ import json
 import threading
 import time
 import weakref
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -38,7 +40,7 @@ from ..wire.protocol import InstalledMeta, InstallMeta, Kind, ResultMeta
 from .batch import Batch, remote_exception, resolve
 
 if TYPE_CHECKING:
-    from .session import HostSession
+    from .outbound import Outbound
 
 #: Lines of the installer's output an error shows.
 OUTPUT_LINES = 15
@@ -109,10 +111,17 @@ class PackageInstall:
 
 
 class HostPackages:
-    """One host's installs, for its :class:`HostSession`."""
+    """One host's installs."""
 
-    def __init__(self, session: HostSession) -> None:
-        self.session = session
+    def __init__(self, out: Outbound, running: Callable[[int], Batch | None],
+                 release: Callable[[int], object]) -> None:
+        self.out = out
+        #: The batch with this id in flight on the host, if it still is.
+        self.running = running
+        #: Free a batch's slot on the host (its outcome is decided here).
+        self.release = release
+        #: Guards each install's waiters against its answer.
+        self._lock = threading.Lock()
         self.by_module: dict[str, PackageInstall] = {}
         self.by_id: dict[int, PackageInstall] = {}
         self.configured: set[tuple[tuple[str, ...], str | None]] = set()
@@ -127,9 +136,7 @@ class HostPackages:
         """Called for a result with ``missing_module``.  True: this batch is ours now (it
         waits for an install, runs again, or fails with the installer's words); False:
         it fails as any error does (no sync, or nothing here to install from)."""
-        session = self.session
-        with session.cluster.lock:
-            job = session.inflight.get(meta["id"])
+        job = self.running(meta["id"])
         if job is None or not job.sync_packages or job.aborted:
             return False
         if job in self.ran_again:
@@ -152,7 +159,7 @@ class HostPackages:
         if install.done.is_set() and not install.ok:
             self._fail(job, install, meta, data)
             return True
-        with session.cluster.lock:
+        with self._lock:
             if install.done.is_set():  # installed while this batch was on its way back
                 self._run_again(job, install)
             else:
@@ -162,45 +169,38 @@ class HostPackages:
     def _request(self, install: PackageInstall) -> None:
         request: InstallMeta = {"id": install.id, "requirements": install.requirements,
                                 "requirements_file": install.requirements_file}
-        session = self.session
-        with session.cluster.lock:
+        with self._lock:
             self.by_id[install.id] = install
-            session.outbox.append((Kind.INSTALL, request))
-            session.wake.notify()
+        self.out.post(Kind.INSTALL, request)
 
     def _run_again(self, job: Batch, install: PackageInstall) -> None:
-        """With ``cluster.lock`` held; ``job`` is still in this host's in-flight table."""
+        """With ``_lock`` held; ``job`` is still in this host's in-flight table."""
         self.ran_again[job] = install
-        self.session.resends.append(job)
-        self.session.wake.notify()
+        self.out.resend(job)
 
     def _release(self, job: Batch) -> None:
         """``job`` leaves this host's in-flight table: its slot goes to the next batch."""
-        session = self.session
-        with session.cluster.lock:
-            session.inflight.pop(job.id, None)
-            if session.cluster.pending:
-                session.wake.notify()
+        self.release(job.id)
 
     def _refuse(self, job: Batch, meta: ResultMeta, data: bytes | memoryview,
                 why: str) -> None:
-        session = self.session
+        name = self.out.name
         self._release(job)
         missing = meta["missing_module"]
         error = ModuleNotFoundError(
-            f"{job.label} needs module {missing!r}, which host {session.name} cannot import; "
+            f"{job.label} needs module {missing!r}, which host {name} cannot import; "
             f"{why} could give it a different package of the same name from the host's "
             "index, so joblib-cloud did not. Give the hosts its source: requirements= a "
             "file with `--index-url URL` (or `--extra-index-url URL`) and the pin, or "
             "packages= with its URL or path; or install it on the hosts yourself.",
             name=missing)
-        error.__cause__ = remote_exception(dict(meta), data, session.name,  # type: ignore
+        error.__cause__ = remote_exception(dict(meta), data, name,  # type: ignore
                                            job.label).__cause__
         resolve(job, exc=error)
 
     def _fail(self, job: Batch, install: PackageInstall, meta: ResultMeta,
               data: bytes | memoryview) -> None:
-        session = self.session
+        name = self.out.name
         self._release(job)
         missing = meta["missing_module"]
         if install.ok:
@@ -209,29 +209,29 @@ class HostPackages:
         else:
             what = f"installing {install.what()} there failed"
         error = ModuleNotFoundError(
-            f"{job.label} needs module {missing!r}, which host {session.name} cannot import; "
+            f"{job.label} needs module {missing!r}, which host {name} cannot import; "
             f"{what}. The installer ({install.command or 'none'}) said:\n{install.tail()}\n"
             f"Install it on that host yourself, or name it in packages="
             f"{list(install.requirements)!r} (or requirements=) so that hosts get it when "
             "they connect.", name=missing)
-        error.__cause__ = remote_exception(dict(meta), data, session.name,  # type: ignore
+        error.__cause__ = remote_exception(dict(meta), data, name,  # type: ignore
                                            job.label).__cause__
         resolve(job, exc=error)
 
     # -- the agent's answer --------------------------------------------------------------
     def on_installed(self, meta: InstalledMeta) -> None:
-        install = self.by_id.pop(meta["id"], None)
+        with self._lock:
+            install = self.by_id.pop(meta["id"], None)
         if install is None:
             return
         install.ok, install.command, install.output = meta["ok"], meta["command"], meta["output"]
-        session = self.session
         failed = []
-        with session.cluster.lock:
+        with self._lock:
             install.done.set()
             waiters, install.waiters = install.waiters, []
             for job, meta_, data in waiters:
-                if job.aborted or job.future.done() or job.id not in session.inflight:
-                    session.inflight.pop(job.id, None)
+                if job.aborted or job.future.done() or self.running(job.id) is None:
+                    self.release(job.id)
                 elif install.ok:
                     self._run_again(job, install)
                 else:
@@ -251,14 +251,14 @@ class HostPackages:
         self._request(install)
         deadline = time.monotonic() + INSTALL_TIMEOUT + config.heartbeat_timeout
         while not install.done.wait(0.2):
-            if not self.session.alive or time.monotonic() > deadline:
+            if not self.out.alive or time.monotonic() > deadline:
                 raise HostConnectError(
-                    f"host {self.session.name} did not finish installing {install.what()} "
-                    f"({self.session.lost_reason or 'no answer'}). Check that it can reach "
+                    f"host {self.out.name} did not finish installing {install.what()} "
+                    f"({self.out.lost_reason or 'no answer'}). Check that it can reach "
                     "a package index, or install them there yourself.")
         if not install.ok:
             raise HostConnectError(
-                f"installing {install.what()} on host {self.session.name} failed. The "
+                f"installing {install.what()} on host {self.out.name} failed. The "
                 f"installer ({install.command or 'none'}) said:\n{install.tail()}\nFix "
                 "packages= or requirements=, or install them on that host yourself.")
         self.configured.add(key)
@@ -273,12 +273,3 @@ def read_requirements(path: str | None) -> str | None:
         raise ValueError(f"the requirements file {path!r} (requirements=) cannot be read: "
                          f"{exc}. Point requirements= at a readable file.") from None
 
-
-def install_configured_everywhere(sessions: list[HostSession], config: CloudConfig) -> None:
-    """:meth:`HostPackages.install_configured` on every host at once."""
-    if not sessions:
-        return
-    with ThreadPoolExecutor(max_workers=min(len(sessions), 32)) as pool:
-        futures = [pool.submit(s.packages.install_configured, config) for s in sessions]
-    for future in futures:
-        future.result()

@@ -16,6 +16,7 @@ import logging
 import sys
 import threading
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 
 from .. import provisioner
 from ..config import FLEET_FIELDS, CloudConfig  # FLEET_FIELDS: Setting.fleet
@@ -23,7 +24,6 @@ from ..jobs.docker import docker_python
 from ..provisioner import Fleet, HostTarget
 from .cluster import Cluster
 from .link_rates import delivery_rate
-from .packages import install_configured_everywhere
 from .progress import Progress
 from .session import HostSession
 from .staging import Staging
@@ -163,6 +163,16 @@ def _installs_configured(config: CloudConfig, boot_installs: bool) -> bool:
     sync_packages, where the hosts' boot did not (ssh, local)."""
     return (config.sync_packages and not boot_installs
             and bool(config.packages or config.requirements))
+
+
+def install_configured_everywhere(sessions: list[HostSession], config: CloudConfig) -> None:
+    """``HostPackages.install_configured`` on every host at once."""
+    if not sessions:
+        return
+    with ThreadPoolExecutor(max_workers=min(len(sessions), 32)) as pool:
+        futures = [pool.submit(s.packages.install_configured, config) for s in sessions]
+    for future in futures:
+        future.result()
 
 
 Opener = Callable[[CloudConfig], HostSession]

@@ -1,15 +1,16 @@
-"""One host's agent as seen from the client: the handshake, one writer at a time on its
-stream (what its cache holds: ``uploads.py``), its results, output and heartbeats.
+"""One host's agent as seen from the client: the handshake, its stream (what goes out:
+``outbound.py``; what its cache holds: ``uploads.py``), its results, output and
+heartbeats.
 
-Threads: a *sender* per host (uploads, control frames, pings, and batches that cannot go
-out at once) and a *reader* (results, output, heartbeats): over SSH that is paramiko's
-own transport thread, which hands us each packet's data (``paramiko_fast``); over a pipe,
-a thread of ours.
+It meets the scheduler only through ``scheduling.Scheduler``: it asks for the next batch,
+says a slot freed, says the host was lost.  Threads: a *sender* per host (uploads, control
+frames, pings, and batches that cannot go out at once) and a *reader* (results, output,
+heartbeats): over SSH that is paramiko's own transport thread, which hands us each
+packet's data (``paramiko_fast``); over a pipe, a thread of ours.
 """
 
 from __future__ import annotations
 
-import collections
 import pickle
 import re
 import sys
@@ -17,7 +18,7 @@ import threading
 import time
 import warnings
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from ..config import CloudConfig
 from ..errors import (
@@ -31,26 +32,28 @@ from ..wire.protocol import (
     PROTOCOL_VERSION,
     BatchMeta,
     ConfigMeta,
+    FetchedMeta,
     FrameReader,
+    InstalledMeta,
     Kind,
     RawFrame,
     ResultMeta,
     Status,
-    encode,
     frame_data,
     frame_meta,
 )
 from ..worker import host_versions
 from .batch import Batch, resolve, result_error
+from .outbound import Outbound
 from .packages import HostPackages
 from .streams import AgentStream, agent_preamble
 from .uploads import HostUploads
 
 if TYPE_CHECKING:
-    from .cluster import Cluster
+    from collections.abc import Mapping
+
+    from .scheduling import Scheduler
     from .ssh import SSHConnection
-
-
 
 
 def check_versions(host: str, remote: dict[str, str | None]) -> None:
@@ -80,48 +83,17 @@ def check_versions(host: str, remote: dict[str, str | None]) -> None:
         warnings.warn(f"host {host} {'; '.join(parts)}.", RuntimeWarning, stacklevel=2)
 
 
-class Writer:
-    """The right to write to one host's stream, held by one thread at a time so frames
-    never interleave: the host's sender thread, or a thread that submits a small batch
-    and sends it itself (``Cluster.submit``).  Taken and given back with
-    ``cluster.lock`` held.  The holder alone changes the host's upload cache
-    (``HostSession.uploads``); others read it under the lock only to decide whether a batch
-    can go out at once."""
-
-    __slots__ = ("held",)
-
-    def __init__(self) -> None:
-        self.held = False
-
-    def take(self) -> None:
-        assert not self.held, "two writers on one stream"
-        self.held = True
-
-    def give_back(self) -> None:
-        self.held = False
-
-
 class HostSession:
     """One host's agent, as seen from the client."""
 
-    def __init__(self, cluster: Cluster, name: str,
+    def __init__(self, scheduler: Scheduler, name: str,
                  open_stream: Callable[[Callable[[bytes], None]], AgentStream],
                  connection: SSHConnection | None = None) -> None:
-        self.cluster = cluster
+        self.scheduler = scheduler
+        self.config = scheduler.config
         self.name = name
         self.connection = connection
-        self.alive = False
-        self.lost_reason = ""
-        self.inflight: dict[int, Batch] = {}
-        self.wake = threading.Condition(cluster.lock)
-        self.writer = Writer()
-        self.outbox: collections.deque[tuple[Kind, dict[str, Any]]] = collections.deque()
-        #: In-flight batches to send again (after an install their module was missing).
-        self.resends: collections.deque[Batch] = collections.deque()
-        self.packages = HostPackages(self)
-        self.uploads = HostUploads(self)
         self.last_recv = time.monotonic()
-        self.last_send = time.monotonic()
         self.joined_at: float | None = None  # wall clock, when it started taking work
         self.in_callback = False  # a result's callbacks are running (joblib dispatching)
         self.workers = 0
@@ -131,6 +103,31 @@ class HostSession:
         self._stderr_tail = b""
         self._reader = FrameReader(self._recv)  # the handshake's; then its frames are fed
         self.stream = open_stream(self.on_agent_stderr)
+        self.out = Outbound(name, self.stream, scheduler.lock,
+                            max(self.config.heartbeat_timeout / 5, 0.2))
+        self.packages = HostPackages(self.out, lambda batch_id: scheduler.running(self, batch_id),
+                                     lambda batch_id: scheduler.finished(self, batch_id))
+        self.uploads = HostUploads(self.out, scheduler, self, self.config.cache_size)
+
+    @property
+    def alive(self) -> bool:
+        return self.out.alive
+
+    @property
+    def lost_reason(self) -> str:
+        return self.out.lost_reason
+
+    def mark_lost(self, reason: str) -> bool:
+        """With the scheduler's lock held: False if it was lost already."""
+        if not self.out.alive:
+            return False
+        self.out.alive, self.out.lost_reason = False, reason
+        return True
+
+    @property
+    def inflight(self) -> Mapping[int, Batch]:
+        """The batches running here (the scheduler's table; read it, never change it)."""
+        return self.scheduler.running_on(self)
 
     # -- start ---------------------------------------------------------------------
     def on_agent_stderr(self, data: bytes) -> None:
@@ -179,12 +176,12 @@ class HostSession:
                                 "max_result_size": config.max_result_size,
                                 "heartbeat_timeout": config.heartbeat_timeout,
                                 "idle_timeout": config.idle_timeout}
-        self._send(Kind.CONFIG, settings)
+        self.out.send(Kind.CONFIG, settings)
         kind, ready, _ = self._reader.read()
         if kind != Kind.READY:
             raise HostConnectError(f"host {self.name} did not get ready: {ready!r}")
         self.workers = int(ready["workers"])
-        self.alive = True
+        self.out.alive = True
         self.last_recv = time.monotonic()
         self._on_bytes(b"")  # frames that came with the handshake's last read
         threading.Thread(target=self._send_loop, daemon=True,
@@ -196,103 +193,97 @@ class HostSession:
     @property
     def ping_every(self) -> float:
         """Seconds between the client's pings when it has nothing else to send."""
-        return max(self.cluster.config.heartbeat_timeout / 5, 0.2)
+        return self.out.ping_every
 
     @property
     def capacity(self) -> int:
         """Batches in flight: two per worker, so a worker never waits for the wire."""
         return 2 * self.workers
 
-    def _may_take(self) -> bool:
-        """Called with ``cluster.lock`` held; the rule is ``Cluster.takers``."""
-        return self in self.cluster.takers()
-
     # -- sending -------------------------------------------------------------------
-    def _send(self, kind: Kind, meta: dict[str, Any] | None = None,
-              data: bytes | memoryview = b"") -> None:
-        for part in encode(kind, meta, data):
-            if len(part):
-                self.stream.sendall(part)
-        self.last_send = time.monotonic()
+    def post(self, kind: Kind, meta: Mapping[str, Any]) -> None:
+        """A control frame (ABORT, BYE) for this host's sender thread."""
+        self.out.post(kind, meta)
 
     def _send_loop(self) -> None:
-        cluster = self.cluster
-        ping_every = self.ping_every
+        out, scheduler = self.out, self.scheduler
         while True:
-            item: tuple[str, Any]
-            with cluster.lock:
+            control: tuple[Kind, Mapping[str, Any]] | None = None
+            job: Batch | None = None
+            with out.lock:
                 while True:
-                    if not self.alive:
+                    if not out.alive:
                         return
-                    wait = ping_every - (time.monotonic() - self.last_send)
-                    if self.writer.held:  # a dispatching thread is sending a batch now
-                        self.wake.wait(max(wait, 0.01))
+                    wait = out.ping_every - (time.monotonic() - out.last_send)
+                    if out.held:  # a dispatching thread is sending a batch now
+                        out.wake.wait(max(wait, 0.01))
                         continue
-                    if self.outbox:
-                        item = ("control", self.outbox.popleft())
+                    if out.outbox:
+                        control = out.outbox.popleft()
                         break
-                    if self.resends:
-                        item = ("job", self.resends.popleft())
+                    if out.resends:
+                        job = out.resends.popleft()
                         break
-                    if cluster.pending and self._may_take():
-                        job = cluster.pending.popleft()
-                        self.inflight[job.id] = job
-                        item = ("job", job)
-                        if cluster.pending:
-                            cluster.wake_one(exclude=self)
+                    if (job := scheduler.next_batch(self)) is not None:
                         break
-                    if wait <= 0:
-                        item = ("ping", None)
+                    if wait <= 0:  # neither: a ping
                         break
-                    self.wake.wait(wait)
-                self.writer.take()
+                    out.wake.wait(wait)
+                out.take()
             try:
-                if item[0] == "control":
-                    self._send(*item[1])
-                elif item[0] == "job":
-                    self._send_job(item[1])
+                if control is not None:
+                    out.send(*control)
+                elif job is not None:
+                    self._send_job(job)
                 else:
-                    self._send(Kind.PING)
+                    out.send(Kind.PING)
             except Exception as exc:  # noqa: BLE001 - the stream is gone
                 self._send_failed(exc)
                 return
             finally:
-                with cluster.lock:
-                    self.writer.give_back()
+                with out.lock:
+                    out.give_back()
 
-    def can_send_now(self, job: Batch) -> bool:
-        """Whether the thread submitting ``job`` may send it itself, skipping the hand-off
-        to this host's sender thread: a small batch whose cached arguments are all here,
-        with nothing ahead of it, that the stream takes without waiting.  That thread is
-        often another host's reader (joblib dispatches from the result callback), which
-        a stalled host must never block.  Called with ``cluster.lock`` held."""
-        size = len(job.payload)
-        return (not self.writer.held and not self.outbox and size <= JOIN_BELOW
-                and self.uploads.has_all(job.refs)
-                and self.stream.can_write_now(size + 1024))
+    def claim(self, job: Batch) -> bool:
+        """With the scheduler's lock held: take this stream's writer for the thread
+        submitting ``job``, which then sends it itself (:meth:`send_now`), skipping the
+        hand-off to this host's sender thread.  Only a small batch whose cached
+        arguments are all here, with nothing ahead of it, that the stream takes without
+        waiting: that thread is often another host's reader (joblib dispatches from the
+        result callback), which a stalled host must never block."""
+        size, out = len(job.payload), self.out
+        if (out.held or out.outbox or size > JOIN_BELOW or not self.uploads.has_all(job.refs)
+                or not self.stream.can_write_now(size + 1024)):
+            return False
+        out.take()
+        return True
 
     def send_now(self, job: Batch) -> None:
-        """Send ``job`` from this thread, which took the writer after ``can_send_now``."""
-        cluster = self.cluster
+        """Send ``job`` from this thread, which :meth:`claim`-ed the writer."""
+        out = self.out
         try:
             self._send_job(job)
         except Exception as exc:  # noqa: BLE001 - the stream is gone
-            with cluster.lock:
-                self.writer.give_back()
+            with out.lock:
+                out.give_back()
             self._send_failed(exc)
             return
-        with cluster.lock:
-            self.writer.give_back()
-            if self.outbox or (cluster.pending and self._may_take()):
-                self.wake.notify()
+        with out.lock:
+            out.give_back()
+            if out.outbox or self.scheduler.more_for(self):
+                out.wake.notify()
+
+    def wake(self) -> None:
+        """With the scheduler's lock held: this host's sender looks at the queue again."""
+        self.out.wake.notify()
 
     def _send_failed(self, exc: Exception) -> None:
-        self.cluster.host_lost(self, f"sending failed: {type(exc).__name__}: {exc}")
+        self.scheduler.host_lost(self, f"sending failed: {type(exc).__name__}: {exc}")
 
     def _send_job(self, job: Batch) -> None:
         self.uploads.provide(job)
         meta: BatchMeta = {"id": job.id, "threads": job.threads}
-        self._send(Kind.BATCH, meta, job.payload)
+        self.out.send(Kind.BATCH, meta, job.payload)
 
     # -- receiving -------------------------------------------------------------------
     def _read_loop(self) -> None:
@@ -314,7 +305,7 @@ class HostSession:
             return
         tail = self._stderr_tail.decode(errors="replace").strip()
         reason = "connection closed" + (f" (agent said: {tail[-500:]})" if tail else "")
-        threading.Thread(target=self.cluster.host_lost, args=(self, reason), daemon=True,
+        threading.Thread(target=self.scheduler.host_lost, args=(self, reason), daemon=True,
                          name=f"joblib-cloud-lost-{self.name}").start()
 
     def _on_bytes(self, data: bytes) -> None:
@@ -329,7 +320,7 @@ class HostSession:
             while (frame := frames.pop()) is not None:
                 self._on_frame(frame)
         except Exception as exc:  # noqa: BLE001 - a garbled stream: the host is gone
-            self.cluster.host_lost(self, f"{type(exc).__name__}: {exc}")
+            self.scheduler.host_lost(self, f"{type(exc).__name__}: {exc}")
 
     def _on_frame(self, frame: RawFrame) -> None:
         kind = frame[0]
@@ -339,39 +330,28 @@ class HostSession:
             # ours, not the host's.
             self.in_callback = True
             try:
-                self._on_result(frame_meta(frame), frame_data(frame))
+                self._on_result(cast("ResultMeta", frame_meta(frame)), frame_data(frame))
             finally:
                 self.in_callback = False
                 self.last_recv = time.monotonic()
         elif kind == Kind.OUTPUT:
             self._print(frame_meta(frame)["stream"], bytes(frame_data(frame)))
         elif kind == Kind.INSTALLED:
-            self.packages.on_installed(frame_meta(frame))  # type: ignore[arg-type]
+            self.packages.on_installed(cast("InstalledMeta", frame_meta(frame)))
         elif kind == Kind.FETCHED:
-            self.uploads.on_fetched(frame_meta(frame))  # type: ignore[arg-type]
+            self.uploads.on_fetched(cast("FetchedMeta", frame_meta(frame)))
         elif kind == Kind.IDLE:  # the agent exits: the cluster stopped for lack of work
-            seconds = frame_meta(frame)["seconds"]
-            self.cluster.stopped_idle = (f"stopped after {seconds:.0f}s without work "
-                                         f"(idle_timeout={self.cluster.config.idle_timeout:g})")
-            threading.Thread(target=self.cluster.host_lost,
-                             args=(self, self.cluster.stopped_idle), daemon=True,
+            threading.Thread(target=self.scheduler.host_stopped_idle,
+                             args=(self, float(frame_meta(frame)["seconds"])), daemon=True,
                              name=f"joblib-cloud-idle-{self.name}").start()
 
     def _on_result(self, meta: ResultMeta, data: bytes | memoryview) -> None:
         if "missing_module" in meta and self.packages.take_over(meta, data):
             return
-        cluster = self.cluster
-        cluster.last_work = time.monotonic()
-        with cluster.lock:
-            job = self.inflight.pop(meta["id"], None)
-            if cluster.pending:  # the freed slot is this host's to fill
-                self.wake.notify()
+        job = self.scheduler.finished(self, meta["id"])
         if job is None:
             return
-        if cluster.progress is not None:
-            cluster.progress.task_done(self.name, job.size)
-            if cluster.announce_first_result:  # the fleet is still coming up: say it works
-                cluster.first_result()
+        self.scheduler.result_came(self, job)
         status = Status(meta["status"])
         if status is Status.CANCELLED:  # only batches this client aborted, by id
             resolve(job, exc=AbortedError(f"{job.label} was cancelled"))
@@ -405,7 +385,7 @@ class HostSession:
             target.flush()
 
     def close(self) -> None:
-        self.alive = False
+        self.out.alive = False
         self.uploads.on_lost()
         for closer in (self.stream.close, self.connection.close if self.connection else None):
             if closer is not None:

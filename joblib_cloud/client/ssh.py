@@ -14,6 +14,7 @@ import logging
 import os
 import shlex
 import socket
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -258,6 +259,19 @@ class SSHAgent(AgentStream):
     def can_write_now(self, nbytes: int) -> bool:
         return (self.channel.out_window_size >= nbytes
                 and paramiko_fast.clear_to_send(self.connection.transport))
+
+    def has_unread(self) -> bool:
+        """Bytes in the connection's socket that paramiko has not read yet (Linux, macOS;
+        elsewhere: False)."""
+        try:
+            import fcntl
+            import termios
+
+            waiting = bytearray(4)
+            fcntl.ioctl(self.connection.transport.sock.fileno(), termios.FIONREAD, waiting)
+        except (ImportError, OSError, AttributeError, ValueError):
+            return False
+        return int.from_bytes(waiting, sys.byteorder) > 0
 
     def deliver(self, on_data: Callable[[bytes], None], on_close: Callable[[], None]) -> bool:
         if not paramiko_fast.delivers(self.channel, self._pipe):

@@ -92,6 +92,10 @@ class AgentStream:
         (a stalled host must never block a thread that is not its own sender)."""
         return True
 
+    def has_unread(self) -> bool:
+        """Whether bytes from the host wait here, not read yet (then it is not silent)."""
+        return False
+
     def deliver(self, on_data: Callable[[bytes], None], on_close: Callable[[], None]) -> bool:
         """From now on, hand what arrives to ``on_data`` (and the end to ``on_close``) from
         the stream's own thread.  False: this stream has no such thread; read it."""

@@ -4,7 +4,8 @@ Each large argument (``wire/serialization.py``) reaches a host once: sent over t
 own SSH stream (PUT frames), or, where the cluster has an object store and the object goes
 to several hosts, fetched by the host from the store (FETCH) after the client staged it
 once (``staging.py``).  Either way the host ends with the same file in its cache.  Only
-the host's sender thread, holding the writer, runs this.
+the host's sender thread, holding the writer, runs this: it sends through the host's
+``Outbound`` and asks the scheduler (``scheduling.Scheduler``) what the other hosts hold.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import collections
 import concurrent.futures
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, TypeVar
 
 from ..wire.protocol import EvictMeta, FetchedMeta, FetchMeta, Kind, PutMeta
@@ -21,7 +22,8 @@ from ..wire.serialization import StoredObject
 
 if TYPE_CHECKING:
     from .batch import Batch
-    from .session import HostSession
+    from .outbound import Outbound
+    from .scheduling import Scheduler
 
 UPLOAD_CHUNK = 4 * 2**20
 T = TypeVar("T")
@@ -32,8 +34,12 @@ MAX_RENEWALS = 3
 class HostUploads:
     """The client's view of one host's cache (digest -> size, least recently used first)."""
 
-    def __init__(self, session: HostSession) -> None:
-        self.session = session
+    def __init__(self, out: Outbound, scheduler: Scheduler, host: object,
+                 cache_size: int) -> None:
+        self.out = out
+        self.scheduler = scheduler
+        self.host = host  # this host, as the scheduler knows it
+        self.cache_size = cache_size
         self.cache: collections.OrderedDict[str, int] = collections.OrderedDict()
         self.cache_bytes = 0
         #: Bytes this client sent the host itself (PUT), and bytes the host fetched.
@@ -42,7 +48,7 @@ class HostUploads:
         self._answers: dict[str, FetchedMeta] = {}
         self._answered = threading.Condition()
 
-    def has_all(self, digests: list[str] | set[str]) -> bool:
+    def has_all(self, digests: Iterable[str]) -> bool:
         return all(digest in self.cache for digest in digests)
 
     def provide(self, job: Batch) -> None:
@@ -51,7 +57,7 @@ class HostUploads:
             if digest in self.cache:
                 self.cache.move_to_end(digest)
                 continue
-            stored = self.session.cluster.store.get(digest)
+            stored = self.scheduler.store.get(digest)
             self._make_room(stored.nbytes, job)
             if not self._fetch(stored):
                 self._put(stored)
@@ -65,9 +71,9 @@ class HostUploads:
             offset += len(chunk)
             put: PutMeta = {"digest": stored.digest, "offset": offset - len(chunk),
                             "last": offset == stored.nbytes}
-            self.session._send(Kind.PUT, put, chunk)
+            self.out.send(Kind.PUT, put, chunk)
         self.bytes_sent += stored.nbytes
-        staging = self.session.cluster.staging
+        staging = self.scheduler.staging
         if staging is not None:
             staging.link.sent(stored.nbytes, time.monotonic() - start)
 
@@ -75,9 +81,9 @@ class HostUploads:
     def _fetch(self, stored: StoredObject) -> bool:
         """Have the host fetch ``stored`` from the object store, where that is cheaper;
         False: send it directly (not cheaper, or the store failed: said once)."""
-        cluster = self.session.cluster
-        staging = cluster.staging
-        if staging is None or not staging.worth_it(stored, self._hosts_without(stored)):
+        staging = self.scheduler.staging
+        if staging is None or not staging.worth_it(stored,
+                                                   self.scheduler.hosts_without(stored.digest)):
             return False
         url = self._pinging(lambda: staging.url_for(stored))
         for _ in range(MAX_RENEWALS + 1):
@@ -91,46 +97,40 @@ class HostUploads:
                 staging.link.fetched(stored.nbytes, answer["seconds"])
                 return True
             if not answer["expired"]:
-                staging.give_up(f"host {self.session.name} could not download "
+                staging.give_up(f"host {self.out.name} could not download "
                                 f"{staging.where}: {answer['error']}")
                 return False
             url = self._pinging(lambda: staging.url_for(stored, renew=True))
         return False
-
-    def _hosts_without(self, stored: StoredObject) -> int:
-        cluster = self.session.cluster
-        with cluster.lock:
-            holders = sum(stored.digest in h.uploads.cache for h in cluster.alive_hosts)
-            return len(cluster.alive_hosts) + cluster.joining - holders
 
     def _pinging(self, work: Callable[[], T]) -> T:
         """``work()`` (an upload to the store that may take minutes on a slow link, the
         wait for another host's, or for this host's download), pinging this host
         meanwhile, from this thread, which holds the writer: its agent stops when the
         client is silent for ``heartbeat_timeout``."""
-        session = self.session
+        out = self.out
         pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="joblib-cloud-stage")
         future = pool.submit(work)
         pool.shutdown(wait=False)
         while True:
             try:
-                return future.result(timeout=session.ping_every)
+                return future.result(timeout=out.ping_every)
             except concurrent.futures.TimeoutError:
-                if not session.alive:
-                    raise ConnectionError(f"host {session.name} was lost") from None
-                session._send(Kind.PING)
+                if not out.alive:
+                    raise ConnectionError(f"host {out.name} was lost") from None
+                out.send(Kind.PING)
 
     def _ask(self, meta: FetchMeta) -> FetchedMeta:
         """Send FETCH and wait for the answer (pinging meanwhile).  A host lost
         meanwhile raises, as a failed send does."""
-        self.session._send(Kind.FETCH, meta)  # type: ignore[arg-type]
+        self.out.send(Kind.FETCH, meta)
         return self._pinging(lambda: self._answer_to(meta["digest"]))
 
     def _answer_to(self, digest: str) -> FetchedMeta:
         with self._answered:
             while digest not in self._answers:
-                if not self.session.alive:
-                    raise ConnectionError(f"host {self.session.name} was lost during a "
+                if not self.out.alive:
+                    raise ConnectionError(f"host {self.out.name} was lost during a "
                                           "download")
                 self._answered.wait(1.0)
             return self._answers.pop(digest)
@@ -148,12 +148,10 @@ class HostUploads:
     # -- room ------------------------------------------------------------------------
     def _make_room(self, nbytes: int, job: Batch) -> None:
         """Evict least recently used objects that no queued batch on this host needs."""
-        session = self.session
-        limit = session.cluster.config.cache_size
+        limit = self.cache_size
         if self.cache_bytes + nbytes <= limit:
             return
-        with session.cluster.lock:
-            needed = set(job.refs).union(*(j.refs for j in session.inflight.values()))
+        needed = set(job.refs) | self.scheduler.refs_running_on(self.host)
         victims = []
         for digest, size in self.cache.items():
             if self.cache_bytes + nbytes <= limit:
@@ -165,4 +163,4 @@ class HostUploads:
             del self.cache[digest]
         if victims:
             evict: EvictMeta = {"digests": victims}
-            session._send(Kind.EVICT, evict)
+            self.out.send(Kind.EVICT, evict)

@@ -1,0 +1,58 @@
+"""The scheduler as one host's session sees it: a small interface, so that ``session.py``
+never reaches into the cluster's queue or tables (``cluster.Cluster`` implements it).
+
+Every method that names a host takes the session itself as an opaque key.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import TYPE_CHECKING, Protocol
+
+if TYPE_CHECKING:
+    from collections.abc import Mapping
+
+    from ..config import CloudConfig
+    from ..wire.serialization import ObjectStore
+    from .batch import Batch
+    from .staging import Staging
+
+
+class Scheduler(Protocol):
+    #: Guards the queue, the in-flight tables and every host's writer (``Outbound``).
+    lock: threading.RLock
+    config: CloudConfig
+    store: ObjectStore
+    staging: Staging | None
+
+    def next_batch(self, host: object) -> Batch | None:
+        """With ``lock`` held: a queued batch this host may take now (it is in the host's
+        in-flight table from here on), or None."""
+
+    def more_for(self, host: object) -> bool:
+        """With ``lock`` held: whether this host should look at the queue again."""
+
+    def running(self, host: object, batch_id: int) -> Batch | None:
+        """The batch ``batch_id`` in flight on ``host``, if it still is."""
+
+    def running_on(self, host: object) -> Mapping[int, Batch]:
+        """The batches in flight on ``host`` (to read, never to change)."""
+
+    def finished(self, host: object, batch_id: int) -> Batch | None:
+        """A slot freed: the batch leaves the host's in-flight table (None: it had left,
+        e.g. the host was declared lost, or it was aborted)."""
+
+    def result_came(self, host: object, job: Batch) -> None:
+        """A batch's result arrived (progress, the cluster's idle clock)."""
+
+    def host_lost(self, host: object, reason: str) -> None:
+        """The host is gone: its batches go back to the queue."""
+
+    def host_stopped_idle(self, host: object, seconds: float) -> None:
+        """The agent exits after ``idle_timeout`` without work."""
+
+    def hosts_without(self, digest: str) -> int:
+        """Hosts here or coming that do not hold this cached object (staging's choice)."""
+
+    def refs_running_on(self, host: object) -> set[str]:
+        """Cached objects the batches in flight on ``host`` need (not to be evicted)."""
