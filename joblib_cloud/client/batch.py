@@ -35,7 +35,7 @@ class Batch:
     label: str
     owner: object
     threads: int | None = None
-    future: Future = field(default_factory=Future)
+    future: Future[Any] = field(default_factory=Future)
     id: int = field(default_factory=lambda: next(_batch_ids))
     tries: int = 0
     aborted: bool = False
@@ -132,7 +132,7 @@ class Submitter(Protocol):
 
 def submit(cluster: Submitter, obj: Any, label: str, owner: object,
            threads: int | None = None, sync_packages: bool = False, size: int = 1
-           ) -> Future:
+           ) -> Future[Any]:
     """Pickle ``obj`` (a joblib batch, a pool's chunk) and queue it on ``cluster``; a
     pickling error becomes the future's outcome, naming what could not be sent."""
     from ..wire.serialization import dumps_batch
@@ -140,7 +140,7 @@ def submit(cluster: Submitter, obj: Any, label: str, owner: object,
     try:
         payload, refs = dumps_batch(obj, cluster.store)
     except Exception as exc:  # noqa: BLE001 - becomes this batch's outcome
-        future: Future = Future()
+        future: Future[Any] = Future()
         error = TaskPicklingError(f"could not pickle {label} to send it to the cluster: "
                                   f"{type(exc).__name__}: {exc}")
         error.__cause__ = exc

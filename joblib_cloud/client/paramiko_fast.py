@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 import paramiko
 from paramiko.buffered_pipe import BufferedPipe, PipeTimeout
@@ -27,7 +28,13 @@ AVAILABLE = (hasattr(paramiko.Channel, "_check_add_window")
              and hasattr(paramiko.Transport, "_send_user_message"))
 
 
-class DeliveringPipe(BufferedPipe):
+if TYPE_CHECKING:  # generic only in paramiko's stubs
+    _BytesPipe = BufferedPipe[bytes]
+else:
+    _BytesPipe = BufferedPipe
+
+
+class DeliveringPipe(_BytesPipe):
     """A channel's receive buffer that can switch from being read to calling back.
     Until :meth:`deliver_to`, it buffers like paramiko's own (the handshake reads it)."""
 
@@ -103,7 +110,9 @@ def grant_window(channel: paramiko.Channel, transport: paramiko.Transport,
                  nbytes: int) -> None:
     """What ``Channel.recv`` does after reading: let the agent send more once enough was
     consumed (paramiko's threshold, a tenth of the window)."""
-    ack = channel._check_add_window(nbytes)
+    private_channel: Any = channel  # the private parts have no types
+    private_transport: Any = transport
+    ack = private_channel._check_add_window(nbytes)
     if ack <= 0:
         return
     message = paramiko.Message()
@@ -111,7 +120,7 @@ def grant_window(channel: paramiko.Channel, transport: paramiko.Transport,
     message.add_int(channel.remote_chanid)
     message.add_int(ack)
     if clear_to_send(transport):
-        transport._send_user_message(message)
+        private_transport._send_user_message(message)
     else:  # mid key exchange, which this very thread may have to finish first
-        threading.Thread(target=transport._send_user_message, args=(message,),
+        threading.Thread(target=private_transport._send_user_message, args=(message,),
                          daemon=True).start()

@@ -17,6 +17,7 @@ import sys
 import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 
 from .. import provisioner
 from ..config import FLEET_FIELDS, CloudConfig  # FLEET_FIELDS: Setting.fleet
@@ -31,11 +32,15 @@ from .streams import LocalAgent
 
 log = logging.getLogger("joblib_cloud")
 
-_registry: dict[tuple, Cluster] = {}
-_registry_lock = threading.Lock()
-_connect_locks: dict[tuple, threading.Lock] = {}
+#: A fleet's settings: what makes two configurations the same cluster.
+FleetKey = tuple[Any, ...]
 
-def fleet_key(config: CloudConfig) -> tuple:
+_registry: dict[FleetKey, Cluster] = {}
+_registry_lock = threading.Lock()
+_connect_locks: dict[FleetKey, threading.Lock] = {}
+
+
+def fleet_key(config: CloudConfig) -> FleetKey:
     return tuple(getattr(config, name) for name in FLEET_FIELDS)
 
 
@@ -51,7 +56,7 @@ def get_cluster(config: CloudConfig) -> Cluster:
         with _registry_lock:
             cluster = _registry.get(key)
         stopped = cluster.expired() if cluster is not None else ""
-        if stopped:
+        if cluster is not None and stopped:
             log.warning("cluster %r %s: connecting again", config.cluster, stopped)
             cluster.close()
         elif cluster is not None and cluster.usable:

@@ -86,7 +86,7 @@ def check_versions(host: str, remote: dict[str, str | None]) -> None:
 class HostSession:
     """One host's agent, as seen from the client."""
 
-    def __init__(self, scheduler: Scheduler, name: str,
+    def __init__(self, scheduler: Scheduler[HostSession], name: str,
                  open_stream: Callable[[Callable[[bytes], None]], AgentStream],
                  connection: SSHConnection | None = None) -> None:
         self.scheduler = scheduler

@@ -19,6 +19,7 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import cast
 
 import paramiko
 
@@ -112,7 +113,8 @@ class SSHConnection:
                             check: Callable[[bool, bool], None] | None = None,
                             timeout_advice: str | None = None) -> paramiko.Transport:
         start = time.monotonic()
-        delay, attempts, last = 0.25, 0, None
+        delay, attempts = 0.25, 0
+        last: Exception | None = None
         # With a check, shorter attempts: an address that swallows packets must not hide
         # a dead VM for long.
         longest = CHECKED_ATTEMPT_TIMEOUT if check is not None else 20.0
@@ -251,7 +253,8 @@ class SSHAgent(AgentStream):
                          daemon=True, name=f"stderr-{self.name}").start()
 
     def sendall(self, data: bytes | memoryview) -> None:
-        self.channel.sendall(data)
+        # paramiko slices what it sends: a memoryview goes out as bytes would, uncopied
+        self.channel.sendall(cast(bytes, data))
 
     def recv(self, n: int) -> bytes:
         return self.channel.recv(n)
@@ -274,7 +277,8 @@ class SSHAgent(AgentStream):
         return int.from_bytes(waiting, sys.byteorder) > 0
 
     def deliver(self, on_data: Callable[[bytes], None], on_close: Callable[[], None]) -> bool:
-        if not paramiko_fast.delivers(self.channel, self._pipe):
+        pipe = self._pipe
+        if pipe is None or not paramiko_fast.delivers(self.channel, pipe):
             return False
         channel, transport = self.channel, self.connection.transport
 
@@ -282,7 +286,7 @@ class SSHAgent(AgentStream):
             on_data(data)
             paramiko_fast.grant_window(channel, transport, len(data))
 
-        self._pipe.deliver_to(receive, on_close)
+        pipe.deliver_to(receive, on_close)
         return True
 
     def close(self) -> None:

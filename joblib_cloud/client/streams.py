@@ -115,6 +115,8 @@ class LocalAgent(AgentStream):
             ["/bin/sh", "-c", agent_command(python)], stdin=subprocess.PIPE,
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, bufsize=0,
             env={**os.environ, **(env or {})}, start_new_session=True)
+        assert self.proc.stdin and self.proc.stdout and self.proc.stderr  # all pipes
+        self._pipes = (self.proc.stdin, self.proc.stdout)
         self._stdin_fd = self.proc.stdin.fileno()
         self._stdout_fd = self.proc.stdout.fileno()
         threading.Thread(target=pump_stderr, args=(self.proc.stderr.read, on_stderr),
@@ -133,7 +135,7 @@ class LocalAgent(AgentStream):
         return os.read(self._stdout_fd, n)
 
     def close(self) -> None:
-        for pipe in (self.proc.stdin, self.proc.stdout):
+        for pipe in self._pipes:
             try:
                 pipe.close()
             except OSError:

@@ -15,7 +15,7 @@ import concurrent.futures
 import threading
 import time
 from collections.abc import Callable, Iterable
-from typing import TYPE_CHECKING, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from ..wire.protocol import EvictMeta, FetchedMeta, FetchMeta, Kind, PutMeta
 from ..wire.serialization import StoredObject
@@ -34,7 +34,7 @@ MAX_RENEWALS = 3
 class HostUploads:
     """The client's view of one host's cache (digest -> size, least recently used first)."""
 
-    def __init__(self, out: Outbound, scheduler: Scheduler, host: object,
+    def __init__(self, out: Outbound, scheduler: Scheduler[Any], host: object,
                  cache_size: int) -> None:
         self.out = out
         self.scheduler = scheduler
