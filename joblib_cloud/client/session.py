@@ -42,6 +42,7 @@ from ..wire.protocol import (
 )
 from ..worker import host_versions
 from .batch import Batch, resolve, result_error
+from .board import installing
 from .packages import HostPackages
 from .streams import AgentStream, agent_preamble
 from .uploads import HostUploads
@@ -53,8 +54,10 @@ if TYPE_CHECKING:
 
 
 
-def check_versions(host: str, remote: dict[str, str | None]) -> None:
-    """Refuse a host whose Python minor or cloudpickle differs; warn on other packages."""
+def check_versions(host: str, remote: dict[str, str | None],
+                   installing: list[str] | None = None) -> None:
+    """Refuse a host whose Python minor or cloudpickle differs; warn on other packages
+    (not those its boot is still ``installing``: tasks that import them wait)."""
     local = host_versions()
     py_l, py_r = local["python"], remote.get("python") or "?"
     if py_l.split(".")[:2] != py_r.split(".")[:2]:
@@ -69,7 +72,7 @@ def check_versions(host: str, remote: dict[str, str | None]) -> None:
             "on the host (packages=[...] on aws).")
     others = [(name, version, remote.get(name)) for name, version in local.items()
               if name not in ("python", "cloudpickle") and version is not None
-              and remote.get(name) != version]
+              and remote.get(name) != version and name not in (installing or ())]
     differ = [f"{name} {theirs} (this client: {mine})" for name, mine, theirs in others
               if theirs]
     missing = [f"{name} {mine}" for name, mine, theirs in others if not theirs]
@@ -173,7 +176,7 @@ class HostSession:
         if kind != Kind.HELLO or hello.get("protocol") != PROTOCOL_VERSION:
             raise HostConnectError(f"host {self.name} speaks another protocol: {hello!r}")
         self.hello = hello
-        check_versions(self.name, hello["versions"])
+        check_versions(self.name, hello["versions"], hello.get("installing"))
         self.cpu_count = int(hello["cpu_count"])
         settings: ConfigMeta = {"workers": config.workers_per_host,
                                 "max_result_size": config.max_result_size,
@@ -345,6 +348,9 @@ class HostSession:
                 self.last_recv = time.monotonic()
         elif kind == Kind.OUTPUT:
             self._print(frame_meta(frame)["stream"], bytes(frame_data(frame)))
+        elif kind == Kind.PING:
+            if (meta := frame_meta(frame)) and self.cluster.progress is not None:
+                self.cluster.progress.host(self.name, "ready", self.workers, installing(meta))
         elif kind == Kind.INSTALLED:
             self.packages.on_installed(frame_meta(frame))  # type: ignore[arg-type]
         elif kind == Kind.FETCHED:

@@ -36,3 +36,12 @@ def home() -> str:
 
 def length_prefix(blob: bytes) -> bytes:
     return len(blob).to_bytes(LENGTH_PREFIX, "big")
+
+
+#: In the state directory, while the boot installs the heavy packages after the agent may
+#: start (providers/aws/userdata.py writes it, host/background.py reads it): JSON
+#: ``{"state": "installing" | "failed", "distributions": [names], "requirements": [pins],
+#: "modules": [top-level modules they provide] | null (unknown: any), "log": path}``,
+#: exclusively ``flock``-ed by the installing process for as long as it runs, and removed
+#: when the install succeeded.
+INSTALLING_FILE = "installing"

@@ -31,12 +31,14 @@ import gzip
 import importlib.metadata
 import json
 import platform
+import re
 import shlex
 import time
 from pathlib import Path
 from typing import Any
 
 from ...host import fetch_uv, watchdog
+from ...wire import contract
 
 ROOT = "/opt/joblib-cloud"
 VENV = f"{ROOT}/venv"
@@ -51,6 +53,15 @@ CLIENT_PACKAGES = ("joblib", "cloudpickle", "loky", "numpy", "scipy", "scikit-le
 SSHD_CONFIG = "/etc/ssh/sshd_config.d/01-joblib-cloud.conf"
 CLIENT_KEY_PATH = f"{ROOT}/client_key.pub"
 UV_VERSION = "0.13.9"
+#: What the agent needs: installed before the host lets the client in.  With
+#: :data:`BACKGROUND_INSTALL`, the rest of the client's pins, ``packages=`` and
+#: ``requirements=`` install afterwards while tasks already run (``host/background.py``);
+#: without it, everything installs first (``bench/cold_start.py`` compares the two).
+AGENT_PACKAGES = ("joblib", "cloudpickle")
+BACKGROUND_INSTALL = True
+#: The background install's output (its last lines are a failed install's message).
+PACKAGES_LOG = f"{ROOT}/packages.log"
+BREAK = " --break-system-packages"
 MAX_USER_DATA = 16 * 1024  # EC2's limit, before base64
 
 
@@ -116,18 +127,75 @@ def _no_python(python_minor: str) -> str:
 
 
 def _install(python: str, pins: str, count: int, flags: str = "") -> str:
-    """The client's packages into ``python``, while the OpenMP runtime installs."""
+    """``pins`` into ``python``, while the OpenMP runtime installs."""
+    what = "the agent's packages" if BACKGROUND_INSTALL else "packages"
     return f"""echo "joblib-cloud: installing {count} packages"
 {ROOT}/bin/uv pip install --quiet --python {python}{flags} {pins}
-echo "joblib-cloud: packages installed"
-wait $OPENMP || echo "joblib-cloud: no OpenMP runtime (see {ROOT}/openmp.log): LightGBM and \\
-XGBoost will not load"
+echo "joblib-cloud: {what} installed"
 """
+
+
+def _background(python: str, pins: str, flags: str, user: str, state: dict[str, Any],
+                chown: str) -> str:
+    """The heavy packages, after the agent's: run in the background once the state file
+    (``wire/contract.py``) says what installs, under an exclusive ``flock`` its reader
+    tests; removed on success, marked failed otherwise.  A failure is no boot failure:
+    the tasks that need these packages fail with the log's last lines
+    (``host/background.py``)."""
+    installing = shlex.quote(json.dumps(state))
+    failed = shlex.quote(json.dumps({**state, "state": "failed"}))
+    return f"""STATE="$HOME_DIR/.joblib-cloud/{contract.INSTALLING_FILE}"
+echo {installing} > "$STATE" && chown {user}: "$STATE" && chmod 644 "$STATE"
+echo "joblib-cloud: installing {len(state['distributions'])} packages in the background"
+exec 9<"$STATE"
+flock -x 9
+(trap - ERR; set +e
+ if {ROOT}/bin/uv pip install --quiet --python {python}{flags} {pins} >{PACKAGES_LOG} 2>&1
+ then {chown}rm -f "$STATE"; echo "joblib-cloud: packages installed"
+ else echo {failed} > "$STATE"
+   echo "joblib-cloud: installing the packages failed:"; tail -n 5 {PACKAGES_LOG}
+ fi) &
+exec 9<&-
+"""
+
+
+def background_state(requirements: list[str], requirements_file: bool) -> dict[str, Any]:
+    """The state file's content for ``requirements`` (pins, ``packages=``): the modules
+    they provide, with their dependencies', as this client has them installed (a
+    distribution it lacks: its normalised name; a requirements file: any module)."""
+    names = [re.split(r"[\s<>=!~;@\[]", r.strip(), maxsplit=1)[0] for r in requirements]
+    modules: set[str] = set()
+    by_dist: dict[str, set[str]] = {}
+    for top, dists in importlib.metadata.packages_distributions().items():
+        for dist in dists:
+            by_dist.setdefault(_normal(dist), set()).add(top)
+    todo, seen = [_normal(n) for n in names], set()
+    while todo:
+        name = todo.pop()
+        if name in seen:
+            continue
+        seen.add(name)
+        modules |= by_dist.get(name, {name.replace("-", "_")})
+        try:
+            requires = importlib.metadata.requires(name) or []
+        except importlib.metadata.PackageNotFoundError:
+            continue
+        todo += [_normal(re.split(r"[\s<>=!~;(\[]", r, maxsplit=1)[0]) for r in requires
+                 if "extra ==" not in r]
+    modules -= {"joblib", "cloudpickle", "_distutils_hack"}
+    return {"state": "installing", "distributions": names + (
+        ["-r requirements.txt"] if requirements_file else []), "requirements": requirements,
+        "modules": None if requirements_file else sorted(modules), "log": PACKAGES_LOG}
+
+
+def _normal(name: str) -> str:
+    return re.sub(r"[-_.]+", "-", name).lower()
 
 
 def _python_steps(python_minor: str, pins: str, count: int, python: str | None = None) -> str:
     """uv, then a venv with the distribution's Python (else uv's standalone one), then
-    the client's packages.  With ``python=``: that interpreter, which must be at the
+    ``pins`` (the agent's packages, or all the client's without a background install).
+    With ``python=``: that interpreter, which must be at the
     client's minor, takes the packages itself (the agent runs it; no venv)."""
     uv = f"""{_OPENMP}python3 {ROOT}/fetch_uv.py {UV_VERSION} {ROOT}/bin
 export UV_NO_CACHE=1 UV_PYTHON_INSTALL_DIR={ROOT}/python
@@ -137,7 +205,7 @@ export UV_NO_CACHE=1 UV_PYTHON_INSTALL_DIR={ROOT}/python
 PYTHON=$(command -v "$GIVEN") || no_python "python=$GIVEN is not on this image" $LINENO
 GOT=$("$PYTHON" -c 'import sys; print("%d.%d" % sys.version_info[:2])')
 [ "$GOT" = {python_minor} ] || no_python "python=$GIVEN is Python $GOT" $LINENO
-{uv}{_install('"$PYTHON"', pins, count, " --break-system-packages")}"""
+{uv}{_install('"$PYTHON"', pins, count, BREAK)}"""
     return f"""PY=python{python_minor}
 {_no_python(python_minor)}# The distribution's Python, if it has this minor:
 if ! command -v $PY >/dev/null; then
@@ -155,6 +223,11 @@ else
 fi
 {ROOT}/bin/uv venv --quiet --python "$PYTHON" {VENV}
 {_install(HOST_PYTHON, pins, count)}"""
+
+
+def _target(python: str | None) -> tuple[str, str]:
+    """The interpreter the boot installs into, and uv's flags for it."""
+    return ('"$PYTHON"', BREAK) if python else (HOST_PYTHON, "")
 
 
 def _docker_steps(user: str, image: str) -> str:
@@ -191,10 +264,24 @@ def boot_script(user: str, python_minor: str, requirements: list[str],
     if requirements_file:
         pins += f" -r {ROOT}/requirements.txt"
     # The agent (as ``user``) installs into the venv what tasks miss there (sync_packages).
-    setup = (_docker_steps(user, image) if image
-             else _python_steps(python_minor, pins, len(requirements), python)
-             + ("" if python else f"chown -R {user}: {VENV}\n"))
+    chown = "" if python else f"chown -R {user}: {VENV}\n"
+    later = ""
+    if image:
+        setup = _docker_steps(user, image)
+    elif BACKGROUND_INSTALL:
+        agent = [r for r in requirements if _normal(re.split("=", r)[0]) in AGENT_PACKAGES]
+        rest = [r for r in requirements if r not in agent]
+        setup = _python_steps(python_minor, " ".join(shlex.quote(r) for r in agent),
+                              len(agent), python) + chown
+        target, flags = _target(python)
+        later = _background(target, pins, flags, user, background_state(
+            rest, requirements_file), chown.replace("\n", "; "))
+    else:
+        setup = _python_steps(python_minor, pins, len(requirements), python) + chown
     what = "Docker and the image" if image else f"uv, Python {python_minor}, the packages"
+    openmp = "" if image else f"""wait $OPENMP || echo "joblib-cloud: no OpenMP runtime (see \
+{ROOT}/openmp.log): LightGBM and XGBoost will not load"
+"""
     return f"""#!/bin/bash
 # joblib-cloud boot: {what}, then SSH access.
 set -euo pipefail
@@ -207,11 +294,11 @@ trap 'failed $LINENO "$BASH_COMMAND"' ERR
 echo "joblib-cloud: boot started"
 {setup}HOME_DIR=$(getent passwd {user} | cut -d: -f6)
 install -d -m 700 -o {user} -g {user} "$HOME_DIR/.joblib-cloud" "$HOME_DIR/.ssh"
-cat {CLIENT_KEY_PATH} >> "$HOME_DIR/.ssh/authorized_keys"
+{later}cat {CLIENT_KEY_PATH} >> "$HOME_DIR/.ssh/authorized_keys"
 chown {user}: "$HOME_DIR/.ssh/authorized_keys" && chmod 600 "$HOME_DIR/.ssh/authorized_keys"
 touch {READY_FILE}
 echo "joblib-cloud: host ready"
-"""
+{openmp}"""
 
 
 def _systemd_arg(arg: str) -> str:
