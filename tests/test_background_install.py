@@ -29,9 +29,9 @@ LOCKER = ("import fcntl, sys\nf = open(sys.argv[1])\nfcntl.flock(f, fcntl.LOCK_E
 
 
 def _uses_module(x: int) -> int:
-    import jc_bg_probe
+    from jc_bg_probe import VALUE
 
-    return jc_bg_probe.VALUE * x
+    return VALUE * x
 
 
 def _scaled(scale, x: int) -> int:  # ``scale`` unpickles only where the module is
@@ -98,10 +98,13 @@ def test_a_task_waits_for_the_module_the_boot_installs_while_stdlib_tasks_run(
 
     boot = BootInstall(Path(contract.home()), tmp_path / "packages.log")
     installed_at: list[float] = []
+    # Half-written: the package's directory is there, its __init__.py not yet (it imports
+    # as a namespace package, which must not outlive the install).
+    (host_site / MODULE).mkdir()
 
     def install() -> None:
         time.sleep(2.0)
-        (host_site / f"{MODULE}.py").write_text(CODE)
+        (host_site / MODULE / "__init__.py").write_text(CODE)
         installed_at.append(time.time())
         boot.finish(ok=True)
 

@@ -54,8 +54,7 @@ if TYPE_CHECKING:
 
 
 
-def check_versions(host: str, remote: dict[str, str | None],
-                   installing: list[str] | None = None) -> None:
+def check_versions(host: str, remote: dict[str, str | None], installing: Any = ()) -> None:
     """Refuse a host whose Python minor or cloudpickle differs; warn on other packages
     (not those its boot is still ``installing``: tasks that import them wait)."""
     local = host_versions()
@@ -72,7 +71,7 @@ def check_versions(host: str, remote: dict[str, str | None],
             "on the host (packages=[...] on aws).")
     others = [(name, version, remote.get(name)) for name, version in local.items()
               if name not in ("python", "cloudpickle") and version is not None
-              and remote.get(name) != version and name not in (installing or ())]
+              and remote.get(name) != version and name not in installing]
     differ = [f"{name} {theirs} (this client: {mine})" for name, mine, theirs in others
               if theirs]
     missing = [f"{name} {mine}" for name, mine, theirs in others if not theirs]
@@ -176,7 +175,7 @@ class HostSession:
         if kind != Kind.HELLO or hello.get("protocol") != PROTOCOL_VERSION:
             raise HostConnectError(f"host {self.name} speaks another protocol: {hello!r}")
         self.hello = hello
-        check_versions(self.name, hello["versions"], hello.get("installing"))
+        check_versions(self.name, hello["versions"], hello.get("installing", ()))
         self.cpu_count = int(hello["cpu_count"])
         settings: ConfigMeta = {"workers": config.workers_per_host,
                                 "max_result_size": config.max_result_size,
@@ -348,9 +347,8 @@ class HostSession:
                 self.last_recv = time.monotonic()
         elif kind == Kind.OUTPUT:
             self._print(frame_meta(frame)["stream"], bytes(frame_data(frame)))
-        elif kind == Kind.PING:
-            if (meta := frame_meta(frame)) and self.cluster.progress is not None:
-                self.cluster.progress.host(self.name, "ready", self.workers, installing(meta))
+        elif kind == Kind.PING and (meta := frame_meta(frame)) and self.cluster.progress:
+            self.cluster.progress.host(self.name, "ready", self.workers, installing(meta))
         elif kind == Kind.INSTALLED:
             self.packages.on_installed(frame_meta(frame))  # type: ignore[arg-type]
         elif kind == Kind.FETCHED:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -71,7 +72,7 @@ def current(path: Path | None = None) -> BackgroundInstall | None:
     """The boot's background install as its state file says, or None: nothing is being
     installed (or it finished well)."""
     path = path or state_file()
-    for _ in range(20):  # a failed install rewrites the file in place: read it whole
+    for _ in range(20):  # a file being written: read it again
         try:
             with open(path, "rb") as fh:
                 data = json.loads(fh.read())
@@ -104,14 +105,15 @@ def _locked(fd: int) -> bool:
     return False
 
 
-def wait_for(exc: ImportError, limit: float = WAIT_LIMIT,
+def wait_for(module: str | None, limit: float = WAIT_LIMIT,
              poll: float = 0.2) -> BackgroundInstall | None | bool:
-    """Called when a task raised ``exc``.  False: the boot is installing nothing that may
-    provide it (the error stands); None: it was, and has now finished (run the task
-    again); a :class:`BackgroundInstall` that failed (or did not finish within ``limit``):
-    the task fails with its :meth:`~BackgroundInstall.failure`."""
-    install = current()
-    if install is None or not install.provides(exc.name):
+    """Called when a task could not import ``module`` (None: unknown).  False: the boot
+    is installing nothing that may provide it (the error stands); None: it was, and has
+    now finished (run the task again); a :class:`BackgroundInstall` that failed (or did
+    not finish within ``limit``): the task fails with its
+    :meth:`~BackgroundInstall.failure`."""
+    install = before = current()
+    if install is None or not install.provides(module):
         return False
     deadline = time.monotonic() + limit
     while install is not None and install.running:
@@ -122,7 +124,20 @@ def wait_for(exc: ImportError, limit: float = WAIT_LIMIT,
         install = current()
     if install is not None:
         return install
-    # Python drops a module whose import failed (a half-written file included); what
-    # imported well stays.  The finder's cached directory listings predate the install.
-    importlib.invalidate_caches()
+    _forget_half_installed(before)
     return None
+
+
+def _forget_half_installed(install: BackgroundInstall) -> None:
+    """Python drops a module whose import failed, and what imported well stays (it must:
+    numpy's extension cannot load twice in a process).  But a package directory that had
+    no ``__init__.py`` yet imported as a namespace package, which stays and hides the
+    real package: those go, with what was imported under them.  The finders' cached
+    directory listings predate the install: they go too."""
+    importlib.invalidate_caches()
+    hollow = [name for name, module in list(sys.modules.items())
+              if module is not None and getattr(module, "__file__", None) is None
+              and hasattr(module, "__path__") and install.provides(name)]
+    for name in list(sys.modules):
+        if any(name == h or name.startswith(h + ".") for h in hollow):
+            del sys.modules[name]

@@ -62,15 +62,20 @@ def run_batch(payload: bytes | memoryview, cache_dir: str, max_result_size: int,
     _line_buffered_output()
     while True:
         stage, outcome = _run_once(payload, cache_dir, inner_threads)
-        if stage == "ran" or not isinstance(outcome, ImportError):
+        # While the boot installs, a half-written module can fail in other ways too
+        # (a truncated file): any failure to unpickle, and ImportError anywhere.
+        if stage == "ran" or not (isinstance(outcome, ImportError) or (
+                stage == "unpickling" and isinstance(outcome, Exception))):
             break
-        install = background.wait_for(outcome)
+        install = background.wait_for(outcome.name if isinstance(outcome, ImportError)
+                                      else None)
         if install is False:
             break
         if install is not None:  # it failed: so does the batch, saying why
-            kind = ModuleNotFoundError if isinstance(outcome, ModuleNotFoundError) \
+            kind = type(outcome) if type(outcome) in (ModuleNotFoundError, ImportError) \
                 else ImportError
-            error = kind(f"{_safe_str(outcome)}: {install.failure()}", name=outcome.name)
+            error = kind(f"{_safe_str(outcome)}: {install.failure()}",
+                         name=outcome.name if isinstance(outcome, ImportError) else None)
             error.__cause__ = outcome
             return _error(error)
     if stage == "ran":

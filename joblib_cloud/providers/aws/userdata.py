@@ -143,7 +143,6 @@ def _background(python: str, pins: str, flags: str, user: str, state: dict[str, 
     the tasks that need these packages fail with the log's last lines
     (``host/background.py``)."""
     installing = shlex.quote(json.dumps(state))
-    failed = shlex.quote(json.dumps({**state, "state": "failed"}))
     return f"""STATE="$HOME_DIR/.joblib-cloud/{contract.INSTALLING_FILE}"
 echo {installing} > "$STATE" && chown {user}: "$STATE" && chmod 644 "$STATE"
 echo "joblib-cloud: installing {len(state['distributions'])} packages in the background"
@@ -152,7 +151,7 @@ flock -x 9
 (trap - ERR; set +e
  if {ROOT}/bin/uv pip install --quiet --python {python}{flags} {pins} >{PACKAGES_LOG} 2>&1
  then {chown}rm -f "$STATE"; echo "joblib-cloud: packages installed"
- else echo {failed} > "$STATE"
+ else sed -i 's/"state": "installing"/"state": "failed"/' "$STATE"
    echo "joblib-cloud: installing the packages failed:"; tail -n 5 {PACKAGES_LOG}
  fi) &
 exec 9<&-
