@@ -4,8 +4,6 @@ scikit-learn still install, and a scikit-learn task waits for them (not failing)
 
 from __future__ import annotations
 
-import time
-
 import pytest
 from awsmock import CIDR, REGION, aws_fixture  # noqa: F401  (fixtures)
 from guest_ec2 import guest_ec2_fixture  # noqa: F401  (fixture)
