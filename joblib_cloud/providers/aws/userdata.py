@@ -14,10 +14,14 @@ Order matters for safety and for the client's wait:
    left), and at the same deadline.
 3. The boot script fetches uv (a wheel from the package index, digest checked), makes a
    virtual environment with the distribution's Python at the client's minor version (uv's
-   standalone Python where the distribution has none) and installs the client's package
-   versions into ``/opt/joblib-cloud/venv``.  Its output goes to the console too, so a
-   failure shows in EC2's console output; a failure powers the machine off.
-4. Only then is the client's public key authorised: until that moment SSH logins are
+   standalone Python where the distribution has none) and installs the client's joblib
+   and cloudpickle into ``/opt/joblib-cloud/venv``: all the agent needs.  Its output goes
+   to the console too, so a failure shows in EC2's console output; a failure powers the
+   machine off.
+4. The rest of the client's pins, ``packages=`` and ``requirements=`` install in the
+   background, described by the state file that ``host/background.py`` reads: tasks that
+   need them wait for them on the host; a failure there fails those tasks, not the boot.
+5. Only then is the client's public key authorised: until that moment SSH logins are
    refused, which the client treats as "still booting" and retries.
 
 The document is ``#cloud-config`` followed by JSON (a subset of YAML), so it needs no YAML
@@ -38,7 +42,7 @@ from pathlib import Path
 from typing import Any
 
 from ...host import fetch_uv, watchdog
-from ...wire import contract
+from .boot_packages import background_state, background_step, normal
 
 ROOT = "/opt/joblib-cloud"
 VENV = f"{ROOT}/venv"
@@ -59,8 +63,6 @@ UV_VERSION = "0.13.9"
 #: without it, everything installs first (``bench/cold_start.py`` compares the two).
 AGENT_PACKAGES = ("joblib", "cloudpickle")
 BACKGROUND_INSTALL = True
-#: The background install's output (its last lines are a failed install's message).
-PACKAGES_LOG = f"{ROOT}/packages.log"
 BREAK = " --break-system-packages"
 MAX_USER_DATA = 16 * 1024  # EC2's limit, before base64
 
@@ -133,62 +135,6 @@ def _install(python: str, pins: str, count: int, flags: str = "") -> str:
 {ROOT}/bin/uv pip install --quiet --python {python}{flags} {pins}
 echo "joblib-cloud: {what} installed"
 """
-
-
-def _background(python: str, pins: str, flags: str, user: str, state: dict[str, Any],
-                chown: str) -> str:
-    """The heavy packages, after the agent's: run in the background once the state file
-    (``wire/contract.py``) says what installs, under an exclusive ``flock`` its reader
-    tests; removed on success, marked failed otherwise.  A failure is no boot failure:
-    the tasks that need these packages fail with the log's last lines
-    (``host/background.py``)."""
-    installing = shlex.quote(json.dumps(state))
-    return f"""STATE="$HOME_DIR/.joblib-cloud/{contract.INSTALLING_FILE}"
-echo {installing} > "$STATE" && chown {user}: "$STATE" && chmod 644 "$STATE"
-echo "joblib-cloud: installing {len(state['distributions'])} packages in the background"
-exec 9<"$STATE"
-flock -x 9
-(trap - ERR; set +e
- if {ROOT}/bin/uv pip install --quiet --python {python}{flags} {pins} >{PACKAGES_LOG} 2>&1
- then {chown}rm -f "$STATE"; echo "joblib-cloud: packages installed"
- else sed -i 's/"state": "installing"/"state": "failed"/' "$STATE"
-   echo "joblib-cloud: installing the packages failed:"; tail -n 5 {PACKAGES_LOG}
- fi) &
-exec 9<&-
-"""
-
-
-def background_state(requirements: list[str], requirements_file: bool) -> dict[str, Any]:
-    """The state file's content for ``requirements`` (pins, ``packages=``): the modules
-    they provide, with their dependencies', as this client has them installed (a
-    distribution it lacks: its normalised name; a requirements file: any module)."""
-    names = [re.split(r"[\s<>=!~;@\[]", r.strip(), maxsplit=1)[0] for r in requirements]
-    modules: set[str] = set()
-    by_dist: dict[str, set[str]] = {}
-    for top, dists in importlib.metadata.packages_distributions().items():
-        for dist in dists:
-            by_dist.setdefault(_normal(dist), set()).add(top)
-    todo, seen = [_normal(n) for n in names], set()
-    while todo:
-        name = todo.pop()
-        if name in seen:
-            continue
-        seen.add(name)
-        modules |= by_dist.get(name, {name.replace("-", "_")})
-        try:
-            requires = importlib.metadata.requires(name) or []
-        except importlib.metadata.PackageNotFoundError:
-            continue
-        todo += [_normal(re.split(r"[\s<>=!~;(\[]", r, maxsplit=1)[0]) for r in requires
-                 if "extra ==" not in r]
-    modules -= {"joblib", "cloudpickle", "_distutils_hack"}
-    return {"state": "installing", "distributions": names + (
-        ["-r requirements.txt"] if requirements_file else []), "requirements": requirements,
-        "modules": None if requirements_file else sorted(modules), "log": PACKAGES_LOG}
-
-
-def _normal(name: str) -> str:
-    return re.sub(r"[-_.]+", "-", name).lower()
 
 
 def _python_steps(python_minor: str, pins: str, count: int, python: str | None = None) -> str:
@@ -268,12 +214,12 @@ def boot_script(user: str, python_minor: str, requirements: list[str],
     if image:
         setup = _docker_steps(user, image)
     elif BACKGROUND_INSTALL:
-        agent = [r for r in requirements if _normal(re.split("=", r)[0]) in AGENT_PACKAGES]
+        agent = [r for r in requirements if normal(re.split("=", r)[0]) in AGENT_PACKAGES]
         rest = [r for r in requirements if r not in agent]
         setup = _python_steps(python_minor, " ".join(shlex.quote(r) for r in agent),
                               len(agent), python) + chown
         target, flags = _target(python)
-        later = _background(target, pins, flags, user, background_state(
+        later = background_step(target, pins, flags, user, background_state(
             rest, requirements_file), chown.replace("\n", "; "))
     else:
         setup = _python_steps(python_minor, pins, len(requirements), python) + chown
