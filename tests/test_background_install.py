@@ -16,10 +16,13 @@ import time
 from pathlib import Path
 
 import pytest
+from helpers import wait_until
 from joblib import Parallel, delayed, parallel_backend
 from test_sync_packages import install_on_client
 
 from joblib_cloud.client import registry
+from joblib_cloud.config import resolve_config
+from joblib_cloud.host.installer import Installer
 from joblib_cloud.wire import contract
 
 MODULE = "jc_bg_probe"
@@ -109,14 +112,24 @@ def test_a_task_waits_for_the_module_the_boot_installs_while_stdlib_tasks_run(
         boot.finish(ok=True)
 
     try:
-        with parallel_backend("cloud", **_settings("bg-wait")):
+        settings = {**_settings("bg-wait"), "heartbeat_timeout": 2.0}
+        with parallel_backend("cloud", **settings):
             threading.Thread(target=install, daemon=True).start()
             results = Parallel(return_as="generator_unordered", batch_size=1, pre_dispatch=8)(
                 [delayed(_uses_module)(3), delayed(_scaled)(Scale(5), 4)]
                 + [delayed(_stamp)(i) for i in range(6)])
-            got = [(r, time.time()) for r in results]
+            got = []
+            for result in results:
+                got.append((result, time.time()))
+                if len(got) == 1:  # what the host said at connect: the display shows it
+                    lines = [registry.get_cluster(resolve_config(**settings)).progress.board
+                             .line()]
+            board = registry.get_cluster(resolve_config(**settings)).progress.board
+            wait_until(lambda: "installing" not in board.line(), 15,
+                       "the host's PING saying the install is over")
     finally:
         boot.stop()
+    assert "installing jc-bg-probe" in lines[0], lines
     stamps = [r for r, _ in got if isinstance(r, tuple)]
     assert sorted(x for x, _ in stamps) == list(range(6))
     assert all(t < installed_at[0] for _, t in stamps)  # ran while it installed
@@ -164,4 +177,30 @@ def test_an_install_that_died_and_a_module_it_does_not_provide_fail_at_once(
             with pytest.raises(ModuleNotFoundError, match="stopped before it finished"):
                 Parallel()(delayed(_uses_module)(i) for i in range(2))
     finally:
+        boot.stop()
+
+
+def test_the_agents_own_installs_wait_for_the_boots(tmp_path):
+    """One installer per environment: an INSTALL that comes while the boot installs starts
+    once that install is over (the agent's heartbeat looks again)."""
+    import selectors
+
+    answers: list = []
+    selector = selectors.DefaultSelector()
+    installer = Installer(selector, answers.append)
+    boot = BootInstall(Path(contract.home()), tmp_path / "packages.log")
+    try:
+        installer.request({"id": 1, "requirements": ["--help"], "requirements_file": None})
+        installer.check_deadline()
+        assert installer.running is None and len(installer.queue) == 1
+        boot.finish(ok=True)
+        installer.check_deadline()
+        assert installer.running is not None
+        deadline = time.monotonic() + 60
+        while not answers and time.monotonic() < deadline:
+            for key, _ in selector.select(0.5):
+                key.data(key.fd)
+        assert [a["id"] for a in answers] == [1] and answers[0]["ok"], answers
+    finally:
+        installer.close()
         boot.stop()
