@@ -146,6 +146,8 @@ def main() -> None:
         for _ in range(args.rounds):
             with tempfile.TemporaryDirectory() as tmp:
                 runs.append(one_run(Path(tmp), background))
+            print(f"  {name}: " + ", ".join(f"{s} {runs[-1][s]:.1f}" for s in STAGES)
+                  + f" (load {os.getloadavg()[0]:.1f})", flush=True)
         rows[name] = {k: statistics.median(r[k] for r in runs) for k in STAGES}
     width = max(len(n) for n in rows)
     print(" " * width + "  " + "  ".join(f"{s:>14}" for s in STAGES))

@@ -49,10 +49,9 @@ class BackgroundInstall:
 
     def failure(self) -> str:
         """Why it failed, with the end of its log."""
-        if self.state == "installing":  # its lock is free yet it never said it ended
-            why = "stopped before it finished"
-        else:
-            why = "failed"
+        # "installing" with its lock free: it ended without saying how
+        why = {"failed": "failed", "installing": "stopped before it finished"}.get(
+            self.state, self.state)
         try:
             lines = Path(self.log).read_text(errors="replace").splitlines()
         except OSError as exc:
@@ -112,13 +111,14 @@ def wait_for(module: str | None, limit: float = WAIT_LIMIT,
     now finished (run the task again); a :class:`BackgroundInstall` that failed (or did
     not finish within ``limit``): the task fails with its
     :meth:`~BackgroundInstall.failure`."""
-    install = before = current()
+    install = current()
     if install is None or not install.provides(module):
         return False
+    before = install
     deadline = time.monotonic() + limit
     while install is not None and install.running:
         if time.monotonic() > deadline:
-            install.state = f"still running after {limit:.0f}s"
+            install.state = f"is still running after {limit:.0f}s"
             return install
         time.sleep(poll)
         install = current()
