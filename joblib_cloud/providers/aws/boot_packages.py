@@ -22,21 +22,24 @@ UV = "/opt/joblib-cloud/bin/uv"
 
 
 def background_step(python: str, pins: str, flags: str, user: str, state: dict[str, Any],
-                chown: str) -> str:
+                    as_user: bool) -> str:
     """The heavy packages, after the agent's: run in the background once the state file
     (``wire/contract.py``) says what installs, under an exclusive ``flock`` its reader
     tests; removed on success, marked failed otherwise.  A failure is no boot failure:
     the tasks that need these packages fail with the log's last lines
     (``host/background.py``)."""
     installing = shlex.quote(json.dumps(state))
+    # Into the venv as its owner (the agent's own installs write there too); an image's
+    # interpreter (python=) takes them as root.
+    runner = f'runuser -u {user} -- env HOME="$HOME_DIR" ' if as_user else ""
     return f"""STATE="$HOME_DIR/.joblib-cloud/{contract.INSTALLING_FILE}"
 echo {installing} > "$STATE" && chown {user}: "$STATE" && chmod 644 "$STATE"
 echo "joblib-cloud: installing {len(state['distributions'])} packages in the background"
 exec 9<"$STATE"
 flock -x 9
 (trap - ERR; set +e
- if {UV} pip install --quiet --python {python}{flags} {pins} >{PACKAGES_LOG} 2>&1
- then {chown}rm -f "$STATE"; echo "joblib-cloud: packages installed"
+ if {runner}{UV} pip install --quiet --python {python}{flags} {pins} >{PACKAGES_LOG} 2>&1
+ then rm -f "$STATE"; echo "joblib-cloud: packages installed"
  else sed -i 's/"state": "installing"/"state": "failed"/' "$STATE"
    echo "joblib-cloud: installing the packages failed:"; tail -n 5 {PACKAGES_LOG}
  fi) &

@@ -220,7 +220,7 @@ def boot_script(user: str, python_minor: str, requirements: list[str],
                               len(agent), python) + chown
         target, flags = _target(python)
         later = background_step(target, pins, flags, user, background_state(
-            rest, requirements_file), chown.replace("\n", "; "))
+            rest, requirements_file), as_user=not python)
     else:
         setup = _python_steps(python_minor, pins, len(requirements), python) + chown
     what = "Docker and the image" if image else f"uv, Python {python_minor}, the packages"
