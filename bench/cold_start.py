@@ -140,15 +140,15 @@ def main() -> None:
           f"cores; median of {args.rounds}; seconds from entering the with block")
     scenarios = {"heavy packages in the background": True,
                  "everything before ready (previous)": False}
-    rows = {}
-    for name, background in scenarios.items():
-        runs = []
-        for _ in range(args.rounds):
+    runs: dict[str, list[dict[str, float]]] = {name: [] for name in scenarios}
+    for _ in range(args.rounds):  # the designs in turns, so the machine's load hits both
+        for name, background in scenarios.items():
             with tempfile.TemporaryDirectory() as tmp:
-                runs.append(one_run(Path(tmp), background))
-            print(f"  {name}: " + ", ".join(f"{s} {runs[-1][s]:.1f}" for s in STAGES)
+                runs[name].append(one_run(Path(tmp), background))
+            print(f"  {name}: " + ", ".join(f"{s} {runs[name][-1][s]:.1f}" for s in STAGES)
                   + f" (load {os.getloadavg()[0]:.1f})", flush=True)
-        rows[name] = {k: statistics.median(r[k] for r in runs) for k in STAGES}
+    rows = {name: {k: statistics.median(r[k] for r in rs) for k in STAGES}
+            for name, rs in runs.items()}
     width = max(len(n) for n in rows)
     print(" " * width + "  " + "  ".join(f"{s:>14}" for s in STAGES))
     for name, row in rows.items():
