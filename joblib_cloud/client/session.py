@@ -16,7 +16,7 @@ import sys
 import threading
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from typing import TYPE_CHECKING, Any
 
 from ..config import CloudConfig
@@ -52,9 +52,8 @@ if TYPE_CHECKING:
     from .ssh import SSHConnection
 
 
-
-
-def check_versions(host: str, remote: dict[str, str | None], installing: Any = ()) -> None:
+def check_versions(host: str, remote: dict[str, str | None],
+                   installing: Collection[str] = ()) -> None:
     """Refuse a host whose Python minor or cloudpickle differs; warn on other packages
     (not those its boot is still ``installing``: tasks that import them wait)."""
     local = host_versions()
