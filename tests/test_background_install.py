@@ -105,16 +105,20 @@ def test_a_task_waits_for_the_module_the_boot_installs_while_stdlib_tasks_run(
     # as a namespace package, which must not outlive the install).
     (host_site / MODULE).mkdir()
 
-    def install() -> None:
-        time.sleep(2.0)
-        (host_site / MODULE / "__init__.py").write_text(CODE)
-        installed_at.append(time.time())
-        boot.finish(ok=True)
+    once = threading.Lock()
 
+    def install() -> None:
+        """When the stdlib results are all in (or after a minute: then the test fails)."""
+        if once.acquire(blocking=False):
+            (host_site / MODULE / "__init__.py").write_text(CODE)
+            installed_at.append(time.time())
+            boot.finish(ok=True)
+
+    late = threading.Timer(60.0, install)
     try:
         settings = {**_settings("bg-wait"), "heartbeat_timeout": 2.0}
         with parallel_backend("cloud", **settings):
-            threading.Thread(target=install, daemon=True).start()
+            late.start()
             results = Parallel(return_as="generator_unordered", batch_size=1, pre_dispatch=8)(
                 [delayed(_uses_module)(3), delayed(_scaled)(Scale(5), 4)]
                 + [delayed(_stamp)(i) for i in range(6)])
@@ -124,10 +128,13 @@ def test_a_task_waits_for_the_module_the_boot_installs_while_stdlib_tasks_run(
                 if len(got) == 1:  # what the host said at connect: the display shows it
                     lines = [registry.get_cluster(resolve_config(**settings)).progress.board
                              .line()]
+                if sum(isinstance(r, tuple) for r, _ in got) == 6:
+                    install()
             board = registry.get_cluster(resolve_config(**settings)).progress.board
             wait_until(lambda: "installing" not in board.line(), 15,
                        "the host's PING saying the install is over")
     finally:
+        late.cancel()
         boot.stop()
     assert "installing jc-bg-probe" in lines[0], lines
     stamps = [r for r, _ in got if isinstance(r, tuple)]
@@ -204,3 +211,27 @@ def test_the_agents_own_installs_wait_for_the_boots(tmp_path):
     finally:
         installer.close()
         boot.stop()
+
+
+def test_a_job_starts_once_the_boots_install_is_over_and_says_if_it_failed(tmp_path):
+    """``joblib-cloud run``'s command waits as tasks do (its script may import numpy at
+    its top), and a failed install is named with its log before the command runs."""
+    from joblib_cloud.host.jobfiles import after_boot_install
+
+    home = Path(contract.home())
+    log = tmp_path / "packages.log"
+    boot = BootInstall(home, log)
+    try:
+        job = subprocess.Popen(["/bin/sh", "-c", after_boot_install("echo ran", str(home))],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        with pytest.raises(subprocess.TimeoutExpired):
+            job.wait(1.0)  # held while the install runs
+        boot.finish(ok=False)
+        out, err = job.communicate(timeout=10)
+    finally:
+        boot.stop()
+    assert out == "ran\n"
+    assert err == f"joblib-cloud: the host's install of the packages failed: see {log}\n"
+    done = subprocess.run(["/bin/sh", "-c", after_boot_install("echo ran", str(home))],
+                          capture_output=True, text=True, timeout=10)
+    assert (done.stdout, done.stderr) == ("ran\n", "")  # nothing installing: at once
