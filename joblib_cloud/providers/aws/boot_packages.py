@@ -71,9 +71,10 @@ def background_state(requirements: list[str], requirements_file: bool) -> dict[s
         todo += [normal(re.split(r"[\s<>=!~;(\[]", r, maxsplit=1)[0]) for r in requires
                  if "extra ==" not in r]
     modules -= {"joblib", "cloudpickle", "_distutils_hack"}
-    return {"state": "installing", "distributions": names + (
-        ["-r requirements.txt"] if requirements_file else []), "requirements": requirements,
-        "modules": None if requirements_file else sorted(modules), "log": PACKAGES_LOG}
+    from_file = ["-r requirements.txt"] if requirements_file else []
+    return {"state": "installing", "distributions": names + from_file,
+            "requirements": requirements + from_file,
+            "modules": None if requirements_file else sorted(modules), "log": PACKAGES_LOG}
 
 
 def normal(name: str) -> str:
