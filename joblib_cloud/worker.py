@@ -76,9 +76,10 @@ def host_versions() -> dict[str, str | None]:
 def boot_install() -> BootInstallMeta:
     """What the boot is still installing, for the client's display."""
     install = background.current()
-    if install is None:
+    if install is None or install.state == "installed":
         return {"installing": []}
-    return {"installing": install.distributions, "install_failed": not install.running}
+    return {"installing": install.distributions,
+            "install_failed": install.state != "installing" or not install.running}
 
 
 def _cpu_count() -> int:

@@ -22,6 +22,7 @@ from test_sync_packages import install_on_client
 
 from joblib_cloud.client import registry
 from joblib_cloud.config import resolve_config
+from joblib_cloud.host import background
 from joblib_cloud.host.installer import Installer
 from joblib_cloud.wire import contract
 
@@ -189,7 +190,8 @@ def test_an_install_that_died_and_a_module_it_does_not_provide_fail_at_once(
 
 def test_the_agents_own_installs_wait_for_the_boots(tmp_path):
     """One installer per environment: an INSTALL that comes while the boot installs starts
-    once that install is over (the agent's heartbeat looks again)."""
+    once the boot's install, OpenMP runtime included, is over (the agent's heartbeat looks
+    again); tasks need not wait for the OpenMP runtime."""
     import selectors
 
     answers: list = []
@@ -200,6 +202,13 @@ def test_the_agents_own_installs_wait_for_the_boots(tmp_path):
         installer.request({"id": 1, "requirements": ["--help"], "requirements_file": None})
         installer.check_deadline()
         assert installer.running is None and len(installer.queue) == 1
+        # The packages are in, the OpenMP runtime still installs (the lock is held): tasks
+        # go on, the agent's installs still wait.
+        boot.path.write_text(json.dumps({**boot.state, "state": "installed"}))
+        started = time.monotonic()
+        assert background.wait_for(MODULE) is None and time.monotonic() - started < 1
+        installer.check_deadline()
+        assert installer.running is None
         boot.finish(ok=True)
         installer.check_deadline()
         assert installer.running is not None

@@ -3,7 +3,8 @@
 The aws boot installs joblib and cloudpickle (all the agent needs), lets the client in,
 then installs the heavy packages (numpy, scipy, scikit-learn, ``packages=``...) in the
 background, describing them in the state directory's :data:`~..wire.contract.INSTALLING_FILE`
-(``flock``-ed by the installer while it runs; removed when it succeeded).  A task that
+(``flock``-ed by the installer while it runs; ``installed``, then removed, when it
+succeeded).  A task that
 fails to import a module that install provides waits for it inside its worker and runs
 again; tasks that need nothing from it run at once.  Doing it on the host keeps the
 client's ``sync_packages`` path out of it: the client never sees a module missing that
@@ -33,12 +34,14 @@ LOG_LINES = 15
 class BackgroundInstall:
     """The state file's content (see ``wire/contract.py``)."""
 
+    #: "installing", then "installed" (the OpenMP runtime may still install: ``running``)
+    #: or "failed"
     state: str
     distributions: list[str]
     requirements: list[str]
     modules: list[str] | None
     log: str
-    running: bool
+    running: bool  # the installer holds its lock
 
     def provides(self, module: str | None) -> bool:
         """May ``module`` come from this install?  Unknown (no name, or an install from a
@@ -89,7 +92,7 @@ def current(path: Path | None = None) -> BackgroundInstall | None:
                              distributions=list(data.get("distributions") or []),
                              requirements=list(data.get("requirements") or []),
                              modules=data.get("modules"), log=str(data.get("log") or ""),
-                             running=running and data.get("state") == "installing")
+                             running=running)
 
 
 def _locked(fd: int) -> bool:
@@ -116,13 +119,13 @@ def wait_for(module: str | None, limit: float = WAIT_LIMIT,
         return False
     before = install
     deadline = time.monotonic() + limit
-    while install is not None and install.running:
+    while install is not None and install.state == "installing" and install.running:
         if time.monotonic() > deadline:
             install.state = f"is still running after {limit:.0f}s"
             return install
         time.sleep(poll)
         install = current()
-    if install is not None:
+    if install is not None and install.state != "installed":
         return install
     _forget_half_installed(before)
     return None

@@ -22,12 +22,14 @@ UV = "/opt/joblib-cloud/bin/uv"
 
 
 def background_step(python: str, pins: str, flags: str, user: str, state: dict[str, Any],
-                    as_user: bool) -> str:
-    """The heavy packages, after the agent's: run in the background once the state file
-    (``wire/contract.py``) says what installs, under an exclusive ``flock`` its reader
-    tests; removed on success, marked failed otherwise.  A failure is no boot failure:
-    the tasks that need these packages fail with the log's last lines
-    (``host/background.py``)."""
+                    as_user: bool, then: str) -> str:
+    """The heavy packages, after the agent's, then ``then`` (the OpenMP runtime: run
+    alongside, its ``apt-get`` doubled the install's time): in the background once the
+    state file (``wire/contract.py``) says what installs, under an exclusive ``flock``
+    held until both are done (the agent's own installs wait for it).  The state turns
+    ``installed`` (tasks go on) or ``failed`` in place, keeping the lock's file; the file
+    goes once all is well.  A failure is no boot failure: the tasks that need these
+    packages fail with the log's last lines (``host/background.py``)."""
     installing = shlex.quote(json.dumps(state))
     # Into the venv as its owner (the agent's own installs write there too); an image's
     # interpreter (python=) takes them as root.
@@ -35,14 +37,17 @@ def background_step(python: str, pins: str, flags: str, user: str, state: dict[s
     return f"""STATE="$HOME_DIR/.joblib-cloud/{contract.INSTALLING_FILE}"
 echo {installing} > "$STATE" && chown {user}: "$STATE" && chmod 644 "$STATE"
 echo "joblib-cloud: installing {len(state['distributions'])} packages in the background"
+mark() {{ sed "s/: \\"installing\\"/: \\"$1\\"/" "$STATE" > "$STATE.t"
+  cat "$STATE.t" > "$STATE"; }}
 exec 9<"$STATE"
 flock -x 9
 (trap - ERR; set +e
  if {runner}{UV} pip install --quiet --python {python}{flags} {pins} >{PACKAGES_LOG} 2>&1
- then rm -f "$STATE"; echo "joblib-cloud: packages installed"
- else sed -i 's/"state": "installing"/"state": "failed"/' "$STATE"
-   echo "joblib-cloud: installing the packages failed:"; tail -n 5 {PACKAGES_LOG}
- fi) &
+ then mark installed; echo "joblib-cloud: packages installed"; OK=1
+ else mark failed; echo "joblib-cloud: installing the packages failed:"
+   tail -n 5 {PACKAGES_LOG}
+ fi
+ {then}[ -z "${{OK:-}}" ] || rm -f "$STATE" "$STATE.t") &
 exec 9<&-
 """
 

@@ -100,6 +100,11 @@ OPENMP=$!
 """
 
 
+_NO_OPENMP = f"""wait $OPENMP || echo "joblib-cloud: no OpenMP runtime (see \
+{ROOT}/openmp.log): LightGBM and XGBoost will not load"
+"""
+
+
 #: Starts the boot script's last line when it fails (then it powers the machine off).
 BOOT_FAILED = "joblib-cloud: boot failed"
 #: Starts the boot's console line when no interpreter at the client's minor can be had:
@@ -142,7 +147,8 @@ def _python_steps(python_minor: str, pins: str, count: int, python: str | None =
     ``pins`` (the agent's packages, or all the client's without a background install).
     With ``python=``: that interpreter, which must be at the
     client's minor, takes the packages itself (the agent runs it; no venv)."""
-    uv = f"""{_OPENMP}python3 {ROOT}/fetch_uv.py {UV_VERSION} {ROOT}/bin
+    openmp = "" if BACKGROUND_INSTALL else _OPENMP  # with it: after the heavy packages
+    uv = f"""{openmp}python3 {ROOT}/fetch_uv.py {UV_VERSION} {ROOT}/bin
 export UV_NO_CACHE=1 UV_PYTHON_INSTALL_DIR={ROOT}/python
 """
     if python:
@@ -220,13 +226,11 @@ def boot_script(user: str, python_minor: str, requirements: list[str],
                               len(agent), python) + chown
         target, flags = _target(python)
         later = background_step(target, pins, flags, user, background_state(
-            rest, requirements_file), as_user=not python)
+            rest, requirements_file), not python, _OPENMP + _NO_OPENMP)
     else:
         setup = _python_steps(python_minor, pins, len(requirements), python) + chown
     what = "Docker and the image" if image else f"uv, Python {python_minor}, the packages"
-    openmp = "" if image else f"""wait $OPENMP || echo "joblib-cloud: no OpenMP runtime (see \
-{ROOT}/openmp.log): LightGBM and XGBoost will not load"
-"""
+    openmp = "" if image or BACKGROUND_INSTALL else _NO_OPENMP
     return f"""#!/bin/bash
 # joblib-cloud boot: {what}, then SSH access.
 set -euo pipefail
