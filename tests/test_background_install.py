@@ -53,7 +53,6 @@ class BootInstall:
                  state: str = "installing", locked: bool = True) -> None:
         self.path = home / contract.INSTALLING_FILE
         self.state = {"state": state, "distributions": ["jc-bg-probe"],
-                      "requirements": ["jc-bg-probe==1.0"],
                       "modules": [MODULE] if modules is None else modules, "log": str(log)}
         self.path.write_text(json.dumps(self.state))
         self.locker = None
@@ -161,7 +160,7 @@ def test_a_failed_boot_install_fails_the_tasks_that_need_it_with_its_log(host_si
         boot.stop()
     message = str(info.value)
     assert "No module named 'jc_bg_probe'" in message, message
-    assert "installs jc-bg-probe==1.0 after the agent starts, and that install failed" \
+    assert "installs jc-bg-probe after the agent starts, and that install failed" \
         in message, message
     assert "jc-bg-probe==1.0 is not on the index" in message, message
     assert "reach the package index" in message, message

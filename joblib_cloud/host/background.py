@@ -38,7 +38,6 @@ class BackgroundInstall:
     #: or "failed"
     state: str
     distributions: list[str]
-    requirements: list[str]
     modules: list[str] | None
     log: str
     running: bool  # the installer holds its lock
@@ -60,7 +59,7 @@ class BackgroundInstall:
         except OSError as exc:
             lines = [f"(its log {self.log} cannot be read: {exc})"]
         tail = "\n".join("    " + line for line in lines[-LOG_LINES:] if line.strip())
-        return (f"the host's boot installs {', '.join(self.requirements)} after the agent "
+        return (f"the host's boot installs {', '.join(self.distributions)} after the agent "
                 f"starts, and that install {why}. It said:\n{tail or '    (nothing)'}\n"
                 "Check that the hosts reach the package index and that packages= and "
                 "requirements= name versions that exist for the hosts' Python.")
@@ -90,7 +89,6 @@ def current(path: Path | None = None) -> BackgroundInstall | None:
         return None
     return BackgroundInstall(state=str(data.get("state")),
                              distributions=list(data.get("distributions") or []),
-                             requirements=list(data.get("requirements") or []),
                              modules=data.get("modules"), log=str(data.get("log") or ""),
                              running=running)
 

@@ -31,9 +31,9 @@ HOME_SHELL = f'"${{{HOME_ENV}:-$HOME/{HOME_DEFAULT[2:]}}}"'
 #: In the state directory, while the boot installs the heavy packages after the agent may
 #: start (providers/aws/boot_packages.py writes it, host/background.py reads it): JSON
 #: ``{"state": "installing" | "installed" | "failed", "distributions": [names],
-#: "requirements": [pins], "modules": [top-level modules they provide] | null (unknown:
-#: any), "log": path}``, exclusively ``flock``-ed by the installing process for as long
-#: as it runs (the OpenMP runtime after the packages too), and removed when all went well.
+#: "modules": [top-level modules they provide] | null (unknown: any), "log": path}``,
+#: exclusively ``flock``-ed by the installing process for as long as it runs (the OpenMP
+#: runtime after the packages too), and removed when all went well.
 INSTALLING_FILE = "installing"
 
 

@@ -78,7 +78,6 @@ def background_state(requirements: list[str], requirements_file: bool) -> dict[s
     modules -= {"joblib", "cloudpickle", "_distutils_hack"}
     from_file = ["-r requirements.txt"] if requirements_file else []
     return {"state": "installing", "distributions": names + from_file,
-            "requirements": requirements + from_file,
             "modules": None if requirements_file else sorted(modules), "log": PACKAGES_LOG}
 
 
