@@ -1,21 +1,23 @@
 """Cold start: seconds from entering ``with parallel_backend('cloud', ...)`` to the first
-result, on guests that really boot the EC2 user-data (tests/support/guests.py,
-tests/support/guest_ec2.py: moto for the API, a Debian 12 machine per instance), split into stages:
+result, on one guest that really boots the EC2 user-data (tests/support/guests.py,
+tests/support/guest_ec2.py: moto for the API, a Debian 12 machine per instance), split into
+stages:
 
-  launch call    RunInstances returned (the client's launch, one call per machine)
-  cloud-init     the guest's cloud-init started (its boot up to there)
-  boot script    joblib-cloud's boot script started
-  packages       uv installed the client's packages (Python ready before that)
-  ssh allowed    the boot authorised the client's key (logins refused until then)
-  agent ready    the host's agent answered the handshake
-  first result   the first task's result reached the client
+  launch call      RunInstances returned
+  cloud-init       the guest's cloud-init started (its boot up to there)
+  boot script      joblib-cloud's boot script started
+  agent packages   uv installed joblib and cloudpickle (background install only)
+  ssh allowed      the boot authorised the client's key ("host ready")
+  agent ready      the host's agent answered the handshake
+  stdlib result    the first result of a task that needs only the standard library
+  all packages     uv installed the rest of the client's pins (numpy, scipy, ...)
+  sklearn result   the result of a scikit-learn task (a LogisticRegression fit) sent first
 
-The same run measures the previous design's boot (pip into a venv made with the
-distribution's venv module, which Debian images must install first), and a fleet of two
-with one machine held back (its boot starts ``--held-back`` seconds late), to show that
-the first results do not wait for it.  Needs root, mmdebstrap and systemd-nspawn.
+Both designs in one run: the heavy packages in the background while tasks run
+(``userdata.BACKGROUND_INSTALL``, the default), and everything installed before the host
+lets the client in (the previous design).  Needs root, mmdebstrap and systemd-nspawn.
 
-    python bench/cold_start.py [--rounds 1] [--held-back 120]
+    python bench/cold_start.py [--rounds 1]
 """
 
 from __future__ import annotations
@@ -50,21 +52,21 @@ REGION = "us-east-1"
 #: "[   3.13] cloud-init[113]: ..." (a login prompt may stand before it on the line)
 CONSOLE_LINE = re.compile(r"\[\s*([0-9.]+)\]\s+(.*)$")
 MARKS = {"cloud-init": "running 'init-local'", "boot script": "joblib-cloud: boot started",
-         "packages": "joblib-cloud: packages installed", "ssh allowed": "joblib-cloud: host ready"}
-STAGES = ["launch call", *MARKS, "agent ready", "first result"]
+         "agent packages": "joblib-cloud: the agent's packages installed",
+         "ssh allowed": "joblib-cloud: host ready",
+         "all packages": "joblib-cloud: packages installed"}
+STAGES = ["launch call", "cloud-init", "boot script", "agent packages", "ssh allowed",
+          "agent ready", "stdlib result", "all packages", "sklearn result"]
 
 
-def pip_steps(python_minor: str, pins: str, count: int) -> str:
-    """The previous design's boot: the distribution's venv module, then pip."""
-    return f"""PY=python{python_minor}
-if command -v apt-get >/dev/null; then
-  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $PY-venv
-fi
-$PY -m venv {userdata.VENV}
-echo "joblib-cloud: installing {count} packages"
-{userdata.HOST_PYTHON} -m pip install --quiet --no-cache-dir {pins}
-echo "joblib-cloud: packages installed"
-"""
+def fit_score(X, y) -> float:
+    from sklearn.linear_model import LogisticRegression
+
+    return float(LogisticRegression(max_iter=300).fit(X, y).score(X, y))
+
+
+def stdlib_task(i: int) -> int:
+    return i * i
 
 
 def console_marks(guest) -> dict[str, float]:
@@ -80,12 +82,10 @@ def console_marks(guest) -> dict[str, float]:
     return found
 
 
-def one_run(workdir: Path, hosts: int, held_back: float = 0.0) -> dict:
-    """Seconds from the ``with`` block to each stage (the earliest host), and when the
-    held-back guest started booting."""
+def one_run(workdir: Path, background: bool) -> dict[str, float]:
+    """Seconds from the ``with`` block to each stage."""
+    userdata.BACKGROUND_INSTALL = background
     fake = GuestEC2(workdir, REGION)
-    if held_back:
-        fake.boot_delays = [0.0] * (hosts - 1) + [held_back]
     real = botocore.client.BaseClient._make_api_call
     launch_done: list[float] = []
 
@@ -95,76 +95,65 @@ def one_run(workdir: Path, hosts: int, held_back: float = 0.0) -> dict:
             launch_done.append(time.time())
         return result
 
-    settings = {"provider": "aws", "instance": "C2", "n": hosts, "region": REGION,
-                "ingress_cidr": "198.51.100.7/32", "cluster": f"cold{hosts}{int(held_back)}",
-                "workers_per_host": 2}
-    joined: dict[str, float] = {}
+    settings = {"provider": "aws", "instance": "C2", "n": 1, "region": REGION,
+                "ingress_cidr": "198.51.100.7/32", "workers_per_host": 2,
+                "cluster": f"cold{'bg' if background else 'fg'}{int(time.time()) % 100000}"}
+    from sklearn.datasets import make_classification
+
+    X, y = make_classification(n_samples=300, n_features=8, random_state=0)
+    stages: dict[str, float] = {}
     with mock_aws():
         botocore.client.BaseClient._make_api_call = wrapped
         provisioner.set_address_hook(fake.address)
         try:
             start = time.time()
             with parallel_backend("cloud", **settings):
-                results = Parallel(return_as="generator")(
-                    delayed(os.getpid)() for _ in range(8))
-                next(iter(results))
-                first = time.time()
-                list(results)
+                results = Parallel(return_as="generator_unordered", batch_size=1)(
+                    [delayed(fit_score)(X, y)] + [delayed(stdlib_task)(i) for i in range(8)])
+                for result in results:
+                    kind = "sklearn result" if isinstance(result, float) else "stdlib result"
+                    stages.setdefault(kind, time.time() - start)
             cluster = registry.get_cluster(joblib_cloud.config.resolve_config(**settings))
-            for host in cluster.hosts:
-                joined[host.name] = host.joined_at
+            stages["agent ready"] = min(h.joined_at for h in cluster.hosts) - start
         finally:
             registry.close_all()
             fake.stop_all()
             botocore.client.BaseClient._make_api_call = real
             provisioner.set_address_hook(None)
-    guests = sorted(fake.guests.values(), key=lambda g: g.started_at or float("inf"))
-    marks = [console_marks(g) for g in guests]
-    stages = {"launch call": launch_done[0] - start}
+            userdata.BACKGROUND_INSTALL = True
+    (guest,) = fake.guests.values()
+    marks = console_marks(guest)
+    stages["launch call"] = launch_done[0] - start
     for stage in MARKS:
-        times = [m[stage] for m in marks if stage in m]
-        stages[stage] = min(times) - start if times else float("nan")
-    stages["agent ready"] = min(joined.values(), default=first) - start
-    stages["first result"] = first - start
-    late = [g for g in fake.guests.values() if g.delay]
-    # When its boot starts (or was to start: the call may be over before it does).
-    stages["held-back guest boots"] = (
-        (late[0].started_at or late[0].created_at + late[0].delay) - start if late else None)
+        stages[stage] = marks[stage] - start if stage in marks else float("nan")
     return stages
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--rounds", type=int, default=1)
-    parser.add_argument("--held-back", type=float, default=120.0)
     args = parser.parse_args()
     reason = tools_missing()
     if reason:
         raise SystemExit(f"cold_start needs guests: {reason}")
     base_image()
-    print(f"cold start on guests (Debian 12, cloud-init, systemd, sshd), {os.cpu_count()} "
+    print(f"cold start on one guest (Debian 12, cloud-init, systemd, sshd), {os.cpu_count()} "
           f"cores; median of {args.rounds}; seconds from entering the with block")
-    scenarios = {"uv, 1 host": (1, 0.0, False), "uv, 2 hosts": (2, 0.0, False),
-                 "pip (previous), 1 host": (1, 0.0, True),
-                 f"uv, 2 hosts, one {args.held_back:.0f}s late": (2, args.held_back, False)}
-    rows = {}
-    original = userdata._python_steps
-    for name, (hosts, held_back, pip) in scenarios.items():
-        runs = []
-        for _ in range(args.rounds):
-            userdata._python_steps = pip_steps if pip else original
+    scenarios = {"heavy packages in the background": True,
+                 "everything before ready (previous)": False}
+    runs: dict[str, list[dict[str, float]]] = {name: [] for name in scenarios}
+    for _ in range(args.rounds):  # the designs in turns, so the machine's load hits both
+        for name, background in scenarios.items():
             with tempfile.TemporaryDirectory() as tmp:
-                runs.append(one_run(Path(tmp), hosts, held_back))
-        userdata._python_steps = original
-        rows[name] = {k: statistics.median(r[k] for r in runs) if runs[0][k] is not None
-                      else None for k in runs[0]}
+                runs[name].append(one_run(Path(tmp), background))
+            print(f"  {name}: " + ", ".join(f"{s} {runs[name][-1][s]:.1f}" for s in STAGES)
+                  + f" (load {os.getloadavg()[0]:.1f})", flush=True)
+    rows = {name: {k: statistics.median(r[k] for r in rs) for k in STAGES}
+            for name, rs in runs.items()}
     width = max(len(n) for n in rows)
-    print(" " * width + "  " + "  ".join(f"{s:>12}" for s in STAGES))
+    print(" " * width + "  " + "  ".join(f"{s:>14}" for s in STAGES))
     for name, row in rows.items():
-        print(f"{name:<{width}}  " + "  ".join(f"{row[s]:12.1f}" for s in STAGES))
-        if row["held-back guest boots"] is not None:
-            print(f"{'':<{width}}  first result at {row['first result']:.1f}s; the "
-                  f"held-back guest's boot starts at {row['held-back guest boots']:.1f}s")
+        print(f"{name:<{width}}  " + "  ".join(f"{row[s]:14.1f}" for s in STAGES))
 
 
 if __name__ == "__main__":

@@ -24,6 +24,7 @@ from typing import Any
 
 from joblib.parallel import ParallelBackendBase
 
+from .host import background
 from .host.fetch_object import Fetcher
 from .host.installer import Installer
 from .host.task_runner import CORES_PER_WORKER_ENV
@@ -32,6 +33,7 @@ from .wire import contract
 from .wire.protocol import (
     AGENT_MAGIC,
     PROTOCOL_VERSION,
+    BootInstallMeta,
     ConfigMeta,
     FetchedMeta,
     FrameReader,
@@ -72,6 +74,15 @@ def host_versions() -> dict[str, str | None]:
     return versions
 
 
+def boot_install() -> BootInstallMeta:
+    """What the boot is still installing, for the client's display."""
+    install = background.current()
+    if install is None or install.state == "installed":
+        return {"installing": []}
+    return {"installing": install.distributions,
+            "install_failed": install.state != "installing" or not install.running}
+
+
 def _cpu_count() -> int:
     """The cores this process may use (joblib reads cgroup and affinity limits)."""
     import joblib
@@ -104,6 +115,7 @@ class Agent:
         self.last_work = time.monotonic()
         self.work_touched = 0.0  # when ``last_work`` was last written to the activity file
         self.fetches = 0  # downloads asked for and not yet answered
+        self.boot_install = boot_install()  # as the client last heard it
         self.done = False
 
     # ------------------------------------------------------------------ sending
@@ -261,7 +273,12 @@ class Agent:
             self.send(Kind.IDLE, stop)  # type: ignore[arg-type]
             self.done = True
             return
-        self.send(Kind.PING)
+        install = boot_install() if self.boot_install["installing"] else self.boot_install
+        if install != self.boot_install:  # the client's display says what still installs
+            self.boot_install = install
+            self.send(Kind.PING, dict(install))
+        else:
+            self.send(Kind.PING)
         (self.home / contract.ATTACHED_FILE).touch(mode=0o600)
         if self.last_work > self.work_touched:  # the kill switch's clock: work only
             (self.home / contract.ACTIVITY_FILE).touch(mode=0o600)
@@ -276,7 +293,8 @@ class Agent:
         os.write(self.out_fd, AGENT_MAGIC)
         cores = _cpu_count()
         hello: HelloMeta = {"protocol": PROTOCOL_VERSION, "versions": host_versions(),
-                            "cpu_count": cores, "pid": os.getpid(), "home": str(self.home)}
+                            "cpu_count": cores, "pid": os.getpid(), "home": str(self.home),
+                            **self.boot_install}
         self.send(Kind.HELLO, hello)
         kind, meta, _ = self.reader.read()
         if kind != Kind.CONFIG:

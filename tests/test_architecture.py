@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from joblib_cloud import provisioner
-from joblib_cloud.host import jobhost, watchdog
+from joblib_cloud.host import jobfiles, jobhost, watchdog
 from joblib_cloud.wire import contract
 
 PACKAGE = Path(provisioner.__file__).parent
@@ -175,6 +175,7 @@ def test_shipped_scripts_agree_with_the_package_on_shared_names():
     assert watchdog.HOME_ENV == jobhost.HOME_ENV == contract.HOME_ENV
     assert watchdog.ACTIVITY_FILE == jobhost.ACTIVITY_FILE == contract.ACTIVITY_FILE
     assert watchdog.ATTACHED_FILE == contract.ATTACHED_FILE
+    assert jobfiles.INSTALLING_FILE == contract.INSTALLING_FILE
     assert contract.HOME_DEFAULT == jobhost.HOME_DEFAULT == f"~/{watchdog.HOME_DIRNAME}"
     assert jobhost.LENGTH_PREFIX == contract.LENGTH_PREFIX
     assert (PACKAGE / (contract.AGENT_MODULE.split(".", 1)[1] + ".py")).is_file()

@@ -194,10 +194,13 @@ def test_cloud_init_accepts_every_rendered_user_data(tmp_path, family):
         assert syntax.returncode == 0, (name, syntax.stderr)
 
 
-def test_a_boot_that_fails_powers_off_and_the_client_says_why(guest_ec2):
-    """A package that does not exist: the boot script fails, the machine powers itself
-    off, and the client raises with the state reason and the boot's last console lines
-    within about a minute, instead of retrying SSH for the whole boot_timeout."""
+def test_a_boot_that_fails_powers_off_and_the_client_says_why(guest_ec2, monkeypatch):
+    """A package that does not exist, installed before the host lets the client in (the
+    boot without a background install; with one, see test_guests_coldstart.py): the boot
+    script fails, the machine powers itself off, and the client raises with the state
+    reason and the boot's last console lines within about a minute, instead of retrying
+    SSH for the whole boot_timeout."""
+    monkeypatch.setattr(userdata, "BACKGROUND_INSTALL", False)
     settings = _settings("badboot", n=1, packages=["joblib-cloud-no-such-package==0.0.1"])
     started = time.monotonic()
     try:
@@ -218,9 +221,12 @@ def test_a_boot_that_fails_powers_off_and_the_client_says_why(guest_ec2):
                              states=("pending", "running")) == []
 
 
-def test_a_hung_boot_refuses_logins_and_is_stopped_by_its_deadline(guest_ec2, tmp_path):
-    """The install hangs (a package index that never answers): SSH logins stay refused,
-    the boot deadline powers the machine off, and the client raises instead of waiting."""
+def test_a_hung_boot_refuses_logins_and_is_stopped_by_its_deadline(guest_ec2, tmp_path,
+                                                                  monkeypatch):
+    """The install hangs (a package index that never answers) before the host lets the
+    client in: SSH logins stay refused, the boot deadline powers the machine off, and the
+    client raises instead of waiting."""
+    monkeypatch.setattr(userdata, "BACKGROUND_INSTALL", False)
     with socket.socket() as silent:  # accepts connections into its backlog, never answers
         silent.bind(("127.0.0.1", 0))
         silent.listen(16)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -21,6 +21,15 @@ HOST_STATES = ("waiting", "booting", "connecting", "starting agent", "installing
 def usd(amount: float) -> str:
     """Dollars, with the cents that matter for small amounts too."""
     return f"${amount:.2f}" if amount >= 0.1 else f"${amount:.4f}"
+
+
+def installing(meta: Mapping[str, Any]) -> str:
+    """A ready host's detail from what its boot still installs (HELLO, then PINGs)."""
+    names = meta.get("installing") or []
+    if not names:
+        return ""
+    return ("install failed: " if meta.get("install_failed") else "installing ") + \
+        ", ".join(names)
 
 
 @dataclass
@@ -138,6 +147,9 @@ class Board:
         ready = [r for r in rows if r.state == "ready"]
         parts = [f"{len(ready)} of {len(rows)} hosts ready, "
                  f"{sum(r.workers for r in ready)} workers"] if rows else [self.stage]
+        details = [r.detail for r in ready if r.detail]
+        if details:  # the boot's background install: ``installing numpy, scipy (2 hosts)``
+            parts.append(details[0] + (f" ({len(details)} hosts)" if len(details) > 1 else ""))
         done, total = self.tasks()
         if self.parallel is not None:
             parts.append(f"{done}/{total if total is not None else '?'} tasks")

@@ -194,15 +194,17 @@ class Cluster(Dispatch):
             resolve(job, exc=error)
         self.close()
 
-    def result_came(self, host: object, job: Batch) -> None:
-        assert isinstance(host, HostSession)
+    def result_came(self, host: HostSession, job: Batch) -> None:
         if self.progress is not None:
             self.progress.task_done(host.name, job.size)
             if self.announce_first_result:  # the fleet is still coming up: say it works
                 self.first_result()
 
-    def host_stopped_idle(self, host: object, seconds: float) -> None:
-        assert isinstance(host, HostSession)
+    def host_installing(self, host: HostSession, detail: str) -> None:
+        if self.progress is not None:
+            self.progress.host(host.name, "ready", host.workers, detail)
+
+    def host_stopped_idle(self, host: HostSession, seconds: float) -> None:
         self.stopped_idle = (f"stopped after {seconds:.0f}s without work "
                              f"(idle_timeout={self.config.idle_timeout:g})")
         self.host_lost(host, self.stopped_idle)

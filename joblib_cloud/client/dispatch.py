@@ -113,8 +113,7 @@ class Dispatch:
                 return
 
     # -- the scheduler, as a host's session sees it (``scheduling.Scheduler``) ---------
-    def next_batch(self, host: object) -> Batch | None:
-        assert isinstance(host, HostSession)
+    def next_batch(self, host: HostSession) -> Batch | None:
         if not self.pending or not self._may_take(host):
             return None
         job = self.pending.popleft()
@@ -124,21 +123,17 @@ class Dispatch:
             self.wake_one(exclude=host)
         return job
 
-    def more_for(self, host: object) -> bool:
-        assert isinstance(host, HostSession)
+    def more_for(self, host: HostSession) -> bool:
         return bool(self.pending) and self._may_take(host)
 
-    def running(self, host: object, batch_id: int) -> Batch | None:
-        assert isinstance(host, HostSession)
+    def running(self, host: HostSession, batch_id: int) -> Batch | None:
         with self.lock:
             return self._running.get(host, {}).get(batch_id)
 
-    def running_on(self, host: object) -> Mapping[int, Batch]:
-        assert isinstance(host, HostSession)
+    def running_on(self, host: HostSession) -> Mapping[int, Batch]:
         return self._running.get(host, {})
 
-    def finished(self, host: object, batch_id: int) -> Batch | None:
-        assert isinstance(host, HostSession)
+    def finished(self, host: HostSession, batch_id: int) -> Batch | None:
         self.last_work = time.monotonic()
         with self.lock:
             running = self._running.get(host)
@@ -149,8 +144,7 @@ class Dispatch:
                     host.wake()
         return job
 
-    def refs_running_on(self, host: object) -> set[str]:
-        assert isinstance(host, HostSession)
+    def refs_running_on(self, host: HostSession) -> set[str]:
         with self.lock:
             return set().union(*(j.refs for j in self._running.get(host, {}).values()))
 

@@ -23,6 +23,7 @@ from .. import provisioner
 from ..config import FLEET_FIELDS, CloudConfig  # FLEET_FIELDS: Setting.fleet
 from ..jobs.docker import docker_python
 from ..provisioner import Fleet, HostTarget
+from .board import installing
 from .cluster import Cluster
 from .link_rates import delivery_rate
 from .progress import Progress
@@ -155,7 +156,7 @@ def _join(cluster: Cluster, fleet: Fleet, target: HostTarget, config: CloudConfi
                             "`joblib-cloud down` removes it", target.name, error)
         return
     cluster.join(session)
-    progress.host(target.name, "ready", session.workers)
+    progress.host(target.name, "ready", session.workers, installing(session.hello))
     ready = len(cluster.alive_hosts)
     spent = fleet.spent()
     message = (f"{ready} of {total} hosts ready, {cluster.n_workers} workers"

@@ -52,6 +52,9 @@ class Scheduler(Protocol[Host]):
     def host_lost(self, host: Host, reason: str) -> None:
         """The host is gone: its batches go back to the queue."""
 
+    def host_installing(self, host: Host, detail: str) -> None:
+        """What the host's boot still installs changed (shown beside its state)."""
+
     def host_stopped_idle(self, host: Host, seconds: float) -> None:
         """The agent exits after ``idle_timeout`` without work."""
 

@@ -12,12 +12,13 @@ packet's data (``paramiko_fast``); over a pipe, a thread of ours.
 from __future__ import annotations
 
 import pickle
+import platform
 import re
 import sys
 import threading
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from typing import TYPE_CHECKING, Any, cast
 
 from ..config import CloudConfig
@@ -44,6 +45,7 @@ from ..wire.protocol import (
 )
 from ..worker import host_versions
 from .batch import Batch, resolve, result_error
+from .board import installing
 from .outbound import Outbound
 from .packages import HostPackages
 from .streams import AgentStream, agent_preamble
@@ -56,10 +58,12 @@ if TYPE_CHECKING:
     from .ssh import SSHConnection
 
 
-def check_versions(host: str, remote: dict[str, str | None]) -> None:
-    """Refuse a host whose Python minor or cloudpickle differs; warn on other packages."""
+def check_versions(host: str, remote: dict[str, str | None],
+                   installing: Collection[str] = ()) -> None:
+    """Refuse a host whose Python minor or cloudpickle differs; warn on other packages
+    (not those its boot is still ``installing``: tasks that import them wait)."""
     local = host_versions()
-    py_l, py_r = local["python"], remote.get("python") or "?"
+    py_l, py_r = platform.python_version(), remote.get("python") or "?"
     if py_l.split(".")[:2] != py_r.split(".")[:2]:
         raise EnvironmentMismatchError(
             f"host {host} runs Python {py_r} but this client runs Python {py_l}: pickled "
@@ -72,7 +76,7 @@ def check_versions(host: str, remote: dict[str, str | None]) -> None:
             "on the host (packages=[...] on aws).")
     others = [(name, version, remote.get(name)) for name, version in local.items()
               if name not in ("python", "cloudpickle") and version is not None
-              and remote.get(name) != version]
+              and remote.get(name) != version and name not in installing]
     differ = [f"{name} {theirs} (this client: {mine})" for name, mine, theirs in others
               if theirs]
     missing = [f"{name} {mine}" for name, mine, theirs in others if not theirs]
@@ -170,7 +174,7 @@ class HostSession:
         if kind != Kind.HELLO or hello.get("protocol") != PROTOCOL_VERSION:
             raise HostConnectError(f"host {self.name} speaks another protocol: {hello!r}")
         self.hello = hello
-        check_versions(self.name, hello["versions"])
+        check_versions(self.name, hello["versions"], hello.get("installing", ()))
         self.cpu_count = int(hello["cpu_count"])
         settings: ConfigMeta = {"workers": config.workers_per_host,
                                 "max_result_size": config.max_result_size,
@@ -336,6 +340,8 @@ class HostSession:
                 self.last_recv = time.monotonic()
         elif kind == Kind.OUTPUT:
             self._print(frame_meta(frame)["stream"], bytes(frame_data(frame)))
+        elif kind == Kind.PING and (meta := frame_meta(frame)):
+            self.scheduler.host_installing(self, installing(meta))
         elif kind == Kind.INSTALLED:
             self.packages.on_installed(cast("InstalledMeta", frame_meta(frame)))
         elif kind == Kind.FETCHED:

@@ -3,7 +3,8 @@
 An install takes seconds to minutes, and the agent has one thread: the installer is a
 subprocess whose output pipe the event loop watches like any other, so heartbeats and
 other batches go on meanwhile.  Requests run one at a time (two installers writing into one
-environment at once can break it), in the order they came.
+environment at once can break it), in the order they came, and after the boot's own
+background install (``background.py``) has ended.
 
 The installer is uv when there is one (the aws boot puts it at :data:`MANAGED_UV`; else
 ``uv`` on PATH), else pip of the agent's interpreter.  Both read their usual environment
@@ -24,6 +25,7 @@ import time
 from collections.abc import Callable
 
 from ..wire.protocol import InstalledMeta, InstallMeta
+from . import background
 
 #: Where the aws boot script installs uv (providers/aws/userdata.py: ``{ROOT}/bin``).
 MANAGED_UV = "/opt/joblib-cloud/bin/uv"
@@ -85,6 +87,8 @@ class Installer:
         self._start_next()
 
     def _start_next(self) -> None:
+        if self.queue and self._boot_installing():
+            return  # one installer per environment: the heartbeat looks again
         while self.running is None and self.queue:
             meta = self.queue.popleft()
             try:
@@ -129,8 +133,16 @@ class Installer:
             returncode = run.proc.wait()
         self._finish(returncode == 0, f"exit code {returncode}" if returncode else "")
 
+    @staticmethod
+    def _boot_installing() -> bool:
+        install = background.current()
+        return install is not None and install.running
+
     def check_deadline(self) -> None:
-        """Called on the agent's heartbeat: stop an installer that hangs."""
+        """Called on the agent's heartbeat: stop an installer that hangs; start requests
+        held while the boot's own install ran."""
+        if self.running is None:
+            self._start_next()
         run = self.running
         if run is not None and time.monotonic() > run.deadline:
             _kill(run.proc)

@@ -17,6 +17,7 @@ import hashlib
 import io
 import json
 import os
+import shlex
 import shutil
 import stat
 import subprocess
@@ -27,6 +28,8 @@ import zipfile
 #: Never outputs: caches Python writes as a side effect of importing workspace modules.
 SKIP_DIRS = frozenset({"__pycache__", ".git", ".pytest_cache", ".ipynb_checkpoints"})
 MANIFEST = "manifest.json"
+#: The aws boot's background install (wire/contract.py INSTALLING_FILE, in the state dir).
+INSTALLING_FILE = "installing"
 #: Credentials and settings for the job's own backend: removed once the job ends.
 CLOUD_DIR = "cloud"
 
@@ -287,3 +290,14 @@ def run_probe(env: dict, *args: str, wait: bool = True):  # noqa: ANN201
 def remove_cloud_files(directory: str) -> None:
     """The job ended: what let it reach the siblings goes with it."""
     shutil.rmtree(os.path.join(directory, CLOUD_DIR), ignore_errors=True)
+
+
+def after_boot_install(command: str, home: str) -> str:
+    """``command`` once the aws boot's background install is over (its state file stays
+    ``flock``-ed while it runs), as tasks wait for it, so a job's script finds numpy and
+    the rest; a failed install is said first, with where its log is."""
+    state = shlex.quote(os.path.join(home, INSTALLING_FILE))
+    return (f'if [ -e {state} ]; then flock -s {state} true 2>/dev/null; grep -q \'"failed"\' '
+            f'{state} 2>/dev/null && echo "joblib-cloud: the host\'s install of the packages '
+            f'failed: see $(sed \'s/.*"log": "\\([^"]*\\)".*/\\1/\' {state})" >&2; fi\n'
+            f'{command}')

@@ -260,12 +260,12 @@ def supervise(directory: str) -> None:
     os.dup2(log, 1)
     os.dup2(log, 2)
     spec = json.loads(read(os.path.join(directory, "command.json")) or "{}")
-    env = job_env(directory)
-    code: int
+    env, code = job_env(directory), 0
     try:
         with open(os.path.join(directory, "stdout.log"), "ab") as out, \
                 open(os.path.join(directory, "stderr.log"), "ab") as err:
-            proc = subprocess.Popen(["/bin/sh", "-c", spec["command"]],
+            command = files().after_boot_install(spec["command"], os.path.dirname(jobs_root()))
+            proc = subprocess.Popen(["/bin/sh", "-c", command],
                                     cwd=os.path.join(directory, "workspace"), env=env,
                                     stdin=subprocess.DEVNULL, stdout=out, stderr=err,
                                     start_new_session=True)

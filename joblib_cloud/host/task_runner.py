@@ -16,6 +16,7 @@ import cloudpickle
 
 from ..wire.cached import loads_batch
 from ..wire.protocol import FrameReader, Kind, ResultMeta, Status, WorkerReadyMeta, encode
+from . import background
 from .worker_pool import write_all
 
 CORES_PER_WORKER_ENV = "JOBLIB_CLOUD_CORES_PER_WORKER"
@@ -55,25 +56,56 @@ def _line_buffered_output() -> None:
 
 def run_batch(payload: bytes | memoryview, cache_dir: str, max_result_size: int,
               inner_threads: int | None = None) -> tuple[ResultMeta, bytes]:
-    """Run one cloudpickled batch; return the result frame's ``(meta, data)``."""
+    """Run one cloudpickled batch; return the result frame's ``(meta, data)``.  A batch
+    that fails to import a module the boot is still installing (``host/background.py``)
+    waits for that install and runs again."""
     _line_buffered_output()
+    while True:
+        stage, outcome = _run_once(payload, cache_dir, inner_threads)
+        # While the boot installs, a half-written module can fail in other ways too
+        # (a truncated file): any failure to unpickle, and ImportError anywhere.
+        if stage == "ran" or not (isinstance(outcome, ImportError) or (
+                stage == "unpickling" and isinstance(outcome, Exception))):
+            break
+        install = background.wait_for(outcome.name if isinstance(outcome, ImportError)
+                                      else None)
+        if install is False:
+            break
+        if install is not None:  # it failed: so does the batch, saying why
+            kind = type(outcome) if type(outcome) in (ModuleNotFoundError, ImportError) \
+                else ImportError
+            error = kind(f"{_safe_str(outcome)}: {install.failure()}",
+                         name=outcome.name if isinstance(outcome, ImportError) else None)
+            error.__cause__ = outcome
+            return _error(error)
+    if stage == "ran":
+        return _result(outcome, max_result_size)
+    meta, data = _error(outcome)
+    if stage == "unpickling" and isinstance(outcome, ModuleNotFoundError) and outcome.name:
+        meta["missing_module"] = outcome.name  # the client may install it (sync_packages)
+    return meta, data
+
+
+def _run_once(payload: bytes | memoryview, cache_dir: str,
+              inner_threads: int | None) -> tuple[str, Any]:
+    """``("ran", result)``, or the exception raised while ``"unpickling"`` or
+    ``"running"`` the batch."""
     try:
         batch = _loads(payload, cache_dir)
     except BaseException as exc:  # noqa: BLE001 - reported to the client, not swallowed
-        meta, data = _error(exc)
-        if isinstance(exc, ModuleNotFoundError) and exc.name:
-            meta["missing_module"] = exc.name
-        return meta, data
+        return "unpickling", exc
     try:
         if inner_threads:
             from threadpoolctl import threadpool_limits
 
             with threadpool_limits(inner_threads):
-                result = batch()
-        else:
-            result = batch()
+                return "ran", batch()
+        return "ran", batch()
     except BaseException as exc:  # noqa: BLE001
-        return _error(exc)
+        return "running", exc
+
+
+def _result(result: Any, max_result_size: int) -> tuple[ResultMeta, bytes]:
     try:
         data = _dumps_result(result)
     except BaseException as exc:  # noqa: BLE001

@@ -28,6 +28,14 @@ LENGTH_PREFIX = 8
 #: ``$H`` for shell commands: the state directory, as a double-quoted shell expression.
 HOME_SHELL = f'"${{{HOME_ENV}:-$HOME/{HOME_DEFAULT[2:]}}}"'
 
+#: In the state directory, while the boot installs the heavy packages after the agent may
+#: start (providers/aws/boot_packages.py writes it, host/background.py reads it): JSON
+#: ``{"state": "installing" | "installed" | "failed", "distributions": [names],
+#: "modules": [top-level modules they provide] | null (unknown: any), "log": path}``,
+#: exclusively ``flock``-ed by the installing process for as long as it runs (the OpenMP
+#: runtime after the packages too), and removed when all went well.
+INSTALLING_FILE = "installing"
+
 
 def home() -> str:
     """The state directory, as the environment says (not created)."""
@@ -36,3 +44,4 @@ def home() -> str:
 
 def length_prefix(blob: bytes) -> bytes:
     return len(blob).to_bytes(LENGTH_PREFIX, "big")
+

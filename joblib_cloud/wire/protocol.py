@@ -33,7 +33,7 @@ class Kind(enum.IntEnum):
     PUT = 5  # client -> agent: PutMeta, data = one chunk of a cached object
     EVICT = 6  # client -> agent: EvictMeta
     ABORT = 7  # client -> agent: AbortMeta (kill the workers running these batches)
-    PING = 8  # both ways, no meta: "still here"
+    PING = 8  # both ways: "still here"; the agent's may carry a BootInstallMeta
     OUTPUT = 10  # agent -> client: OutputMeta, data = what tasks printed
     BYE = 11  # client -> agent, no meta: exit now
     READY = 12  # agent -> client: ReadyMeta; worker -> agent: WorkerReadyMeta
@@ -55,7 +55,15 @@ class Status(str, enum.Enum):
     CANCELLED = "cancelled"  # aborted by the client
 
 
-class HelloMeta(TypedDict):
+class BootInstallMeta(TypedDict, total=False):
+    """What the host's boot is still installing (``host/background.py``): in HELLO, and
+    in a PING whenever it changed."""
+
+    installing: list[str]  # distribution names; empty: nothing (any more)
+    install_failed: bool
+
+
+class HelloMeta(BootInstallMeta):
     protocol: int
     versions: dict[str, str | None]
     cpu_count: int

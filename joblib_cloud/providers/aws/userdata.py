@@ -14,10 +14,14 @@ Order matters for safety and for the client's wait:
    left), and at the same deadline.
 3. The boot script fetches uv (a wheel from the package index, digest checked), makes a
    virtual environment with the distribution's Python at the client's minor version (uv's
-   standalone Python where the distribution has none) and installs the client's package
-   versions into ``/opt/joblib-cloud/venv``.  Its output goes to the console too, so a
-   failure shows in EC2's console output; a failure powers the machine off.
-4. Only then is the client's public key authorised: until that moment SSH logins are
+   standalone Python where the distribution has none) and installs the client's joblib
+   and cloudpickle into ``/opt/joblib-cloud/venv``: all the agent needs.  Its output goes
+   to the console too, so a failure shows in EC2's console output; a failure powers the
+   machine off.
+4. The rest of the client's pins, ``packages=`` and ``requirements=`` install in the
+   background, described by the state file that ``host/background.py`` reads: tasks that
+   need them wait for them on the host; a failure there fails those tasks, not the boot.
+5. Only then is the client's public key authorised: until that moment SSH logins are
    refused, which the client treats as "still booting" and retries.
 
 The document is ``#cloud-config`` followed by JSON (a subset of YAML), so it needs no YAML
@@ -31,12 +35,14 @@ import gzip
 import importlib.metadata
 import json
 import platform
+import re
 import shlex
 import time
 from pathlib import Path
 from typing import Any
 
 from ...host import fetch_uv, watchdog
+from .boot_packages import background_state, background_step, normal
 
 ROOT = "/opt/joblib-cloud"
 VENV = f"{ROOT}/venv"
@@ -51,6 +57,13 @@ CLIENT_PACKAGES = ("joblib", "cloudpickle", "loky", "numpy", "scipy", "scikit-le
 SSHD_CONFIG = "/etc/ssh/sshd_config.d/01-joblib-cloud.conf"
 CLIENT_KEY_PATH = f"{ROOT}/client_key.pub"
 UV_VERSION = "0.13.9"
+#: What the agent needs: installed before the host lets the client in.  With
+#: :data:`BACKGROUND_INSTALL`, the rest of the client's pins, ``packages=`` and
+#: ``requirements=`` install afterwards while tasks already run (``host/background.py``);
+#: without it, everything installs first (``bench/cold_start.py`` compares the two).
+AGENT_PACKAGES = ("joblib", "cloudpickle")
+BACKGROUND_INSTALL = True
+BREAK = " --break-system-packages"
 MAX_USER_DATA = 16 * 1024  # EC2's limit, before base64
 
 
@@ -87,6 +100,11 @@ OPENMP=$!
 """
 
 
+_NO_OPENMP = f"""wait $OPENMP || echo "joblib-cloud: no OpenMP runtime (see \
+{ROOT}/openmp.log): LightGBM and XGBoost will not load"
+"""
+
+
 #: Starts the boot script's last line when it fails (then it powers the machine off).
 BOOT_FAILED = "joblib-cloud: boot failed"
 #: Starts the boot's console line when no interpreter at the client's minor can be had:
@@ -116,20 +134,21 @@ def _no_python(python_minor: str) -> str:
 
 
 def _install(python: str, pins: str, count: int, flags: str = "") -> str:
-    """The client's packages into ``python``, while the OpenMP runtime installs."""
+    """``pins`` into ``python``, while the OpenMP runtime installs."""
+    what = "the agent's packages" if BACKGROUND_INSTALL else "packages"
     return f"""echo "joblib-cloud: installing {count} packages"
 {ROOT}/bin/uv pip install --quiet --python {python}{flags} {pins}
-echo "joblib-cloud: packages installed"
-wait $OPENMP || echo "joblib-cloud: no OpenMP runtime (see {ROOT}/openmp.log): LightGBM and \\
-XGBoost will not load"
+echo "joblib-cloud: {what} installed"
 """
 
 
 def _python_steps(python_minor: str, pins: str, count: int, python: str | None = None) -> str:
     """uv, then a venv with the distribution's Python (else uv's standalone one), then
-    the client's packages.  With ``python=``: that interpreter, which must be at the
+    ``pins`` (the agent's packages, or all the client's without a background install).
+    With ``python=``: that interpreter, which must be at the
     client's minor, takes the packages itself (the agent runs it; no venv)."""
-    uv = f"""{_OPENMP}python3 {ROOT}/fetch_uv.py {UV_VERSION} {ROOT}/bin
+    openmp = "" if BACKGROUND_INSTALL else _OPENMP  # with it: after the heavy packages
+    uv = f"""{openmp}python3 {ROOT}/fetch_uv.py {UV_VERSION} {ROOT}/bin
 export UV_NO_CACHE=1 UV_PYTHON_INSTALL_DIR={ROOT}/python
 """
     if python:
@@ -137,7 +156,7 @@ export UV_NO_CACHE=1 UV_PYTHON_INSTALL_DIR={ROOT}/python
 PYTHON=$(command -v "$GIVEN") || no_python "python=$GIVEN is not on this image" $LINENO
 GOT=$("$PYTHON" -c 'import sys; print("%d.%d" % sys.version_info[:2])')
 [ "$GOT" = {python_minor} ] || no_python "python=$GIVEN is Python $GOT" $LINENO
-{uv}{_install('"$PYTHON"', pins, count, " --break-system-packages")}"""
+{uv}{_install('"$PYTHON"', pins, count, BREAK)}"""
     return f"""PY=python{python_minor}
 {_no_python(python_minor)}# The distribution's Python, if it has this minor:
 if ! command -v $PY >/dev/null; then
@@ -155,6 +174,11 @@ else
 fi
 {ROOT}/bin/uv venv --quiet --python "$PYTHON" {VENV}
 {_install(HOST_PYTHON, pins, count)}"""
+
+
+def _target(python: str | None) -> tuple[str, str]:
+    """The interpreter the boot installs into, and uv's flags for it."""
+    return ('"$PYTHON"', BREAK) if python else (HOST_PYTHON, "")
 
 
 def _docker_steps(user: str, image: str) -> str:
@@ -191,10 +215,22 @@ def boot_script(user: str, python_minor: str, requirements: list[str],
     if requirements_file:
         pins += f" -r {ROOT}/requirements.txt"
     # The agent (as ``user``) installs into the venv what tasks miss there (sync_packages).
-    setup = (_docker_steps(user, image) if image
-             else _python_steps(python_minor, pins, len(requirements), python)
-             + ("" if python else f"chown -R {user}: {VENV}\n"))
+    chown = "" if python else f"chown -R {user}: {VENV}\n"
+    later = ""
+    if image:
+        setup = _docker_steps(user, image)
+    elif BACKGROUND_INSTALL:
+        agent = [r for r in requirements if normal(re.split("=", r)[0]) in AGENT_PACKAGES]
+        rest = [r for r in requirements if r not in agent]
+        setup = _python_steps(python_minor, " ".join(shlex.quote(r) for r in agent),
+                              len(agent), python) + chown
+        target, flags = _target(python)
+        later = background_step(target, pins, flags, user, background_state(
+            rest, requirements_file), not python, _OPENMP + _NO_OPENMP)
+    else:
+        setup = _python_steps(python_minor, pins, len(requirements), python) + chown
     what = "Docker and the image" if image else f"uv, Python {python_minor}, the packages"
+    openmp = "" if image or BACKGROUND_INSTALL else _NO_OPENMP
     return f"""#!/bin/bash
 # joblib-cloud boot: {what}, then SSH access.
 set -euo pipefail
@@ -207,11 +243,11 @@ trap 'failed $LINENO "$BASH_COMMAND"' ERR
 echo "joblib-cloud: boot started"
 {setup}HOME_DIR=$(getent passwd {user} | cut -d: -f6)
 install -d -m 700 -o {user} -g {user} "$HOME_DIR/.joblib-cloud" "$HOME_DIR/.ssh"
-cat {CLIENT_KEY_PATH} >> "$HOME_DIR/.ssh/authorized_keys"
+{later}cat {CLIENT_KEY_PATH} >> "$HOME_DIR/.ssh/authorized_keys"
 chown {user}: "$HOME_DIR/.ssh/authorized_keys" && chmod 600 "$HOME_DIR/.ssh/authorized_keys"
 touch {READY_FILE}
 echo "joblib-cloud: host ready"
-"""
+{openmp}"""
 
 
 def _systemd_arg(arg: str) -> str:
