@@ -20,7 +20,7 @@ import sys
 import time
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO, cast
 
 from joblib.parallel import ParallelBackendBase
 
@@ -36,10 +36,12 @@ from .wire.protocol import (
     BootInstallMeta,
     ConfigMeta,
     FetchedMeta,
+    FetchMeta,
     FrameReader,
     HelloMeta,
     IdleMeta,
     InstalledMeta,
+    InstallMeta,
     Kind,
     RawFrame,
     ReadyMeta,
@@ -166,18 +168,20 @@ class Agent:
             if kind in WORK:
                 self.last_work = time.monotonic()
             if kind == Kind.BATCH:
+                assert self.pool is not None  # the client sends CONFIG first
                 self.pool.submit(frame_meta(frame)["id"], frame)
             elif kind == Kind.PUT:
                 self.put(frame_meta(frame), frame_data(frame))
             elif kind == Kind.FETCH:
                 self.fetches += 1
-                self.fetcher.request(frame_meta(frame))  # type: ignore[arg-type]
+                assert self.fetcher is not None  # made before the handshake
+                self.fetcher.request(cast(FetchMeta, frame_meta(frame)))
             elif kind == Kind.EVICT:
                 self.evict(frame_meta(frame)["digests"])
             elif kind == Kind.ABORT:
                 self.abort(frame_meta(frame)["ids"])
             elif kind == Kind.INSTALL:
-                self.installer.request(frame_meta(frame))  # type: ignore[arg-type]
+                self.installer.request(cast(InstallMeta, frame_meta(frame)))
             elif kind == Kind.BYE:
                 self.done = True
                 return
@@ -202,17 +206,19 @@ class Agent:
 
     def abort(self, batch_ids: list[int]) -> None:
         """Kill the tasks running these batches; report them cancelled."""
+        if self.pool is None:  # no CONFIG yet: nothing runs
+            return
         for batch_id in self.pool.abort(batch_ids):
             cancelled: ResultMeta = {"id": batch_id, "status": Status.CANCELLED.value}
             self.send(Kind.RESULT, cancelled)
 
     def _installed(self, answer: InstalledMeta) -> None:
-        self.send(Kind.INSTALLED, answer)  # type: ignore[arg-type]
+        self.send(Kind.INSTALLED, answer)
 
     def _fetched(self, answer: FetchedMeta) -> None:
         self.fetches -= 1
         self.last_work = time.monotonic()
-        self.send(Kind.FETCHED, answer)  # type: ignore[arg-type]
+        self.send(Kind.FETCHED, answer)
 
     # ------------------------------------------------------------------ cache
     def put(self, meta: dict[str, Any], data: memoryview) -> None:
@@ -263,14 +269,14 @@ class Agent:
                 silent = time.monotonic() - self.last_recv
         if silent > self.heartbeat_timeout:
             message = f"no word from the client for {silent:.0f}s"
-            print(f"joblib-cloud agent: {message}; stopping", file=sys.__stderr__, flush=True)
+            print(f"joblib-cloud agent: {message}; stopping", file=_last_words, flush=True)
             raise TimeoutError(message)
         if self.busy:
             self.last_work = now
         idle = now - self.last_work
         if idle >= self.idle_timeout:  # an attached client alone is no reason to stay
             stop: IdleMeta = {"seconds": idle}
-            self.send(Kind.IDLE, stop)  # type: ignore[arg-type]
+            self.send(Kind.IDLE, stop)
             self.done = True
             return
         install = boot_install() if self.boot_install["installing"] else self.boot_install
@@ -299,7 +305,7 @@ class Agent:
         kind, meta, _ = self.reader.read()
         if kind != Kind.CONFIG:
             raise RuntimeError(f"expected CONFIG, got {kind!r}")
-        config: ConfigMeta = meta  # type: ignore[assignment]
+        config = cast(ConfigMeta, meta)
         self.workers = int(config.get("workers") or cores)
         self.cores_per_worker = max(cores // self.workers, 1)
         self.max_result_size = int(config["max_result_size"])
@@ -356,6 +362,11 @@ def _remove_stale_caches(cache_root: Path) -> None:
                 pass
 
 
+#: The channel's own stderr, kept for the agent's last words (why it stops, or a crash);
+#: tasks' fd 2 is forwarded to the client as OUTPUT frames instead.
+_last_words: TextIO = sys.stderr
+
+
 def _redirect_std_streams() -> tuple[int, int, list[tuple[int, str]]]:
     """Keep stdin/stdout for the protocol; route fds 0-2 of tasks elsewhere.
 
@@ -375,8 +386,8 @@ def _redirect_std_streams() -> tuple[int, int, list[tuple[int, str]]]:
         forwards.append((r, stream))
     sys.stdout = open(1, "w", buffering=1, closefd=False)  # noqa: SIM115
     sys.stderr = open(2, "w", buffering=1, closefd=False)  # noqa: SIM115
-    # The channel's own stderr stays for the agent's last words if it crashes.
-    sys.__stderr__ = os.fdopen(diag, "w", buffering=1)
+    global _last_words
+    _last_words = os.fdopen(diag, "w", buffering=1)
     return proto_in, proto_out, forwards
 
 
@@ -392,7 +403,7 @@ def main() -> None:
     except BaseException:
         import traceback
 
-        traceback.print_exc(file=sys.__stderr__)
+        traceback.print_exc(file=_last_words)
         raise
     finally:
         agent.shutdown()

@@ -194,7 +194,7 @@ class HostPackages:
             "file with `--index-url URL` (or `--extra-index-url URL`) and the pin, or "
             "packages= with its URL or path; or install it on the hosts yourself.",
             name=missing)
-        error.__cause__ = remote_exception(dict(meta), data, name,  # type: ignore
+        error.__cause__ = remote_exception(meta, data, name,
                                            job.label).__cause__
         resolve(job, exc=error)
 
@@ -214,7 +214,7 @@ class HostPackages:
             f"Install it on that host yourself, or name it in packages="
             f"{list(install.requirements)!r} (or requirements=) so that hosts get it when "
             "they connect.", name=missing)
-        error.__cause__ = remote_exception(dict(meta), data, name,  # type: ignore
+        error.__cause__ = remote_exception(meta, data, name,
                                            job.label).__cause__
         resolve(job, exc=error)
 

@@ -20,6 +20,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 from ..wire import contract
 
@@ -106,7 +107,7 @@ def _locked(fd: int) -> bool:
 
 
 def wait_for(module: str | None, limit: float = WAIT_LIMIT,
-             poll: float = 0.2) -> BackgroundInstall | None | bool:
+             poll: float = 0.2) -> BackgroundInstall | None | Literal[False]:
     """Called when a task could not import ``module`` (None: unknown).  False: the boot
     is installing nothing that may provide it (the error stands); None: it was, and has
     now finished (run the task again); a :class:`BackgroundInstall` that failed (or did

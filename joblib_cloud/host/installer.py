@@ -56,11 +56,13 @@ def installer_command(args: list[str], python: str = sys.executable,
 class _Running:
     """One installer process and what it printed so far."""
 
-    def __init__(self, request: InstallMeta, command: list[str], proc: subprocess.Popen,
-                 cleanup: list[str]) -> None:
+    def __init__(self, request: InstallMeta, command: list[str],
+                 proc: subprocess.Popen[bytes], cleanup: list[str]) -> None:
+        assert proc.stdout is not None  # a pipe
         self.request = request
         self.command = command
         self.proc = proc
+        self.stdout = proc.stdout
         self.fd = proc.stdout.fileno()
         self.output = bytearray()
         self.deadline = time.monotonic() + INSTALL_TIMEOUT
@@ -104,7 +106,7 @@ class Installer:
         if meta.get("requirements_file"):
             fd, path = tempfile.mkstemp(prefix="joblib-cloud-requirements-", suffix=".txt")
             with os.fdopen(fd, "w") as fh:
-                fh.write(meta["requirements_file"])
+                fh.write(meta["requirements_file"] or "")
             args += ["-r", path]
             cleanup.append(path)
         command = installer_command(args, uv=find_uv())
@@ -119,6 +121,8 @@ class Installer:
 
     def _on_output(self, fd: int) -> None:
         run = self.running
+        if run is None:  # unregistered before its end was read
+            return
         try:
             data = os.read(fd, 1 << 16)
         except OSError:
@@ -151,8 +155,10 @@ class Installer:
 
     def _finish(self, ok: bool, why: str) -> None:
         run, self.running = self.running, None
+        if run is None:
+            return
         self.selector.unregister(run.fd)
-        run.proc.stdout.close()
+        run.stdout.close()
         _remove(run.cleanup)
         text = run.output.decode(errors="replace")
         if why:

@@ -5,6 +5,7 @@ forwards it without unpickling user objects itself."""
 from __future__ import annotations
 
 import importlib
+import io
 import os
 import pickle
 import sys
@@ -50,7 +51,7 @@ def _line_buffered_output() -> None:
     """Whole lines reach the agent's pipe at once, so workers' prints never interleave
     mid-line, and nothing waits in a block buffer until the worker exits."""
     for stream in (sys.stdout, sys.stderr):
-        if stream is not None and not getattr(stream, "line_buffering", True):
+        if isinstance(stream, io.TextIOWrapper) and not stream.line_buffering:
             stream.reconfigure(line_buffering=True)
 
 
@@ -72,7 +73,7 @@ def run_batch(payload: bytes | memoryview, cache_dir: str, max_result_size: int,
         if install is False:
             break
         if install is not None:  # it failed: so does the batch, saying why
-            kind = type(outcome) if type(outcome) in (ModuleNotFoundError, ImportError) \
+            kind = ModuleNotFoundError if isinstance(outcome, ModuleNotFoundError) \
                 else ImportError
             error = kind(f"{_safe_str(outcome)}: {install.failure()}",
                          name=outcome.name if isinstance(outcome, ImportError) else None)
