@@ -57,11 +57,14 @@ CLIENT_PACKAGES = ("joblib", "cloudpickle", "loky", "numpy", "scipy", "scikit-le
 SSHD_CONFIG = "/etc/ssh/sshd_config.d/01-joblib-cloud.conf"
 CLIENT_KEY_PATH = f"{ROOT}/client_key.pub"
 UV_VERSION = "0.13.9"
-#: What the agent needs: installed before the host lets the client in.  With
+#: What the agent needs: installed before the host lets the client in.  numpy is among
+#: them because joblib imports it when it is there: a numpy half-written by the
+#: background install broke the agent's own start.  paramiko is what a ``run -n N`` job's
+#: backend reaches its siblings with (there when the job config asks for it).  With
 #: :data:`BACKGROUND_INSTALL`, the rest of the client's pins, ``packages=`` and
 #: ``requirements=`` install afterwards while tasks already run (``host/background.py``);
 #: without it, everything installs first (``bench/cold_start.py`` compares the two).
-AGENT_PACKAGES = ("joblib", "cloudpickle")
+AGENT_PACKAGES = ("joblib", "cloudpickle", "numpy", "paramiko")
 BACKGROUND_INSTALL = True
 BREAK = " --break-system-packages"
 MAX_USER_DATA = 16 * 1024  # EC2's limit, before base64
