@@ -52,7 +52,7 @@ def test_stdlib_results_before_the_heavy_install_and_a_sklearn_task_waits(guest_
     states, line = seen["stdlib"]  # type: ignore[misc]
     # When the first stdlib result came, the boot was still installing, and said so.
     assert len(states) == 1 and '"state": "installing"' in states[0][1], states
-    assert "installing numpy" in line and "scikit-learn" in line, line
+    assert "installing " in line and "scikit-learn" in line, line
     # The scikit-learn task waited for that install and is right.
     assert sorted(r for r in seen["all"] if isinstance(r, int)) == list(range(6))
     (score,) = [r for r in seen["all"] if isinstance(r, float)]
