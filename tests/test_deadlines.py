@@ -15,10 +15,12 @@ import threading
 import time
 
 import psutil
+import pytest
 from joblib import Parallel, delayed, parallel_backend
 
 from joblib_cloud.client import registry
 from joblib_cloud.config import resolve_config
+from joblib_cloud.errors import HostConnectError
 
 
 def _printing(seconds: float) -> int:
@@ -114,3 +116,69 @@ def test_a_connection_closed_while_idle_is_said_when_work_comes_not_when_it_clos
         assert Parallel(n_jobs=-1)(delayed(abs)(-i) for i in range(20)) == list(range(20))
     said = [r.getMessage() for r in caplog.records if "lost" in r.getMessage()]
     assert len(said) == 1 and "lost while idle" in said[0] and gone.name in said[0], said
+
+
+def _python_that_hangs_where_marked(fresh_fleet, tmp_path) -> str:
+    """A ``python=`` that never says hello on hosts whose home holds ``hang`` (as an
+    interpreter stuck importing from a dead network mount does), and is the fleet's own
+    Python elsewhere.  The one that hangs writes its pid next to the mark."""
+    wrapper = tmp_path / "python-or-hang"
+    wrapper.write_text(
+        "#!/bin/sh\n"
+        'if [ -e "$JOBLIB_CLOUD_HOME/hang" ]; then\n'
+        '  echo $$ > "$JOBLIB_CLOUD_HOME/hung.pid"; exec sleep 600\n'
+        "fi\n"
+        f'exec {fresh_fleet.kwargs()["python"]} "$@"\n')
+    wrapper.chmod(0o755)
+    return str(wrapper)
+
+
+def _kill_hung(host) -> None:
+    pid_file = host.home / "hung.pid"
+    if pid_file.exists():
+        try:
+            os.kill(int(pid_file.read_text()), signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+def test_an_agent_silent_while_it_starts_is_given_up_and_the_others_work(
+        fresh_fleet, tmp_path):
+    """A host whose agent never says hello fails after 4 x heartbeat_timeout of silence
+    with a message that says what to check; the call runs on the other host meanwhile,
+    and the cluster is not one host short for ever waiting."""
+    hung, good = fresh_fleet.hosts[:2]
+    (hung.home / "hang").touch()
+    heartbeat = 2.0
+    kwargs = fresh_fleet.kwargs([hung, good], workers_per_host=2, heartbeat_timeout=heartbeat,
+                                python=_python_that_hangs_where_marked(fresh_fleet, tmp_path),
+                                cluster="silent-start")
+    try:
+        start = time.monotonic()
+        with parallel_backend("cloud", **kwargs):
+            assert Parallel(n_jobs=-1)(delayed(abs)(-i) for i in range(10)) == list(range(10))
+        cluster = registry.get_cluster(resolve_config(**kwargs))
+        assert cluster.wait_until_settled(60), "the silent host kept the cluster waiting"
+        elapsed = time.monotonic() - start
+        assert [s.name for s in cluster.alive_hosts] == [good.spec]
+        error = cluster.failures[hung.spec]
+        assert isinstance(error, HostConnectError)
+        assert "said nothing for" in str(error) and "python-or-hang" in str(error)
+        assert 4 * heartbeat <= elapsed < 4 * heartbeat + 10, elapsed
+    finally:
+        _kill_hung(hung)
+
+
+def test_a_lone_silent_agent_fails_the_call_instead_of_hanging_it(fresh_fleet, tmp_path):
+    host = fresh_fleet.hosts[0]
+    (host.home / "hang").touch()
+    kwargs = fresh_fleet.kwargs([host], heartbeat_timeout=1.5, cluster="lone-silent",
+                                python=_python_that_hangs_where_marked(fresh_fleet, tmp_path))
+    try:
+        start = time.monotonic()
+        with pytest.raises(HostConnectError, match="said nothing for"), \
+                parallel_backend("cloud", **kwargs):
+            Parallel(n_jobs=-1)(delayed(abs)(-i) for i in range(4))
+        assert time.monotonic() - start < 6 + 10
+    finally:
+        _kill_hung(host)

@@ -33,6 +33,7 @@ from ..wire.protocol import (
 from ..wire.serialization import ObjectStore
 from .batch import Batch, resolve
 from .dispatch import Dispatch
+from .hearing import Hearing
 from .progress import Progress
 from .session import HostSession
 
@@ -318,22 +319,16 @@ class Cluster(Dispatch):
                 resolve(job, exc=error)
 
     def _monitor(self) -> None:
-        """Silence counts only while this process could hear: a tick late by more than
-        its period means the client itself did not run (CPU pressure, a long GC pause),
-        and what hosts sent meanwhile still waits in sockets, so every host's silence
-        counts from then on.  A host whose connection has bytes we have not read yet
-        spoke: it is not silent, however late we read them."""
+        """Silence counts only while this process could hear (``hearing.Hearing``).  A
+        host whose connection has bytes we have not read yet spoke: it is not silent,
+        however late we read them."""
         timeout = self.config.heartbeat_timeout
-        period = min(1.0, timeout / 4)
-        listening_since = last_tick = time.monotonic()
+        hearing = Hearing(min(1.0, timeout / 4))
         while not self.closed:
-            time.sleep(period)
-            now = time.monotonic()
-            if now - last_tick > 2 * period:
-                listening_since = now
-            last_tick = now
+            time.sleep(hearing.period)
+            now = hearing.tick()
             for host in self.alive_hosts:
-                silent = now - max(host.last_recv, listening_since)
+                silent = hearing.silence(host.last_recv, now)
                 if silent > timeout and not host.in_callback and not host.stream.has_unread():
                     self.host_lost(host, f"no heartbeat for {silent:.1f}s (the host or its "
                                          "network stalled)")

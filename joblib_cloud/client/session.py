@@ -12,19 +12,15 @@ packet's data (``paramiko_fast``); over a pipe, a thread of ours.
 from __future__ import annotations
 
 import pickle
-import platform
-import re
 import sys
 import threading
 import time
-import warnings
-from collections.abc import Callable, Collection
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, cast
 
 from ..config import CloudConfig
 from ..errors import (
     AbortedError,
-    EnvironmentMismatchError,
     HostConnectError,
     RemoteTaskError,
 )
@@ -43,9 +39,10 @@ from ..wire.protocol import (
     frame_data,
     frame_meta,
 )
-from ..worker import host_versions
+from .agent_start import check_versions, did_not_start, said_nothing
 from .batch import Batch, resolve, result_error
 from .board import installing
+from .hearing import StartWatch, start_silence_limit
 from .outbound import Outbound
 from .packages import HostPackages
 from .streams import AgentStream, agent_preamble
@@ -56,35 +53,6 @@ if TYPE_CHECKING:
 
     from .scheduling import Scheduler
     from .ssh import SSHConnection
-
-
-def check_versions(host: str, remote: dict[str, str | None],
-                   installing: Collection[str] = ()) -> None:
-    """Refuse a host whose Python minor or cloudpickle differs; warn on other packages
-    (not those its boot is still ``installing``: tasks that import them wait)."""
-    local = host_versions()
-    py_l, py_r = platform.python_version(), remote.get("python") or "?"
-    if py_l.split(".")[:2] != py_r.split(".")[:2]:
-        raise EnvironmentMismatchError(
-            f"host {host} runs Python {py_r} but this client runs Python {py_l}: pickled "
-            "tasks do not cross Python minor versions. Point python= at a Python "
-            f"{'.'.join(py_l.split('.')[:2])} interpreter on the host.")
-    if local["cloudpickle"] != remote.get("cloudpickle"):
-        raise EnvironmentMismatchError(
-            f"host {host} has cloudpickle {remote.get('cloudpickle')} but this client has "
-            f"cloudpickle {local['cloudpickle']}: install cloudpickle=={local['cloudpickle']} "
-            "on the host (packages=[...] on aws).")
-    others = [(name, version, remote.get(name)) for name, version in local.items()
-              if name not in ("python", "cloudpickle") and version is not None
-              and remote.get(name) != version and name not in installing]
-    differ = [f"{name} {theirs} (this client: {mine})" for name, mine, theirs in others
-              if theirs]
-    missing = [f"{name} {mine}" for name, mine, theirs in others if not theirs]
-    if differ or missing:  # one line per host, however many packages
-        parts = ([f"has {', '.join(differ)}: results may differ"] if differ else []) + (
-            [f"lacks {', '.join(missing)}: tasks that import them fail there unless "
-             "sync_packages installs them"] if missing else [])
-        warnings.warn(f"host {host} {'; '.join(parts)}.", RuntimeWarning, stacklevel=2)
 
 
 class HostSession:
@@ -135,7 +103,9 @@ class HostSession:
 
     # -- start ---------------------------------------------------------------------
     def on_agent_stderr(self, data: bytes) -> None:
-        """The channel's own stderr: shell errors, or the agent's dying words."""
+        """The channel's own stderr: shell errors, ``docker run`` pulling an image, or the
+        agent's dying words."""
+        self.last_recv = time.monotonic()
         self._stderr_tail = (self._stderr_tail + data)[-4000:]
         if self.alive:
             self._print("stderr", data)
@@ -146,6 +116,28 @@ class HostSession:
         return data
 
     def handshake(self, config: CloudConfig) -> None:
+        """Start the agent, give it this call's settings, and wait until it is ready.
+        A host that says nothing for ``start_silence_limit`` while it starts fails."""
+        watch = StartWatch(self.stream, lambda: self.last_recv,
+                           start_silence_limit(config.heartbeat_timeout, config.image))
+        try:
+            self._start(config)
+        except Exception:
+            if not watch.silent:
+                raise
+            raise said_nothing(self.name, config, watch.silent, self._stderr_tail) from None
+        finally:
+            watch.stop()
+        self.out.alive = True
+        self.last_recv = time.monotonic()
+        self._on_bytes(b"")  # frames that came with the handshake's last read
+        threading.Thread(target=self._send_loop, daemon=True,
+                         name=f"joblib-cloud-send-{self.name}").start()
+        if not self.stream.deliver(self._on_bytes, self._on_stream_closed):
+            threading.Thread(target=self._read_loop, daemon=True,
+                             name=f"joblib-cloud-read-{self.name}").start()
+
+    def _start(self, config: CloudConfig) -> None:
         try:
             self.stream.sendall(agent_preamble())
             self._reader.skip_to_magic()
@@ -153,24 +145,7 @@ class HostSession:
         except (EOFError, OSError) as exc:
             time.sleep(0.3)  # let the stderr pump collect the reason
             detail = self._stderr_tail.decode(errors="replace").strip() or str(exc)
-            missing = re.search(r"No module named '([^'.]+)", detail)
-            python = config.python or "python3"
-            advice = ("It needs Python with joblib and cloudpickle installed (set python= "
-                      "to the right interpreter).")
-            if missing and missing.group(1) not in ("joblib", "cloudpickle"):
-                advice = (f"The agent needs only joblib and cloudpickle, so needing "
-                          f"{missing.group(1)!r} there is a joblib-cloud bug: please report it "
-                          "with this message.")
-            elif config.image:
-                raise HostConnectError(
-                    f"the joblib-cloud agent on {self.name} did not start in image="
-                    f"{config.image!r} with python={python!r}: {detail}. The host needs "
-                    "Docker usable by the SSH user and able to pull the image; the image "
-                    "needs Python with joblib and cloudpickle (python= names the "
-                    "interpreter inside the image).") from None
-            raise HostConnectError(
-                f"the joblib-cloud agent on {self.name} did not start with python="
-                f"{python!r}: {detail}. {advice}") from None
+            raise did_not_start(self.name, config, detail) from None
         if kind != Kind.HELLO or hello.get("protocol") != PROTOCOL_VERSION:
             raise HostConnectError(f"host {self.name} speaks another protocol: {hello!r}")
         self.hello = hello
@@ -185,14 +160,6 @@ class HostSession:
         if kind != Kind.READY:
             raise HostConnectError(f"host {self.name} did not get ready: {ready!r}")
         self.workers = int(ready["workers"])
-        self.out.alive = True
-        self.last_recv = time.monotonic()
-        self._on_bytes(b"")  # frames that came with the handshake's last read
-        threading.Thread(target=self._send_loop, daemon=True,
-                         name=f"joblib-cloud-send-{self.name}").start()
-        if not self.stream.deliver(self._on_bytes, self._on_stream_closed):
-            threading.Thread(target=self._read_loop, daemon=True,
-                             name=f"joblib-cloud-read-{self.name}").start()
 
     @property
     def ping_every(self) -> float:

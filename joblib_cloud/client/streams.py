@@ -12,6 +12,7 @@ import functools
 import io
 import os
 import shlex
+import signal
 import subprocess
 import threading
 import zipfile
@@ -142,8 +143,11 @@ class LocalAgent(AgentStream):
                 pass
         try:
             self.proc.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
+        except subprocess.TimeoutExpired:  # not even EOF stops it: its whole session goes
+            try:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            except (OSError, AttributeError):  # gone, or no process groups (Windows)
+                self.proc.kill()
             self.proc.wait()
 
 
