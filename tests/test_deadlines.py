@@ -19,6 +19,7 @@ import pytest
 from joblib import Parallel, delayed, parallel_backend
 
 from joblib_cloud.client import registry
+from joblib_cloud.client.hearing import START_SILENCE_MIN
 from joblib_cloud.config import resolve_config
 from joblib_cloud.errors import HostConnectError
 
@@ -145,12 +146,11 @@ def _kill_hung(host) -> None:
 def test_an_agent_silent_while_it_starts_is_given_up_and_the_others_work(
         fresh_fleet, tmp_path):
     """A host whose agent never says hello fails after 4 x heartbeat_timeout of silence
-    with a message that says what to check; the call runs on the other host meanwhile,
-    and the cluster is not one host short for ever waiting."""
+    (at least 20 s) with a message that says what to check; the call runs on the other
+    host meanwhile, and the cluster is not kept waiting for it."""
     hung, good = fresh_fleet.hosts[:2]
     (hung.home / "hang").touch()
-    heartbeat = 2.0
-    kwargs = fresh_fleet.kwargs([hung, good], workers_per_host=2, heartbeat_timeout=heartbeat,
+    kwargs = fresh_fleet.kwargs([hung, good], workers_per_host=2, heartbeat_timeout=2.0,
                                 python=_python_that_hangs_where_marked(fresh_fleet, tmp_path),
                                 cluster="silent-start")
     try:
@@ -164,7 +164,7 @@ def test_an_agent_silent_while_it_starts_is_given_up_and_the_others_work(
         error = cluster.failures[hung.spec]
         assert isinstance(error, HostConnectError)
         assert "said nothing for" in str(error) and "python-or-hang" in str(error)
-        assert 4 * heartbeat <= elapsed < 4 * heartbeat + 10, elapsed
+        assert START_SILENCE_MIN <= elapsed < START_SILENCE_MIN + 10, elapsed
     finally:
         _kill_hung(hung)
 
@@ -179,6 +179,6 @@ def test_a_lone_silent_agent_fails_the_call_instead_of_hanging_it(fresh_fleet, t
         with pytest.raises(HostConnectError, match="said nothing for"), \
                 parallel_backend("cloud", **kwargs):
             Parallel(n_jobs=-1)(delayed(abs)(-i) for i in range(4))
-        assert time.monotonic() - start < 6 + 10
+        assert START_SILENCE_MIN <= time.monotonic() - start < START_SILENCE_MIN + 10
     finally:
         _kill_hung(host)

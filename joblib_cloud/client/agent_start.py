@@ -11,7 +11,7 @@ from collections.abc import Collection
 from ..config import CloudConfig
 from ..errors import EnvironmentMismatchError, HostConnectError
 from ..worker import host_versions
-from .hearing import START_SILENCE_HEARTBEATS
+from .hearing import START_SILENCE_HEARTBEATS, START_SILENCE_MIN
 
 
 def check_versions(host: str, remote: dict[str, str | None],
@@ -77,4 +77,5 @@ def said_nothing(host: str, config: CloudConfig, silent: float,
         + (f"; its last words: {said[-1]!r}" if said else "")
         + ". Check that this command starts on the host (log in and run it), or "
         "raise heartbeat_timeout if the host is only very slow: a start may be "
-        f"silent for {START_SILENCE_HEARTBEATS} x heartbeat_timeout.")
+        f"silent for {START_SILENCE_HEARTBEATS} x heartbeat_timeout (at least "
+        f"{START_SILENCE_MIN:.0f}s).")

@@ -36,16 +36,18 @@ class Hearing:
         return now - max(last_heard, self.since)
 
 
-#: The agent's start may be silent four times as long as a working host: it imports the
-#: scientific stack and starts its worker processes, on a machine that may be busy.
+#: The agent's start may be silent four times as long as a working host, and never less
+#: than ``START_SILENCE_MIN``: it imports joblib (and numpy with it) and starts its worker
+#: processes, on a machine that may be busy.
 START_SILENCE_HEARTBEATS = 4
+START_SILENCE_MIN = 20.0
 #: With ``image=`` the agent's start includes ``docker run`` pulling the image, which says
 #: a line per layer, and nothing while one large layer downloads.
 IMAGE_START_SILENCE = 900.0
 
 
 def start_silence_limit(heartbeat_timeout: float, image: str | None) -> float:
-    limit = START_SILENCE_HEARTBEATS * heartbeat_timeout
+    limit = max(START_SILENCE_HEARTBEATS * heartbeat_timeout, START_SILENCE_MIN)
     return max(limit, IMAGE_START_SILENCE) if image else limit
 
 
