@@ -122,25 +122,40 @@ def test_a_connection_closed_while_idle_is_said_when_work_comes_not_when_it_clos
 def _python_that_hangs_where_marked(fresh_fleet, tmp_path) -> str:
     """A ``python=`` that never says hello on hosts whose home holds ``hang`` (as an
     interpreter stuck importing from a dead network mount does), and is the fleet's own
-    Python elsewhere.  The one that hangs writes its pid next to the mark."""
+    Python elsewhere.  The one that hangs starts a child, and writes both pids next to the
+    mark."""
     wrapper = tmp_path / "python-or-hang"
     wrapper.write_text(
         "#!/bin/sh\n"
         'if [ -e "$JOBLIB_CLOUD_HOME/hang" ]; then\n'
-        '  echo $$ > "$JOBLIB_CLOUD_HOME/hung.pid"; exec sleep 600\n'
+        '  sleep 600 & echo $$ $! > "$JOBLIB_CLOUD_HOME/hung.pids"; exec sleep 600\n'
         "fi\n"
         f'exec {fresh_fleet.kwargs()["python"]} "$@"\n')
     wrapper.chmod(0o755)
     return str(wrapper)
 
 
+def _hung_pids(host) -> list[int]:
+    """The hung start's process and the child it started."""
+    pid_file = host.home / "hung.pids"
+    return [int(p) for p in pid_file.read_text().split()] if pid_file.exists() else []
+
+
 def _kill_hung(host) -> None:
-    pid_file = host.home / "hung.pid"
-    if pid_file.exists():
+    for pid in _hung_pids(host):
         try:
-            os.kill(int(pid_file.read_text()), signal.SIGKILL)
+            os.kill(pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
+
+
+def _gone(pids: list[int]) -> bool:
+    def dead(pid: int) -> bool:
+        try:
+            return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+        except psutil.NoSuchProcess:
+            return True
+    return all(dead(pid) for pid in pids)
 
 
 def test_an_agent_silent_while_it_starts_is_given_up_and_the_others_work(
@@ -165,6 +180,8 @@ def test_an_agent_silent_while_it_starts_is_given_up_and_the_others_work(
         assert isinstance(error, HostConnectError)
         assert "said nothing for" in str(error) and "python-or-hang" in str(error)
         assert START_SILENCE_MIN <= elapsed < START_SILENCE_MIN + 10, elapsed
+        pids = _hung_pids(hung)
+        assert len(pids) == 2 and _wait_for(lambda: _gone(pids), 10), "the hung start lives on"
     finally:
         _kill_hung(hung)
 
@@ -180,5 +197,7 @@ def test_a_lone_silent_agent_fails_the_call_instead_of_hanging_it(fresh_fleet, t
                 parallel_backend("cloud", **kwargs):
             Parallel(n_jobs=-1)(delayed(abs)(-i) for i in range(4))
         assert START_SILENCE_MIN <= time.monotonic() - start < START_SILENCE_MIN + 10
+        pids = _hung_pids(host)
+        assert len(pids) == 2 and _wait_for(lambda: _gone(pids), 10), "the hung start lives on"
     finally:
         _kill_hung(host)

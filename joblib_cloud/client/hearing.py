@@ -52,9 +52,10 @@ def start_silence_limit(heartbeat_timeout: float, image: str | None) -> float:
 
 
 class StartWatch:
-    """Closes an agent's stream if, while it starts, the host says nothing (on stdout or
-    stderr) for ``limit`` seconds: its reads and writes then fail, so a start that hangs
-    ends in an error instead of waiting for ever.  ``silent`` is then how long it was."""
+    """Kills an agent if, while it starts, the host says nothing (on stdout or stderr) for
+    ``limit`` seconds: the stream's reads and writes then fail, so a start that hangs ends
+    in an error instead of waiting for ever, and leaves no process behind.  ``silent`` is
+    then how long it was."""
 
     def __init__(self, stream: AgentStream, last_heard: Callable[[], float], limit: float) -> None:
         self.stream, self.last_heard, self.limit = stream, last_heard, limit
@@ -72,5 +73,5 @@ class StartWatch:
             silent = hearing.silence(self.last_heard(), hearing.tick())
             if silent > self.limit and not self.stream.has_unread():
                 self.silent = silent
-                self.stream.close()
+                self.stream.kill()
                 return

@@ -26,7 +26,7 @@ import paramiko
 from ..errors import HostConnectError, HostKeyError
 from . import paramiko_fast
 from .hosts import HostSpec
-from .streams import AgentStream, agent_command, pump_stderr
+from .streams import PID_LINE, AgentStream, agent_command, pump_stderr
 
 log = logging.getLogger("joblib_cloud")
 
@@ -247,10 +247,29 @@ class SSHAgent(AgentStream):
                  on_stderr: Callable[[bytes], None]) -> None:
         self.name = connection.spec.name
         self.connection = connection
-        self.channel = connection.exec(agent_command(python), fast=True)
+        #: The agent's process on the host, once its stderr's first line said it.
+        self.pid: int | None = None
+        self._head: bytes | None = b""  # stderr until that line has come
+        self._on_stderr = on_stderr
+        self.channel = connection.exec(agent_command(python, announce_pid=True), fast=True)
         self._pipe = paramiko_fast.pipe_of(self.channel)
-        threading.Thread(target=pump_stderr, args=(self.channel.recv_stderr, on_stderr),
+        threading.Thread(target=pump_stderr, args=(self.channel.recv_stderr, self._stderr),
                          daemon=True, name=f"stderr-{self.name}").start()
+
+    def _stderr(self, data: bytes) -> None:
+        if self._head is not None:
+            self._head += data
+            line, newline, data = self._head.partition(b"\n")
+            if not newline:
+                return
+            self._head = None
+            if line.startswith(PID_LINE) and line[len(PID_LINE):].isdigit():
+                self.pid = int(line[len(PID_LINE):])
+            else:
+                data = line + newline + data
+            if not data:
+                return
+        self._on_stderr(data)
 
     def sendall(self, data: bytes | memoryview) -> None:
         # paramiko slices what it sends: a memoryview goes out as bytes would, uncopied
@@ -291,4 +310,16 @@ class SSHAgent(AgentStream):
 
     def close(self) -> None:
         self.channel.close()
+
+    def kill(self) -> None:
+        self.close()
+        if self.pid is None:
+            return
+        try:  # its process group, then the process in case it left the group
+            killer = self.connection.exec(
+                f"kill -KILL -- -{self.pid} 2>/dev/null; kill -KILL {self.pid} 2>/dev/null")
+            killer.settimeout(10)
+            killer.recv_exit_status()
+        except Exception:  # noqa: BLE001 - the host may be gone by now
+            pass
 

@@ -72,9 +72,19 @@ def agent_preamble() -> bytes:
     return contract.length_prefix(blob) + blob
 
 
-def agent_command(python: str) -> str:
-    """Shell command that starts the agent (``python`` may itself be a command line)."""
-    return f"exec {python} -u -c {shlex.quote(BOOTSTRAP)}"
+#: The first line of an SSH agent's stderr: the process (and group: sshd starts each
+#: command in a session of its own) to kill if its start hangs.
+PID_LINE = b"joblib-cloud-agent-pid "
+
+
+def agent_command(python: str, announce_pid: bool = False) -> str:
+    """Shell command that starts the agent (``python`` may itself be a command line);
+    with ``announce_pid``, its stderr starts with ``PID_LINE`` and the pid."""
+    command = f"exec {python} -u -c {shlex.quote(BOOTSTRAP)}"
+    if not announce_pid:
+        return command
+    # in sh, whatever the login shell is: ``$$`` and ``>&2`` are not everybody's syntax
+    return f"exec sh -c {shlex.quote(f'echo {PID_LINE.decode()}$$ >&2; {command}')}"
 
 
 class AgentStream:
@@ -104,6 +114,11 @@ class AgentStream:
 
     def close(self) -> None:
         raise NotImplementedError
+
+    def kill(self) -> None:
+        """Close, and end the agent's processes even if they ignore the end of input (a
+        start that hangs)."""
+        self.close()
 
 
 class LocalAgent(AgentStream):
