@@ -43,7 +43,6 @@ def check_versions(host: str, remote: dict[str, str | None],
         warnings.warn(f"host {host} {'; '.join(parts)}.", RuntimeWarning, stacklevel=2)
 
 
-
 def did_not_start(host: str, config: CloudConfig, detail: str) -> HostConnectError:
     """The agent's stream ended before it was ready; ``detail``: what it said last."""
     missing = re.search(r"No module named '([^'.]+)", detail)

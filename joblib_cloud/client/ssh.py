@@ -315,9 +315,8 @@ class SSHAgent(AgentStream):
         self.close()
         if self.pid is None:
             return
-        try:  # its process group, then the process in case it left the group
-            killer = self.connection.exec(
-                f"kill -KILL -- -{self.pid} 2>/dev/null; kill -KILL {self.pid} 2>/dev/null")
+        try:  # its process group: itself (a session leader stays in it) and its children
+            killer = self.connection.exec(f"kill -KILL -- -{self.pid} 2>/dev/null")
             killer.settimeout(10)
             killer.recv_exit_status()
         except Exception:  # noqa: BLE001 - the host may be gone by now
