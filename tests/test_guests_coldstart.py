@@ -1,11 +1,16 @@
 """Cold start on a guest that really boots the aws user-data: the agent starts once
 joblib, cloudpickle and numpy are in, stdlib tasks' results arrive while scipy and
-scikit-learn still install, and a scikit-learn task waits for them (not failing)."""
+scikit-learn still install, and a scikit-learn task waits for them (not failing).
+
+The guest installs from a package index on loopback (``gated_index``) that holds
+scikit-learn's wheel until the first stdlib result is in: on any network, that install is
+still under way when the result comes."""
 
 from __future__ import annotations
 
 import pytest
 from awsmock import CIDR, REGION, aws_fixture  # noqa: F401  (fixtures)
+from gated_index import GatedIndex, wheelhouse
 from guest_ec2 import guest_ec2_fixture  # noqa: F401  (fixture)
 from joblib import Parallel, delayed, parallel_backend
 from sklearn.datasets import make_classification
@@ -32,6 +37,9 @@ def test_stdlib_results_before_the_heavy_install_and_a_sklearn_task_waits(guest_
                 "cluster": "coldstart", "workers_per_host": 2, "n": 1}
     X, y = make_classification(n_samples=300, n_features=8, random_state=0)
     expected = _fit_score(LogisticRegression(max_iter=300), X, y)
+    index = GatedIndex(wheelhouse(userdata.client_requirements()))
+    index.hold("scikit-learn")
+    guest_ec2.image_files["/etc/uv/uv.toml"] = index.uv_config()
     seen: dict[str, object] = {}
     try:
         with parallel_backend("cloud", **settings):
@@ -46,9 +54,13 @@ def test_stdlib_results_before_the_heavy_install_and_a_sklearn_task_waits(guest_
                     cluster = registry.get_cluster(resolve_config(**settings))
                     seen["stdlib"] = ([(p, p.read_text()) for p in states],
                                       cluster.progress.board.line())
+                    index.release()
                 seen.setdefault("all", []).append(result)  # type: ignore[union-attr]
     finally:
         registry.close_all()
+        index.close()
+    # The guest installed from the gated index (so scikit-learn came after that result).
+    assert {"numpy", "scipy", "scikit-learn"} <= set(index.served), index.served
     states, line = seen["stdlib"]  # type: ignore[misc]
     # When the first stdlib result came, the boot was still installing, and said so.
     assert len(states) == 1 and '"state": "installing"' in states[0][1], states
