@@ -146,6 +146,40 @@ def test_every_host_dies_clear_error_within_bound(fresh_fleet):
     assert "heartbeat" in str(info.value)
 
 
+def _kill_the_agent() -> None:
+    os.kill(os.getppid(), signal.SIGKILL)  # a worker's parent is its host's agent
+
+
+def test_a_lost_hosts_reason_is_what_it_said_last_though_its_stderr_comes_late(
+        fleet, tmp_path, monkeypatch):
+    """The agent's process ends, and what it said last reaches the client after the end of
+    its stdout (two streams, read by two threads; the stderr one runs late here, as under
+    CPU pressure): the host is still reported lost with those words, not a bare
+    "connection closed"."""
+    from joblib_cloud.client import ssh
+
+    python = tmp_path / "python"
+    python.write_text(f'#!/bin/sh\n{sys.executable} "$@"\n'
+                      'echo "the agent ended with status $?" >&2\n')
+    python.chmod(0o755)
+    pump = ssh.pump_stderr
+
+    def late_pump(read, sink, ended) -> None:
+        def late(data: bytes) -> None:
+            time.sleep(0.5)
+            sink(data)
+        pump(read, late, ended)
+
+    monkeypatch.setattr(ssh, "pump_stderr", late_pump)
+    kwargs = fleet.kwargs(hosts=fleet.hosts[:1], python=str(python), workers_per_host=1)
+    try:
+        with parallel_backend("cloud", **kwargs), pytest.raises(ClusterLostError) as info:
+            Parallel()(delayed(_kill_the_agent)() for _ in range(1))
+    finally:
+        registry.close_all()
+    assert "the agent ended with status 137" in str(info.value), info.value
+
+
 def _crash(how: str, i: int):
     if i == 2:
         if how == "exit":

@@ -61,11 +61,15 @@ class StartWatch:
         self.stream, self.last_heard, self.limit = stream, last_heard, limit
         self.silent = 0.0
         self._done = threading.Event()
-        threading.Thread(target=self._watch, daemon=True,
-                         name=f"joblib-cloud-start-{stream.name}").start()
+        self._thread = threading.Thread(target=self._watch, daemon=True,
+                                        name=f"joblib-cloud-start-{stream.name}")
+        self._thread.start()
 
     def stop(self) -> None:
+        """Stop watching; a kill under way ends first (the connection it uses is closed
+        once the start has failed)."""
         self._done.set()
+        self._thread.join()
 
     def _watch(self) -> None:
         hearing = Hearing(min(1.0, self.limit / 4))

@@ -54,6 +54,9 @@ if TYPE_CHECKING:
     from .scheduling import Scheduler
     from .ssh import SSHConnection
 
+#: How long an ended stream waits for the agent's stderr to end too (what it said last).
+LAST_WORDS_WAIT = 2.0
+
 
 class HostSession:
     """One host's agent, as seen from the client."""
@@ -143,7 +146,7 @@ class HostSession:
             self._reader.skip_to_magic()
             kind, hello, _ = self._reader.read()
         except (EOFError, OSError) as exc:
-            time.sleep(0.3)  # let the stderr pump collect the reason
+            self.stream.stderr_ended.wait(LAST_WORDS_WAIT)
             detail = self._stderr_tail.decode(errors="replace").strip() or str(exc)
             raise did_not_start(self.name, config, detail) from None
         if kind != Kind.HELLO or hello.get("protocol") != PROTOCOL_VERSION:
@@ -272,12 +275,16 @@ class HostSession:
     def _on_stream_closed(self) -> None:
         """The agent's stream ended.  paramiko may call this holding the channel's lock,
         which closing the host takes again: so close from a thread of its own."""
-        if not self.alive:
-            return
+        if self.alive:
+            threading.Thread(target=self._report_closed, daemon=True,
+                             name=f"joblib-cloud-lost-{self.name}").start()
+
+    def _report_closed(self) -> None:
+        """The host is lost, for the reason its agent gave on stderr, once that is in."""
+        self.stream.stderr_ended.wait(LAST_WORDS_WAIT)
         tail = self._stderr_tail.decode(errors="replace").strip()
         reason = "connection closed" + (f" (agent said: {tail[-500:]})" if tail else "")
-        threading.Thread(target=self.scheduler.host_lost, args=(self, reason), daemon=True,
-                         name=f"joblib-cloud-lost-{self.name}").start()
+        self.scheduler.host_lost(self, reason)
 
     def _on_bytes(self, data: bytes) -> None:
         """What the agent sent, in order: from the SSH transport's own thread, or from

@@ -253,7 +253,9 @@ class SSHAgent(AgentStream):
         self._on_stderr = on_stderr
         self.channel = connection.exec(agent_command(python, announce_pid=True), fast=True)
         self._pipe = paramiko_fast.pipe_of(self.channel)
-        threading.Thread(target=pump_stderr, args=(self.channel.recv_stderr, self._stderr),
+        self.stderr_ended = threading.Event()
+        threading.Thread(target=pump_stderr,
+                         args=(self.channel.recv_stderr, self._stderr, self.stderr_ended),
                          daemon=True, name=f"stderr-{self.name}").start()
 
     def _stderr(self, data: bytes) -> None:

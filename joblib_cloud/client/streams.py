@@ -91,6 +91,9 @@ class AgentStream:
     """A bidirectional byte stream to one agent, plus its stderr."""
 
     name: str
+    #: Set when the agent's stderr has ended: its last words are all in.  Its stdout may
+    #: end first (two pipes, read by two threads), so a reason is read after this.
+    stderr_ended: threading.Event
 
     def sendall(self, data: bytes | memoryview) -> None:
         raise NotImplementedError
@@ -135,7 +138,9 @@ class LocalAgent(AgentStream):
         self._pipes = (self.proc.stdin, self.proc.stdout)
         self._stdin_fd = self.proc.stdin.fileno()
         self._stdout_fd = self.proc.stdout.fileno()
-        threading.Thread(target=pump_stderr, args=(self.proc.stderr.read, on_stderr),
+        self.stderr_ended = threading.Event()
+        threading.Thread(target=pump_stderr,
+                         args=(self.proc.stderr.read, on_stderr, self.stderr_ended),
                          daemon=True, name=f"stderr-{name}").start()
 
     @property
@@ -166,12 +171,16 @@ class LocalAgent(AgentStream):
             self.proc.wait()
 
 
-def pump_stderr(read: Callable[[int], bytes], sink: Callable[[bytes], None]) -> None:
-    while True:
-        try:
-            data = read(1 << 16)
-        except (TimeoutError, OSError, ValueError, EOFError):
-            return
-        if not data:
-            return
-        sink(data)
+def pump_stderr(read: Callable[[int], bytes], sink: Callable[[bytes], None],
+                ended: threading.Event) -> None:
+    try:
+        while True:
+            try:
+                data = read(1 << 16)
+            except (TimeoutError, OSError, ValueError, EOFError):
+                return
+            if not data:
+                return
+            sink(data)
+    finally:
+        ended.set()
