@@ -156,13 +156,13 @@ def test_a_lost_hosts_reason_is_what_it_said_last_though_its_stderr_comes_late(
     its stdout (two streams, read by two threads; the stderr one runs late here, as under
     CPU pressure): the host is still reported lost with those words, not a bare
     "connection closed"."""
-    from joblib_cloud.client import ssh
+    from joblib_cloud.client import streams
 
     python = tmp_path / "python"
     python.write_text(f'#!/bin/sh\n{sys.executable} "$@"\n'
                       'echo "the agent ended with status $?" >&2\n')
     python.chmod(0o755)
-    pump = ssh.pump_stderr
+    pump = streams.pump_stderr
 
     def late_pump(read, sink, ended) -> None:
         def late(data: bytes) -> None:
@@ -170,7 +170,7 @@ def test_a_lost_hosts_reason_is_what_it_said_last_though_its_stderr_comes_late(
             sink(data)
         pump(read, late, ended)
 
-    monkeypatch.setattr(ssh, "pump_stderr", late_pump)
+    monkeypatch.setattr(streams, "pump_stderr", late_pump)
     kwargs = fleet.kwargs(hosts=fleet.hosts[:1], python=str(python), workers_per_host=1)
     try:
         with parallel_backend("cloud", **kwargs), pytest.raises(ClusterLostError) as info:

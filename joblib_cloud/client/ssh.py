@@ -26,7 +26,7 @@ import paramiko
 from ..errors import HostConnectError, HostKeyError
 from . import paramiko_fast
 from .hosts import HostSpec
-from .streams import PID_LINE, AgentStream, agent_command, pump_stderr
+from .streams import PID_LINE, AgentStream, agent_command
 
 log = logging.getLogger("joblib_cloud")
 
@@ -253,10 +253,7 @@ class SSHAgent(AgentStream):
         self._on_stderr = on_stderr
         self.channel = connection.exec(agent_command(python, announce_pid=True), fast=True)
         self._pipe = paramiko_fast.pipe_of(self.channel)
-        self.stderr_ended = threading.Event()
-        threading.Thread(target=pump_stderr,
-                         args=(self.channel.recv_stderr, self._stderr, self.stderr_ended),
-                         daemon=True, name=f"stderr-{self.name}").start()
+        self._pump_stderr(self.channel.recv_stderr, self._stderr)
 
     def _stderr(self, data: bytes) -> None:
         if self._head is not None:

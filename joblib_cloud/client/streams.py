@@ -95,6 +95,12 @@ class AgentStream:
     #: end first (two pipes, read by two threads), so a reason is read after this.
     stderr_ended: threading.Event
 
+    def _pump_stderr(self, read: Callable[[int], bytes], sink: Callable[[bytes], None]) -> None:
+        """Hand the agent's stderr to ``sink`` from a thread of its own, until it ends."""
+        self.stderr_ended = threading.Event()
+        threading.Thread(target=pump_stderr, args=(read, sink, self.stderr_ended),
+                         daemon=True, name=f"stderr-{self.name}").start()
+
     def sendall(self, data: bytes | memoryview) -> None:
         raise NotImplementedError
 
@@ -138,10 +144,7 @@ class LocalAgent(AgentStream):
         self._pipes = (self.proc.stdin, self.proc.stdout)
         self._stdin_fd = self.proc.stdin.fileno()
         self._stdout_fd = self.proc.stdout.fileno()
-        self.stderr_ended = threading.Event()
-        threading.Thread(target=pump_stderr,
-                         args=(self.proc.stderr.read, on_stderr, self.stderr_ended),
-                         daemon=True, name=f"stderr-{name}").start()
+        self._pump_stderr(self.proc.stderr.read, on_stderr)
 
     @property
     def pid(self) -> int:
