@@ -18,6 +18,7 @@ import time
 import pytest
 from awsmock import CIDR, REGION, aws_fixture, cluster_instances  # noqa: F401  (fixtures)
 from guest_ec2 import SELF_SHUTDOWN, guest_ec2_fixture  # noqa: F401  (fixture)
+from guests import IMAGE_UV_CONFIG
 from helpers import assert_grid_search_matches_sequential
 from joblib import Parallel, delayed, parallel_backend
 
@@ -95,7 +96,7 @@ def test_a_standalone_download_that_never_answers_is_cut_short(guest_ec2):
         silent.listen(16)
         mirror = f"http://127.0.0.1:{silent.getsockname()[1]}/mirror"
         guest_ec2.image_files["/etc/uv/uv.toml"] = (
-            f'native-tls = true\npython-install-mirror = "{mirror}"\n')
+            f'{IMAGE_UV_CONFIG}python-install-mirror = "{mirror}"\n')
         image_id = guest_ec2.register_image("trixie")
         message, elapsed = _fails_fast(guest_ec2, _settings("blackhole", image_id))
     (guest,) = guest_ec2.guests.values()

@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import hashlib
 import http.server
-import re
 import subprocess
 import sys
 import threading
 from pathlib import Path
 
-from guests import CACHE
+from guests import CACHE, IMAGE_UV_CONFIG
+
+from joblib_cloud.providers.aws.boot_packages import normal
 
 #: A held download is let through after this long whatever the test does, so a test that
 #: fails before it releases never leaves a guest's install hanging.
@@ -26,14 +27,14 @@ HOLD_LIMIT = 600.0
 
 def project(filename: str) -> str:
     """The normalized (PEP 503) project name of a wheel's file name."""
-    return re.sub(r"[-_.]+", "-", filename.split("-", 1)[0]).lower()
+    return normal(filename.split("-", 1)[0])
 
 
 def wheelhouse(requirements: list[str]) -> Path:
     """Wheels of ``requirements`` and their dependencies, for this Python (the guest runs
     the client's minor), downloaded on first use."""
-    key = hashlib.sha256(" ".join([sys.version.split()[0][:4], *sorted(requirements)])
-                         .encode()).hexdigest()[:12]
+    minor = f"{sys.version_info[0]}.{sys.version_info[1]}"
+    key = hashlib.sha256(" ".join([minor, *sorted(requirements)]).encode()).hexdigest()[:12]
     path = CACHE / f"wheelhouse-{key}"
     if not path.is_dir():
         partial = path.with_name(path.name + ".partial")
@@ -101,7 +102,7 @@ class GatedIndex:
 
     def uv_config(self) -> str:
         """The image's ``/etc/uv/uv.toml`` naming this index as the only one."""
-        return f'native-tls = true\n\n[[index]]\nurl = "{self.url}"\ndefault = true\n'
+        return f'{IMAGE_UV_CONFIG}\n[[index]]\nurl = "{self.url}"\ndefault = true\n'
 
     def hold(self, name: str) -> None:
         self.gates[name] = threading.Event()

@@ -51,6 +51,8 @@ PACKAGES = ("systemd-sysv", "dbus", "openssh-server", "cloud-init", "python3", "
 FAMILIES = {"bookworm": "debian12", "trixie": "debian13"}
 DEFAULT_USER = "ec2-user"
 
+#: The image's ``/etc/uv/uv.toml``: uv trusts the system's CA bundle (this machine's).
+IMAGE_UV_CONFIG = "native-tls = true\n"
 #: What the image's own cloud-init configuration says (an AMI's /etc/cloud/cloud.cfg.d).
 IMAGE_CLOUD_CFG = {
     "datasource_list": ["NoCloud", "None"],
@@ -90,7 +92,7 @@ def _customize(root: Path) -> None:
     (root / "etc/ssl/certs/ca-certificates.crt").write_bytes(_ca_bundle())
     (root / "etc/pip.conf").write_text("[global]\ncert = /etc/ssl/certs/ca-certificates.crt\n")
     (root / "etc/uv").mkdir(exist_ok=True)
-    (root / "etc/uv/uv.toml").write_text("native-tls = true\n")
+    (root / "etc/uv/uv.toml").write_text(IMAGE_UV_CONFIG)
     # A VM has no other machine's containers to talk to; keep boot output on the console.
     (root / "etc/hostname").write_text("localhost\n")
     with contextlib.suppress(FileNotFoundError):
@@ -99,7 +101,8 @@ def _customize(root: Path) -> None:
 
 def _recipe(family: str) -> str:
     return json.dumps({"suite": family, "packages": PACKAGES, "cfg": IMAGE_CLOUD_CFG,
-                       "customize": inspect.getsource(_customize)}, sort_keys=True)
+                       "uv": IMAGE_UV_CONFIG, "customize": inspect.getsource(_customize)},
+                      sort_keys=True)
 
 
 def base_image(family: str = "bookworm") -> Path:
